@@ -1,0 +1,36 @@
+# metai: `make demo` runs the main job, `make test` runs the tests. Both create .venv on first use.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test lab docs clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned: on CPU-only machines pip takes the local CPU wheel of this version, on GPU machines the CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@bash scripts/install_corpus.sh || true
+	$(VENV)/bin/metai prepare-data
+
+test: install
+	$(VENV)/bin/nbdev-test --n-workers 2 --timing
+	$(PY) -m pytest -q
+
+lab: install
+	$(VENV)/bin/jupyter lab nbs/
+
+docs: install
+	$(PY) scripts/build_docs.py
+
+clean:
+	rm -rf _proc _docs _site

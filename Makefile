@@ -29,8 +29,10 @@ test: install
 lab: install
 	$(VENV)/bin/jupyter lab nbs/
 
+# Static HTML in _site/ (no Quarto needed); where quarto is on PATH, also nbdev's Quarto site in _docs/.
 docs: install
-	$(PY) scripts/build_docs.py
+	$(PY) scripts/build_docs.py _site
+	@if command -v quarto >/dev/null; then $(VENV)/bin/nbdev-docs; else echo "docs: quarto not on PATH, skipped nbdev-docs (open _site/index.html)"; fi
 
 clean:
 	rm -rf _proc _docs _site

@@ -1,0 +1,163 @@
+"The `metai` console script end to end: run the installed script in a subprocess, as a user would."
+import os, random, shutil, subprocess, sys, json
+from pathlib import Path
+import pytest
+
+from metai.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def _script():
+    p = Path(sys.executable).parent/'metai'
+    return str(p) if p.exists() else shutil.which('metai')
+
+METAI = _script()
+
+def metai(*args, env=None, cwd=None, timeout=300):
+    "Run the installed `metai` script; returns (exit code, stdout, stderr)."
+    assert METAI, 'the metai console script is not installed: pip install -e .'
+    e = dict(os.environ, OMP_NUM_THREADS='1'); e.pop('METAI_DEBUG', None); e.update(env or {})
+    r = subprocess.run([METAI, *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+def one_line(err):
+    "stderr is exactly one line, with no traceback."
+    assert err.endswith('\n') and err.count('\n') == 1, repr(err)
+    assert 'Traceback' not in err
+    return err.strip()
+
+# --- help ---------------------------------------------------------------------------------------------------------
+
+def test_help_lists_every_command():
+    rc, out, err = metai('--help')
+    assert rc == 0 and err == ''
+    assert out.startswith('usage: metai <command>')
+    for name, f in COMMANDS.items():
+        line = next(l for l in out.splitlines() if l.strip().startswith(name + ' '))
+        assert f.__doc__.split('\n')[0].strip() in line, line
+    assert metai() == (0, out, '')          # bare `metai` shows the same help
+    assert metai('-h')[1] == out
+
+def test_version():
+    import metai as pkg
+    assert metai('--version') == (0, f'metai {pkg.__version__}\n', '')
+
+@pytest.mark.parametrize('name', list(COMMANDS))
+def test_command_help(name):
+    rc, out, err = metai(name, '--help')
+    assert rc == 0 and err == '', err
+    assert out.startswith(f'usage: metai {name}')
+    assert COMMANDS[name].__doc__.split('\n')[0].strip()[:40] in ' '.join(out.split())
+
+def test_prepare_data_help_has_every_flag():
+    rc, out, err = metai('prepare-data', '--help')
+    for flag in ['--chinese-path', '--english-path', '--out-dir', '--vocab-size', '--zh-ratio', '--val-fraction',
+                 '--workers', '--seed', '--skip-bad', '--tokenizer-path']: assert flag in out, flag
+    assert '(default: data/build)' in out and '(default: 8192)' in out
+
+# --- usage errors: one line, exit code 2 ---------------------------------------------------------------------------
+
+def test_unknown_command():
+    rc, out, err = metai('frobnicate')
+    assert rc == 2 and out == ''
+    assert one_line(err) == "metai: unknown command 'frobnicate' (see metai --help)"
+    rc, out, err = metai('prepare-dat')
+    assert rc == 2 and "did you mean 'prepare-data'" in one_line(err)
+    rc, out, err = metai('--frobnicate')
+    assert rc == 2 and "unknown option '--frobnicate'" in one_line(err)
+
+def test_bad_flag():
+    rc, out, err = metai('prepare-data', '--no-such-flag')
+    assert rc == 2 and out == ''
+    assert one_line(err).startswith("metai prepare-data: error: unrecognized argument '--no-such-flag'")
+    rc, out, err = metai('prepare-data', '--vocab', '512')          # no prefix matching, a suggestion instead
+    assert rc == 2 and "did you mean '--vocab-size'" in one_line(err)
+
+def test_bad_value():
+    rc, out, err = metai('prepare-data', '--vocab-size', 'big')
+    assert rc == 2 and out == ''
+    assert "argument --vocab-size: invalid int value: 'big'" in one_line(err)
+    rc, out, err = metai('prepare-data', '--zh-ratio')                # missing value
+    assert rc == 2 and '--zh-ratio' in one_line(err)
+
+# --- config ---------------------------------------------------------------------------------------------------------
+
+def test_config_deepseek_v3_numbers():
+    rc, out, err = metai('config', 'deepseek-v3', '--json')
+    assert rc == 0 and err == '', err
+    r = json.loads(out)
+    assert (r['params'], r['active_params'], r['mtp_params'], r['hub_params']) == \
+           (671_026_419_200, 37_552_297_472, 11_610_068_224, 684_489_845_504)
+    assert r['kv_elems_per_token_per_layer'] == 576
+    rc, out, err = metai('config', 'deepseek-v3')
+    assert rc == 0 and '671,026,419,200' in out and '37,552,297,472' in out
+
+def test_config_from_json_and_bad_input(tmp_path):
+    from metai.config import ModelConfig
+    cfg = ModelConfig.preset('micro'); cfg.to_json(tmp_path)
+    rc, out, err = metai('config', tmp_path, '--json')
+    assert rc == 0 and json.loads(out)['params'] == cfg.num_params()
+    rc, out, err = metai('config', 'no-such-preset')
+    assert rc == 2 and one_line(err).startswith("metai config: error: argument preset: unknown preset 'no-such-preset'")
+    bad = tmp_path/'broken.json'; bad.write_text('{"dim": 256,\n "n_heads": ')
+    rc, out, err = metai('config', bad)
+    assert rc == 1 and one_line(err).startswith(f'metai config: error: {bad}:'), err
+    rc, out, err = metai('config', tmp_path/'missing.json')
+    assert rc == 1 and 'missing.json' in one_line(err)
+    rc, out, err = metai('config', 'micro', '--seq-len', '0')
+    assert rc == 2 and '--seq-len' in one_line(err)
+
+# --- prepare-data end to end ----------------------------------------------------------------------------------------
+
+ZH = '的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处理府研质'
+EN = 'the of and to in is that it was for on are as with his they at be this from have or by one had not but what all were when we there can an your which their said if do will each about how up out them then she many some so these would other into has more her two like him see time could no make than first been its who now people my made over did down only way find use may water long little very after words called just where most know'.split()
+
+def write_corpus(d:Path, n_docs:int=150, seed:int=0):
+    "A small generated bilingual corpus: Chinese and English documents separated by blank lines."
+    rng = random.Random(seed)
+    zh = '\n\n'.join(''.join(rng.choice(ZH) for _ in range(rng.randint(20, 80))) + '。' for _ in range(n_docs))
+    en = '\n\n'.join(' '.join(rng.choice(EN) for _ in range(rng.randint(10, 40))).capitalize() + '.' for _ in range(n_docs))
+    (d/'zh.txt').write_text(zh + '\n', encoding='utf-8'); (d/'en.txt').write_text(en + '\n', encoding='utf-8')
+    return d/'zh.txt', d/'en.txt'
+
+def test_prepare_data_tiny_corpus(tmp_path):
+    zh, en = write_corpus(tmp_path)
+    out_dir = tmp_path/'build'
+    rc, out, err = metai('prepare-data', '--chinese-path', zh, '--english-path', en, '--out-dir', out_dir,
+                         '--vocab-size', 1024, '--workers', 1)
+    assert rc == 0, err
+    meta = json.loads((out_dir/'meta.json').read_text(encoding='utf-8'))
+    assert f'prepare-data -> {out_dir}\n' in out, out                         # the report
+    assert f"total: {meta['tokens']:,} tokens, {meta['docs']:,} docs" in out, out
+    assert 'MB/s' in out
+    assert meta['docs'] == 300 and meta['tokenizer']['vocab_size'] == 1024
+    assert (out_dir/'tokenizer.model').is_file() and (out_dir/'train.bin').stat().st_size > 0
+    rc, out2, err = metai('prepare-data', '--chinese-path', zh, '--english-path', en, '--out-dir', out_dir,
+                          '--vocab-size', 1024, '--workers', 1)
+    assert rc == 0 and '(reused)' in out2, out2                               # same inputs: nothing rebuilt
+
+def test_prepare_data_missing_file(tmp_path):
+    _, en = write_corpus(tmp_path, n_docs=5)
+    missing = tmp_path/'no_such_corpus.txt'
+    rc, out, err = metai('prepare-data', '--chinese-path', missing, '--english-path', en, '--out-dir', tmp_path/'b')
+    assert rc == 1, (out, err)
+    msg = one_line(err)
+    assert msg.startswith('metai prepare-data: error: ') and 'no_such_corpus.txt' in msg, msg
+    assert not (tmp_path/'b'/'meta.json').exists()
+
+def test_prepare_data_invalid_utf8(tmp_path):
+    zh, en = write_corpus(tmp_path, n_docs=20)
+    bad = tmp_path/'bad_zh.txt'
+    bad.write_bytes(zh.read_bytes() + b'\n\n\xff\xfe not utf-8\n')
+    rc, out, err = metai('prepare-data', '--chinese-path', bad, '--english-path', en, '--out-dir', tmp_path/'b',
+                         '--vocab-size', 512, '--workers', 1)
+    assert rc == 1, (out, err)
+    msg = one_line(err)
+    assert msg.startswith('metai prepare-data: error: ') and 'bad_zh.txt' in msg, msg
+    assert not (tmp_path/'b'/'meta.json').exists()
+
+def test_debug_shows_traceback(tmp_path):
+    _, en = write_corpus(tmp_path, n_docs=5)
+    rc, out, err = metai('prepare-data', '--chinese-path', tmp_path/'missing.txt', '--english-path', en,
+                         '--out-dir', tmp_path/'b', env={'METAI_DEBUG': '1'})
+    assert rc == 1 and 'Traceback' in err and 'missing.txt' in err

@@ -1,0 +1,76 @@
+"The static docs site: every notebook is processed by nbdev, rendered to HTML and linked from index.html."
+import json, re, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NBS = ROOT/'nbs'
+
+def _notebooks():
+    return sorted(p for p in NBS.rglob('*.ipynb') if not any(o.startswith(('_', '.')) for o in p.relative_to(NBS).parts))
+
+def _title(nb_path):
+    "The `# Title` of a notebook's first markdown cell."
+    for c in json.loads(nb_path.read_text(encoding='utf-8'))['cells']:
+        if c['cell_type'] == 'markdown':
+            m = re.search(r'^#\s+(.+)$', ''.join(c['source']), re.M)
+            return m.group(1).strip() if m else None
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp('site')
+    r = subprocess.run([sys.executable, 'scripts/build_docs.py', str(out), '--proc-dir', str(out/'_proc')], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f'-> {out}' in r.stdout
+    return out
+
+def test_every_notebook_is_linked_and_rendered(site):
+    index = (site/'index.html').read_text(encoding='utf-8')
+    nbs = _notebooks()
+    assert len(nbs) >= 2
+    for nb in nbs:
+        rel = nb.relative_to(NBS).as_posix()
+        page = 'index.html' if rel == 'index.ipynb' else rel[:-len('.ipynb')].replace('/', '_') + '.html'
+        assert (site/page).is_file(), page
+        assert f'href="{page}"' in index, f'{rel} is not linked from index.html'
+        assert f'<code>{rel}</code>' in index, rel
+        title = _title(nb)
+        assert title, f'{rel} has no "# Title" markdown cell'
+        assert title in (site/page).read_text(encoding='utf-8'), (rel, title)
+        assert title in index, (rel, title)
+
+def test_contents_in_reading_order(site):
+    index = (site/'index.html').read_text(encoding='utf-8')
+    toc = index[index.index('id="contents"'):]
+    pos = [toc.index(f'<code>{p.relative_to(NBS).as_posix()}</code>') for p in _notebooks() if p.name != 'index.ipynb']
+    assert pos == sorted(pos)
+
+def test_pages_are_processed_docs(site):
+    "nbdev's processing ran: exported functions appear as signatures with their docments; hidden cells are gone."
+    core = (site/'00_core.html').read_text(encoding='utf-8')
+    assert 'get_device' in core and 'pick the best available' in core   # show_doc of an exported function
+    assert 'from nbdev.showdoc import' not in core                      # a `#| hide` cell
+    assert '#| export' not in core and '#| default_exp' not in core
+    assert 'metai: contents' in core                                    # the nav bar back to the index
+
+_re_row = re.compile(r'^\|\s*[\d–-]+\s*\|\s*(.+?)\s*\|.*\|\s*(available|planned)\s*\|\s*$', re.M)
+
+def _path_status(text):
+    "{notebook file name: status} from a learning-path table; planned rows have no link."
+    rows = {}
+    for name, status in _re_row.findall(text):
+        m = re.search(r'\]\((?:nbs/)?([^)]+\.ipynb)\)', name)
+        rows[m.group(1) if m else name] = status
+    return rows
+
+def test_learning_path_is_honest():
+    "index.ipynb and README.md mark exactly the notebooks that exist as available, and agree with each other."
+    index = ''.join(''.join(c['source']) for c in json.loads((NBS/'index.ipynb').read_text(encoding='utf-8'))['cells']
+                    if c['cell_type'] == 'markdown')
+    readme = (ROOT/'README.md').read_text(encoding='utf-8')
+    on_disk = {p.name for p in _notebooks() if p.name != 'index.ipynb'}
+    for name, text in [('nbs/index.ipynb', index), ('README.md', readme)]:
+        rows = _path_status(text)
+        avail = {k for k,v in rows.items() if v == 'available'}
+        assert avail == on_disk, f'{name}: marked available {sorted(avail - on_disk)} but missing; present but not marked available {sorted(on_disk - avail)}'
+    assert _path_status(index) == _path_status(readme), 'README.md and nbs/index.ipynb disagree on the learning path'

@@ -1,0 +1,211 @@
+"`metai.model.moe` against transformers (DeepseekV3MoE, Mixtral's sparse block and its balance loss), a dense reference, torch.compile and CUDA."
+import dataclasses
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metai.config import ModelConfig
+from metai.model.moe import FFN, Gate, MoE, grouped_mm, moe_dense, moe_experts, moe_update_bias
+
+torch.set_num_threads(1)
+
+def ds_cfg(**kw):
+    c = dict(dim=64, n_routed_experts=16, n_activated_experts=4, moe_ffn_dim=32, n_shared_experts=1, score_func='sigmoid',
+             n_expert_groups=4, n_limited_groups=2, route_scale=2.5, norm_topk_prob=True)
+    return ModelConfig(**{**c, **kw})
+
+def mixtral_cfg(**kw):
+    c = dict(dim=64, n_routed_experts=8, n_activated_experts=2, moe_ffn_dim=48, score_func='softmax', norm_topk_prob=True)
+    return ModelConfig(**{**c, **kw})
+
+def randomize(moe, seed=0, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moe.parameters(): p.copy_(torch.randn(p.shape, generator=g) * std)
+    return moe
+
+# --- transformers parity ------------------------------------------------------------------------------------------
+
+def to_hf_deepseek(moe, cfg):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    hc = DeepseekV3Config(hidden_size=cfg.dim, moe_intermediate_size=cfg.moe_ffn_dim, n_routed_experts=cfg.n_routed_experts,
+                          num_experts_per_tok=cfg.n_activated_experts, n_shared_experts=cfg.n_shared_experts, n_group=cfg.n_expert_groups,
+                          topk_group=cfg.n_limited_groups, routed_scaling_factor=cfg.route_scale, norm_topk_prob=cfg.norm_topk_prob)
+    hc._experts_implementation = 'eager'
+    hf = DeepseekV3MoE(hc).eval()
+    sd = {'gate.weight': moe.gate.weight, 'gate.e_score_correction_bias': moe.gate.bias,
+          'experts.gate_up_proj': torch.cat([moe.w1, moe.w3], dim=1), 'experts.down_proj': moe.w2,
+          'shared_experts.gate_proj.weight': moe.shared_experts.w1.weight, 'shared_experts.up_proj.weight': moe.shared_experts.w3.weight,
+          'shared_experts.down_proj.weight': moe.shared_experts.w2.weight}
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    assert not missing and not unexpected
+    return hf
+
+@pytest.mark.parametrize('kw', [dict(), dict(n_expert_groups=1, n_limited_groups=1), dict(n_shared_experts=2, n_activated_experts=6),
+                                dict(n_routed_experts=32, n_expert_groups=8, n_limited_groups=4, n_activated_experts=8, route_scale=1.0),
+                                dict(norm_topk_prob=False)])
+def test_deepseek_v3_parity(kw):
+    cfg = ds_cfg(**kw)
+    moe = randomize(MoE(cfg))
+    with torch.no_grad(): moe.gate.bias.normal_(std=0.05)  # the bias changes the selection
+    hf = to_hf_deepseek(moe, cfg)
+    x = torch.randn(2, 48, cfg.dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, aux = moe(x)
+        y_hf = hf(x)
+        w, idx, _, _ = moe.gate(x)
+        _, w_hf, idx_hf = hf.gate(x)
+    assert (y - y_hf).abs().max().item() <= 1e-5
+    s, o = idx.sort(-1); s_hf, o_hf = idx_hf.sort(-1)
+    assert torch.equal(s, s_hf)
+    torch.testing.assert_close(w.gather(1, o), w_hf.gather(1, o_hf), atol=1e-6, rtol=1e-6)
+    assert aux['load'].sum().item() == x.shape[0] * x.shape[1] * cfg.n_activated_experts
+
+def test_deepseek_group_mask_is_minus_inf():
+    "All kept biased scores negative: a 0.0 fill would let a masked expert win; -inf (reference, transformers 5) never does."
+    cfg = ds_cfg(n_shared_experts=1)
+    moe = randomize(MoE(cfg))
+    with torch.no_grad(): moe.gate.bias.fill_(-2.0)
+    x = torch.randn(3, 8, cfg.dim)
+    _, idx, _, _ = moe.gate(x)
+    hf = to_hf_deepseek(moe, cfg)
+    _, _, idx_hf = hf.gate(x)
+    assert torch.equal(idx.sort(-1).values, idx_hf.sort(-1).values)
+    # every chosen expert lies in one of the n_limited_groups kept groups
+    groups = idx // (cfg.n_routed_experts // cfg.n_expert_groups)
+    assert all(len(set(r)) <= cfg.n_limited_groups for r in groups.tolist())
+
+def test_mixtral_parity_and_aux_loss():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+    cfg = mixtral_cfg(aux_loss_alpha=0.02)
+    moe = randomize(MoE(cfg), std=0.3)
+    hc = MixtralConfig(hidden_size=cfg.dim, intermediate_size=cfg.moe_ffn_dim, num_local_experts=cfg.n_routed_experts,
+                       num_experts_per_tok=cfg.n_activated_experts, router_jitter_noise=0.0)
+    hc._experts_implementation = 'eager'
+    hf = MixtralSparseMoeBlock(hc).eval()
+    hf.load_state_dict({'gate.weight': moe.gate.weight.detach().clone(), 'experts.down_proj': moe.w2.detach().clone(),
+                        'experts.gate_up_proj': torch.cat([moe.w1, moe.w3], dim=1).detach().clone()}, strict=True)
+    x = torch.randn(3, 40, cfg.dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y, aux = moe(x)
+        assert (y - hf(x)).abs().max().item() <= 1e-5
+        logits, _, _ = hf.gate(x)
+        ref = load_balancing_loss_func((logits,), cfg.n_routed_experts, cfg.n_activated_experts)
+    torch.testing.assert_close(aux['aux_loss'], 0.02 * ref, atol=1e-7, rtol=1e-5)
+
+def test_mixtral_balanced_loss_is_alpha_k():
+    "At perfect balance the Switch loss is alpha * k."
+    cfg = mixtral_cfg(n_routed_experts=4, n_activated_experts=2, dim=4, aux_loss_alpha=0.1)
+    gate = Gate(cfg)
+    with torch.no_grad(): gate.weight.zero_()  # uniform probabilities
+    x = torch.randn(10, 4)
+    _, _, aux, _ = gate(x)
+    # with uniform p, P_i = 1/E and sum_i f_i = k, so the loss is alpha * E * k / E whatever the tie-breaking
+    torch.testing.assert_close(aux, torch.tensor(0.1 * 2))
+
+# --- dispatch vs the dense reference --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('cfg', [mixtral_cfg(aux_loss_alpha=0.01), mixtral_cfg(n_shared_experts=1, dim=36, moe_ffn_dim=20),
+                                 ds_cfg(aux_loss_alpha=1e-3), ds_cfg(n_shared_experts=0, dim=30, moe_ffn_dim=14)])
+def test_dispatch_matches_dense_with_grads(cfg):
+    moe = randomize(MoE(cfg), seed=3)
+    x = torch.randn(4, 33, cfg.dim, requires_grad=True)
+    y, aux = moe(x)
+    ref = moe_dense(moe, x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    params = [x] + [p for p in moe.parameters() if p.requires_grad]
+    gy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * gy).sum(), params), torch.autograd.grad((ref * gy).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert aux['load'].dtype == torch.long and aux['load'].shape == (cfg.n_routed_experts,)
+    assert not aux['load'].requires_grad
+
+def test_expert_receiving_no_tokens():
+    "An expert with zero tokens: its slice is empty and its weights get a zero gradient."
+    cfg = mixtral_cfg()
+    moe = randomize(MoE(cfg))
+    with torch.no_grad(): moe.gate.weight[5] = -10 * moe.gate.weight.abs().sum(0)  # expert 5 never wins for x > 0
+    x = torch.rand(2, 16, cfg.dim)
+    y, aux = moe(x)
+    assert aux['load'][5].item() == 0
+    torch.testing.assert_close(y, moe_dense(moe, x), atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert moe.w1.grad[5].abs().max().item() == 0 and moe.w1.grad.abs().sum().item() > 0
+
+def test_seq_aux_loss_needs_sequence_shape():
+    "The sequence-wise loss depends on how tokens split into sequences; (N, dim) input is one sequence."
+    cfg = ds_cfg(aux_loss_alpha=0.1)
+    gate = randomize(MoE(cfg)).gate
+    x = torch.randn(4, 12, cfg.dim)
+    a = gate(x)[2]; b = gate(x.reshape(1, 48, cfg.dim))[2]; c = gate(x.reshape(48, cfg.dim))[2]
+    torch.testing.assert_close(b, c)
+    assert abs(a.item() - b.item()) > 1e-6 and a.item() >= 0.1 * 0.5
+
+# --- bias update ------------------------------------------------------------------------------------------------------
+
+def test_update_bias_over_a_model():
+    cfg = ds_cfg(bias_update_speed=0.25)
+    model = torch.nn.ModuleList([MoE(cfg), torch.nn.Linear(2, 2), MoE(cfg)])
+    loads = torch.stack([torch.arange(16), torch.arange(16).flip(0)])
+    assert moe_update_bias(model, loads) == 2
+    b0, b1 = model[0].gate.bias, model[2].gate.bias
+    assert torch.equal(b0[:8], torch.full((8,), 0.25)) and torch.equal(b0[8:], torch.full((8,), -0.25))
+    torch.testing.assert_close(b1, b0.flip(0))
+    moe_update_bias(model, list(loads), speed=0.0)
+    torch.testing.assert_close(b1, b0.flip(0))
+    with pytest.raises(ValueError, match='loads'): moe_update_bias(model, loads[:1])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    assert not any(p is b0 for g in opt.param_groups for p in g['params'])
+
+def test_meta_build_and_counts():
+    cfg = ModelConfig(dim=7168, n_routed_experts=256, n_activated_experts=8, moe_ffn_dim=2048, n_shared_experts=1, score_func='sigmoid',
+                      n_expert_groups=8, n_limited_groups=4, route_scale=2.5)
+    with torch.device('meta'): moe = MoE(cfg)
+    assert sum(p.numel() for p in moe.parameters()) == 11_320_164_608  # spec §2: one DeepSeek-V3 MoE layer
+    assert dict((n, tuple(p.shape)) for n, p in moe.named_parameters()) == {
+        'gate.weight': (256, 7168), 'gate.bias': (256,), 'w1': (256, 2048, 7168), 'w2': (256, 7168, 2048), 'w3': (256, 2048, 7168),
+        'shared_experts.w1.weight': (2048, 7168), 'shared_experts.w2.weight': (7168, 2048), 'shared_experts.w3.weight': (2048, 7168)}
+
+@pytest.mark.parametrize('kw,field', [(dict(n_expert_groups=3), 'n_expert_groups'), (dict(n_limited_groups=5), 'n_limited_groups'),
+                                      (dict(n_activated_experts=9), 'n_activated_experts'), (dict(score_func='tanh'), 'score_func'),
+                                      (dict(moe_ffn_dim=0), 'moe_ffn_dim')])
+def test_bad_config(kw, field):
+    with pytest.raises(ValueError, match=field): MoE(ds_cfg(**kw))
+
+# --- compile and CUDA ---------------------------------------------------------------------------------------------------
+
+def test_compile_fullgraph_inductor():
+    cfg = ds_cfg(aux_loss_alpha=1e-3, dim=32, moe_ffn_dim=16)
+    moe = randomize(MoE(cfg))
+    x = torch.randn(2, 16, cfg.dim, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe, fullgraph=True)
+    yc, auxc = compiled(x)
+    (yc.sum() + auxc['aux_loss']).backward()
+    gc = moe.w2.grad.clone(); moe.zero_grad()
+    y, aux = moe(x)
+    (y.sum() + aux['aux_loss']).backward()
+    torch.testing.assert_close(yc, y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gc, moe.w2.grad, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_bf16_grouped_mm_and_compile():
+    from metai.model.moe import _grouped_mm_native
+    cfg = ds_cfg(dim=256, moe_ffn_dim=128, aux_loss_alpha=1e-3)
+    moe = randomize(MoE(cfg), std=0.05).cuda()
+    x = torch.randn(4, 256, cfg.dim, device='cuda', requires_grad=True)
+    assert _grouped_mm_native(x[0].bfloat16(), moe.w1.bfloat16().mT)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        y, aux = moe(x)
+    ref = moe_dense(moe, x)  # fp32
+    assert (y.float() - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+    y.float().sum().backward()
+    assert moe.w1.grad is not None and torch.isfinite(moe.w1.grad).all()
+    compiled = torch.compile(moe, fullgraph=True)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        yc, _ = compiled(x)
+    torch.testing.assert_close(yc.float(), y.float(), atol=2e-2, rtol=2e-2)

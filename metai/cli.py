@@ -6,11 +6,11 @@
 __all__ = ['COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepare_data', 'cmd_config', 'UsageError', 'command_parser', 'usage',
            'main']
 
-# %% ../nbs/20_cli.ipynb #649ba26e
-import os, sys, inspect, difflib, traceback
+# %% ../nbs/20_cli.ipynb #c0cc2595
+import os, sys, inspect, difflib
 from fastcore.script import anno_parser, CliError
 
-# %% ../nbs/20_cli.ipynb #cbc9d3a8
+# %% ../nbs/20_cli.ipynb #2b659170
 def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
                      out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
@@ -28,7 +28,7 @@ def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file
                  zh_ratio=zh_ratio, val_fraction=val_fraction, workers=workers, seed=seed, skip_bad=skip_bad,
                  tokenizer_path=tokenizer_path)
 
-# %% ../nbs/20_cli.ipynb #8e3185f2
+# %% ../nbs/20_cli.ipynb #aabb8aa1
 def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, deepseek-v3, deepseek-v3.2), a config.json or a folder holding one
                seq_len:int=None, # context length for the FLOPs figures (default: the smaller of 4096 and the model's max_seq_len)
                json:bool=False # print JSON (exact integers) instead of a table
@@ -64,13 +64,13 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
     w0, w1 = max(len(a) for a,_,_ in rows), max(len(b) for _,b,_ in rows)
     for a, b, c in rows: print(f'  {a:<{w0}}  {b:>{w1}}  {c}'.rstrip())
 
-# %% ../nbs/20_cli.ipynb #c2114cc7
+# %% ../nbs/20_cli.ipynb #4d91b1b4
 COMMANDS = {
     'prepare-data': cmd_prepare_data,
     'config':       cmd_config,
 }
 
-# %% ../nbs/20_cli.ipynb #cdeb170b
+# %% ../nbs/20_cli.ipynb #edc46b3b
 class UsageError(Exception):
     "A bad command line: unknown command, unknown flag or a value of the wrong type (exit code 2)."
 
@@ -92,7 +92,7 @@ def command_parser(name:str # a key of `COMMANDS`
     p.error = error
     return p
 
-# %% ../nbs/20_cli.ipynb #3452496a
+# %% ../nbs/20_cli.ipynb #931f31a0
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
 USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
 
@@ -112,6 +112,7 @@ def main(argv:list=None # the arguments after `metai` (default: `sys.argv[1:]`)
     "Run `metai <command> [options]` and return the exit code."
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get('METAI_DEBUG', '') not in ('', '0')
+    if argv[:1] == ['help'] and len(argv) > 1: argv = [argv[1], '--help']   # `metai help prepare-data`
     if not argv or argv[0] in ('-h', '--help', 'help'): print(usage()); return 0
     if argv[0] == '--version':
         from metai import __version__; print(f'metai {__version__}'); return 0
@@ -133,7 +134,7 @@ def main(argv:list=None # the arguments after `metai` (default: `sys.argv[1:]`)
         return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
     except KeyboardInterrupt:
         if debug: raise
-        print(f'\nmetai {name}: interrupted', file=sys.stderr); return 130
+        print(f'metai {name}: interrupted', file=sys.stderr); return 130
     except BrokenPipeError:  # `metai ... | head` closed the pipe: stop quietly
         try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError): pass

@@ -6,13 +6,13 @@ with named presets, validation, exact parameter / FLOP / memory accounting and a
 # %% auto #0
 __all__ = ['PRESETS', 'DTYPE_BITS', 'ModelConfig', 'ConfigError', 'presets_table']
 
-# %% ../nbs/01_config.ipynb #06d4a68e
+# %% ../nbs/01_config.ipynb #274d125c
 import os, json, math, difflib, dataclasses
 from dataclasses import dataclass, field, asdict
 from fastcore.basics import patch
 from .core import atomic_write_text, fmt_num, fmt_bytes
 
-# %% ../nbs/01_config.ipynb #6072d762
+# %% ../nbs/01_config.ipynb #918f72fa
 @dataclass
 class ModelConfig:
     "Every knob of a metai model. Zero means 'off' or 'derive it' where noted."
@@ -76,7 +76,7 @@ class ModelConfig:
     def is_moe(self): return self.n_routed_experts > 0
     def is_moe_layer(self, i:int) -> bool: return self.is_moe and i >= self.n_dense_layers
 
-# %% ../nbs/01_config.ipynb #0e5dadd4
+# %% ../nbs/01_config.ipynb #794fb0a9
 class ConfigError(ValueError):
     "A bad `ModelConfig` field; `.field` names it."
     def __init__(self, field:str, msg:str): super().__init__(msg); self.field = field
@@ -146,7 +146,7 @@ def validate(self:ModelConfig) -> ModelConfig:
     if not 0 < c.beta_slow < c.beta_fast: bad('beta_slow', f'needs 0 < beta_slow < beta_fast={c.beta_fast}')
     return c
 
-# %% ../nbs/01_config.ipynb #de45d187
+# %% ../nbs/01_config.ipynb #25324abf
 _V3 = dict(vocab_size=129280, dim=7168, n_layers=61, n_heads=128, attn_type='mla',
            q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
            ffn_dim=18432, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, moe_ffn_dim=2048,
@@ -189,7 +189,7 @@ def preset(cls:ModelConfig, name:str, # one of `PRESETS`: micro, small, gpt2, ll
             raise ConfigError(k, f'{k}: not a ModelConfig field' + (f' (did you mean {near[0]}?)' if near else ''))
     return dataclasses.replace(PRESETS[name], **overrides).validate()
 
-# %% ../nbs/01_config.ipynb #f6915736
+# %% ../nbs/01_config.ipynb #8e583a6e
 @patch
 def embed_params(self:ModelConfig) -> int:
     "Input embedding plus output head: V*d each, once when tied."
@@ -234,7 +234,7 @@ def layer_params(self:ModelConfig, i:int, # layer index
     "One decoder block: two RMSNorms, attention and the feed-forward of layer `i`."
     return 2*self.dim + self.attn_params() + self.ffn_params(i, active)
 
-# %% ../nbs/01_config.ipynb #0a1929bf
+# %% ../nbs/01_config.ipynb #aea40819
 @patch
 def num_params(self:ModelConfig) -> int:
     "Parameters of the main model (embedding, blocks, final norm, head); MTP modules not included."
@@ -260,7 +260,7 @@ def hub_params(self:ModelConfig) -> int:
     "Parameters as a DeepSeek-style checkpoint stores them: each MTP layer also holds copies of the embedding and head."
     return self.num_params() + self.mtp_params() + self.mtp_depth*self.embed_params()
 
-# %% ../nbs/01_config.ipynb #e72cce8c
+# %% ../nbs/01_config.ipynb #234c034b
 @patch
 def flops_per_token(self:ModelConfig, seq_len:int|None=None, # context length T (default max_seq_len)
                     training:bool=False # forward + backward (3x) and the MTP modules
@@ -275,7 +275,7 @@ def flops_per_token(self:ModelConfig, seq_len:int|None=None, # context length T 
     mtp = 2*(self.mtp_params(active=True) + self.mtp_depth*self.vocab_size*self.dim) + self.mtp_depth*attn  # + shared head
     return 3*(fwd + mtp)
 
-# %% ../nbs/01_config.ipynb #d9fc66fa
+# %% ../nbs/01_config.ipynb #283c0a02
 DTYPE_BITS = {'fp32': 32, 'bf16': 16, 'fp16': 16, 'fp8': 8, 'int4': 4}
 
 def _bits(dtype:str) -> int:
@@ -290,7 +290,7 @@ def weight_bytes(self:ModelConfig, dtype:str='bf16', # fp32, bf16, fp16, fp8 or 
     n = self.num_params() + (self.mtp_params() if mtp else 0)
     return math.ceil(n * _bits(dtype) / 8)
 
-# %% ../nbs/01_config.ipynb #b4853529
+# %% ../nbs/01_config.ipynb #e3ba0696
 @patch
 def kv_elems_per_token(self:ModelConfig, per_layer:bool=True, # one layer, or all n_layers
                        naive_mla:bool=False # MLA caching full per-head keys and values instead of the latent
@@ -311,7 +311,7 @@ def kv_cache_bytes(self:ModelConfig, n_tokens:int=1, # cached tokens (summed ove
     "Bytes of KV cache for `n_tokens` tokens."
     return math.ceil(self.kv_elems_per_token(per_layer, naive_mla) * n_tokens * _bits(dtype) / 8)
 
-# %% ../nbs/01_config.ipynb #265d8217
+# %% ../nbs/01_config.ipynb #f1a13712
 @patch
 def to_dict(self:ModelConfig) -> dict:
     "The fields as a plain dict (JSON-ready)."
@@ -360,7 +360,7 @@ def from_json(cls:ModelConfig, path # a config.json, or a directory holding one
         line = next((i for i, l in enumerate(text.splitlines(), 1) if f'"{e.field}"' in l), None)
         raise ValueError(f'{path}:{line}: {e}' if line else f'{path}: {e}') from None
 
-# %% ../nbs/01_config.ipynb #98db6a42
+# %% ../nbs/01_config.ipynb #70bc019f
 @patch
 def summary(self:ModelConfig, seq_len:int=4096 # context for the FLOPs figures
            ) -> dict:

@@ -88,11 +88,11 @@ def test_deepseek_v3_attention_parity(name, mode):
     q_lora, inter, yarn = DS[name]
     T, dim, H = 11, 64, 4
     cfg = ModelConfig(dim=dim, n_heads=H, attn_type='mla', q_lora_rank=q_lora, kv_lora_rank=32, qk_nope_head_dim=16,
-                      qk_rope_head_dim=8, v_head_dim=12, rope_interleaved=inter, max_seq_len=T,
+                      qk_rope_head_dim=8, v_head_dim=12, rope_interleaved=inter, max_seq_len=16,
                       rope_factor=4. if yarn else 1., original_seq_len=4, mscale=1., mscale_all_dim=1.)
     hc = DeepseekV3Config(hidden_size=dim, num_attention_heads=H, num_key_value_heads=H, q_lora_rank=q_lora or None,
                           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rope_interleave=inter,
-                          max_position_embeddings=T, rms_norm_eps=cfg.norm_eps,
+                          max_position_embeddings=16, rms_norm_eps=cfg.norm_eps,
                           rope_parameters=hf_rope('yarn', 1e4, 4., 4, 1., 1.) if yarn else hf_rope('default', 1e4))
     hc._attn_implementation = 'eager'
     ours, theirs = MLA(cfg, mode=mode), DeepseekV3Attention(hc, 0)

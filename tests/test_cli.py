@@ -1,5 +1,5 @@
 "The `metai` console script end to end: run the installed script in a subprocess, as a user would."
-import os, random, shutil, subprocess, sys, json
+import os, random, shutil, signal, subprocess, sys, json, threading
 from pathlib import Path
 import pytest
 
@@ -48,6 +48,7 @@ def test_command_help(name):
     assert rc == 0 and err == '', err
     assert out.startswith(f'usage: metai {name}')
     assert COMMANDS[name].__doc__.split('\n')[0].strip()[:40] in ' '.join(out.split())
+    assert metai('help', name) == (rc, out, err)
 
 def test_prepare_data_help_has_every_flag():
     rc, out, err = metai('prepare-data', '--help')
@@ -161,3 +162,22 @@ def test_debug_shows_traceback(tmp_path):
     rc, out, err = metai('prepare-data', '--chinese-path', tmp_path/'missing.txt', '--english-path', en,
                          '--out-dir', tmp_path/'b', env={'METAI_DEBUG': '1'})
     assert rc == 1 and 'Traceback' in err and 'missing.txt' in err
+
+def test_ctrl_c_exits_130(tmp_path):
+    "SIGINT while prepare-data waits on its input (a FIFO nobody writes to): a one-line message and exit code 130."
+    fifo = tmp_path/'zh.txt'; os.mkfifo(fifo)
+    e = dict(os.environ, OMP_NUM_THREADS='1'); e.pop('METAI_DEBUG', None)
+    p = subprocess.Popen([METAI, 'prepare-data', '--chinese-path', str(fifo), '--out-dir', str(tmp_path/'b')],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    fds = []
+    t = threading.Thread(target=lambda: fds.append(os.open(fifo, os.O_WRONLY)), daemon=True)  # returns once metai opens it
+    t.start(); t.join(timeout=120)
+    try:
+        assert fds, 'metai never opened its input'
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None: p.kill()
+        for fd in fds: os.close(fd)
+    assert p.returncode == 130, (p.returncode, err)
+    assert one_line(err) == 'metai prepare-data: interrupted'

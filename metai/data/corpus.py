@@ -11,7 +11,7 @@ __all__ = ['CORPUS_SUFFIXES', 'MAX_ERRORS_KEPT', 'FORTUNES_DIR', 'FORTUNES_ZH', 
            'sha256_file', 'source_info', 'mix_masks', 'val_mask', 'token_dtype', 'encode_chunk', 'tokenize_parallel',
            'prepare_data', 'print_report']
 
-# %% ../../nbs/03_data.ipynb #00c349f8
+# %% ../../nbs/03_data.ipynb #f8d772f7
 import os, re, glob, json, time, shutil, hashlib, contextlib, multiprocessing as mp
 from collections import deque
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 from ..core import atomic_path, atomic_write_text, fmt_num, fmt_bytes
 from .tokenizer import Tokenizer, train_tokenizer
 
-# %% ../../nbs/03_data.ipynb #f13a61ac
+# %% ../../nbs/03_data.ipynb #8ac05c61
 class CorpusError(ValueError):
     "A problem in the input text, in one line: the file, the line and byte offset or field, and what is wrong."
     def __init__(self, msg): super().__init__(' '.join(str(msg).splitlines()))
@@ -54,7 +54,7 @@ def resolve_files(path) -> list:
         files += sorted(found)
     return files
 
-# %% ../../nbs/03_data.ipynb #128c8456
+# %% ../../nbs/03_data.ipynb #7d6cb6f9
 def _decode(raw:bytes, path, lineno:int, offset:int) -> str:
     "Decode one line as strict UTF-8; on failure name the file, line and the offset of the bad byte in the file."
     try: return raw.decode('utf-8')
@@ -144,7 +144,7 @@ def iter_documents(path, # a .txt or .jsonl file, a directory of them, or a glob
         yield from (read_jsonl if fn.endswith('.jsonl') else read_txt)(fn, skip_bad, stats)
     if stats['docs'] == n0: raise CorpusError(f"{os.fspath(path)}: empty corpus (no documents)")
 
-# %% ../../nbs/03_data.ipynb #57cf9980
+# %% ../../nbs/03_data.ipynb #e1065c8b
 FORTUNES_DIR = '/usr/share/games/fortunes'
 FORTUNES_ZH = ('tang300', 'song100', 'chinese')  # Debian fortunes-zh: Tang poems, Song ci, sayings and tips
 FORTUNES_EN = ('art', 'ascii-art', 'computers', 'cookie', 'debian', 'definitions', 'disclaimer', 'drugs', 'education',
@@ -173,7 +173,7 @@ def read_fortunes(path, encodings=('utf-8',)) -> tuple:
     entries = re.split(r'^%[ \t]*$', text.replace('\r\n', '\n'), flags=re.M)
     return [d for d in map(clean_fortune, entries) if d], enc
 
-# %% ../../nbs/03_data.ipynb #728f9f3b
+# %% ../../nbs/03_data.ipynb #70a2c6f0
 def _write_docs(path, docs):
     "Write documents as a blank-line-separated .txt file, atomically."
     with atomic_path(path) as tmp:
@@ -204,7 +204,7 @@ def build_default_corpus(out_dir, # folder for zh.txt and en.txt
                   f"from {r['files']} files -> {r['path']}")
     return report
 
-# %% ../../nbs/03_data.ipynb #632efa32
+# %% ../../nbs/03_data.ipynb #bf7a351a
 def sha256_file(path, bufsize:int=1<<20) -> str:
     "SHA-256 of a file's bytes, read in 1 MB blocks."
     h = hashlib.sha256()
@@ -219,7 +219,7 @@ def source_info(name:str, path) -> dict:
     for f in files: h.update(f"{'jsonl' if f['path'].endswith('.jsonl') else 'txt'}:{f['sha256']}\n".encode())
     return dict(name=name, path=os.fspath(path), files=files, bytes=sum(f['bytes'] for f in files), sha256=h.hexdigest())
 
-# %% ../../nbs/03_data.ipynb #c5a682a7
+# %% ../../nbs/03_data.ipynb #791cfff4
 def mix_masks(docs:list, # documents per source
               chars:list, # characters per source
               zh_ratio:float=None, # wanted fraction of characters from source 0 (None: keep everything)
@@ -248,12 +248,12 @@ def val_mask(n:int, # kept documents
     m[np.random.default_rng([seed, 1000]).choice(n, k, replace=False)] = True
     return m
 
-# %% ../../nbs/03_data.ipynb #1dbf5d85
+# %% ../../nbs/03_data.ipynb #e58148b6
 def token_dtype(vocab_size:int) -> np.dtype:
     "The narrowest unsigned type that holds every id: uint16 up to 65,536 ids, else uint32."
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
-# %% ../../nbs/03_data.ipynb #0c9a4050
+# %% ../../nbs/03_data.ipynb #ced2a902
 CHUNK_CHARS = 1 << 18  # characters per tokenization task
 _TOK = None             # the tokenizer, one per worker process
 
@@ -269,9 +269,9 @@ def encode_chunk(texts:list) -> tuple:
     lens = np.array([len(x) + 2 for x in ids], dtype=np.int64)
     return np.array(flat, dtype=token_dtype(_TOK.vocab_size)), lens, sum(len(t.encode('utf-8')) for t in texts)
 
-def _chunks(docs, max_chars=CHUNK_CHARS):
-    "Group an iterator of (source, is_val, text) into lists of about `max_chars` characters."
-    chunk, n = [], 0
+def _chunks(docs, max_chars:int=None):
+    "Group an iterator of (source, is_val, text) into lists of about `max_chars` (default `CHUNK_CHARS`) characters."
+    chunk, n, max_chars = [], 0, max_chars or CHUNK_CHARS
     for d in docs:
         chunk.append(d); n += len(d[2])
         if n >= max_chars: yield chunk; chunk, n = [], 0
@@ -295,7 +295,7 @@ def tokenize_parallel(docs, # iterator of (source index, is_val, text)
         while pending:
             c, r = pending.popleft(); yield c, r.get()
 
-# %% ../../nbs/03_data.ipynb #f54578f5
+# %% ../../nbs/03_data.ipynb #44e6e5a8
 FORMAT_VERSION = 1                   # bump when the output layout changes, to force rebuilds
 TOKENIZER_MAX_SENTENCES = 2_000_000  # sentences sampled to train the tokenizer
 OUTPUTS = ('train.bin', 'train.idx', 'val.bin', 'val.idx')
@@ -324,7 +324,7 @@ def _remove_stale(out):
     for n in OUTPUTS + ('meta.json', 'tokenizer.model', 'tokenizer.meta.json', 'tokenizer'):
         for p in out.glob(f'.{n}.tmp*'): shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-# %% ../../nbs/03_data.ipynb #7d49edc1
+# %% ../../nbs/03_data.ipynb #19711e27
 def _get_tokenizer(out, tok_key, sources, keep, is_val, vocab_size, seed, skip_bad, tokenizer_path, log):
     "Load, copy or train the tokenizer for this build; return (Tokenizer, how it was obtained)."
     model, side = out/'tokenizer.model', out/'tokenizer.meta.json'
@@ -353,9 +353,9 @@ def _get_tokenizer(out, tok_key, sources, keep, is_val, vocab_size, seed, skip_b
     log(f"trained tokenizer {model}: vocab {vocab_size:,} in {time.perf_counter() - t0:.1f} s")
     return Tokenizer(str(model)), 'trained'
 
-# %% ../../nbs/03_data.ipynb #5ba7f7da
-def prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
-                 english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
+# %% ../../nbs/03_data.ipynb #4c6663f5
+def prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (neither path given: the fortunes-zh package)
+                 english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (neither path given: the fortunes package)
                  out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
                  vocab_size:int=8192, # tokenizer vocabulary size when training one
                  zh_ratio:float=None, # fraction of Chinese in the mix, by characters (default: use both corpora whole)
@@ -455,12 +455,12 @@ def prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a 
     report = dict(meta, reused=False, out_dir=str(out)); print_report(report)
     return report
 
-# %% ../../nbs/03_data.ipynb #622a6d3c
+# %% ../../nbs/03_data.ipynb #e8598c92
 def print_report(r:dict):
     "Print a `prepare_data` report in a few lines."
     print(f"prepare-data -> {r['out_dir']}" + (' (reused)' if r.get('reused') else ''))
     for s in r['sources']:
-        bad = f", {s['bad']:,} bad records skipped" if s['bad'] else ''
+        bad = f", {s['bad']:,} bad record{'s' * (s['bad'] != 1)} skipped" if s['bad'] else ''
         empty = f", {s['empty']:,} empty skipped" if s.get('empty') else ''
         kept = f" (mix keeps {s['kept_docs']:,} docs, {s['kept_chars']:,} chars)" if s['kept_docs'] != s['docs'] else ''
         print(f"  {s['name']}: {s['docs']:,} docs, {s['chars']:,} chars, {s['bytes']/1e6:.2f} MB in {len(s['files'])} file(s){kept}{bad}{empty}  [{s['path']}]")

@@ -6,13 +6,13 @@ permutation, sharded across ranks without overlap, and resumable from a saved po
 # %% auto #0
 __all__ = ['epoch_keys', 'permute', 'read_meta', 'LazyTextDataset']
 
-# %% ../../nbs/03b_datasets.ipynb #721586c0
+# %% ../../nbs/03b_datasets.ipynb #90aa00ce
 import os, json
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-# %% ../../nbs/03b_datasets.ipynb #b31a70ff
+# %% ../../nbs/03b_datasets.ipynb #79558b3c
 def _mix64(x, k):
     "splitmix64's finaliser: a fast, well-mixed hash of uint64 arrays (wrap-around arithmetic)."
     x = (x ^ k) * np.uint64(0xbf58476d1ce4e5b9)
@@ -39,7 +39,7 @@ def permute(i, # positions in [0, n)
         todo = todo[y >= np.uint64(n)]
     return x.astype(np.int64)
 
-# %% ../../nbs/03b_datasets.ipynb #1ce2108c
+# %% ../../nbs/03b_datasets.ipynb #2f0a0487
 def read_meta(path_or_dir) -> dict:
     "The meta.json of a prepared data folder (or of the folder holding a token file); {} when there is none."
     d = path_or_dir if os.path.isdir(path_or_dir) else os.path.dirname(os.path.abspath(path_or_dir))

@@ -8,14 +8,14 @@ __all__ = ['SPECIAL_TOKENS', 'UNK', 'SPACE', 'MAX_LINE_CHARS', 'CHAT_ROLES', 'RE
            'reservoir_sample', 'train_tokenizer', 'Tokenizer', 'check_messages', 'render_chat_text',
            'apply_chat_template']
 
-# %% ../../nbs/02_tokenizer.ipynb #df0779f6
+# %% ../../nbs/02_tokenizer.ipynb #f7bcbb9b
 import os, io, re, json, random, hashlib
 from pathlib import Path
 import sentencepiece as spm
 from fastcore.basics import patch
 from ..core import atomic_path
 
-# %% ../../nbs/02_tokenizer.ipynb #0c9c88a4
+# %% ../../nbs/02_tokenizer.ipynb #07818c9e
 SPECIAL_TOKENS = {                       # name -> token string; each one is a single id, in this order, after <unk>
     'pad': '<pad>', 'bos': '<s>', 'eos': '</s>',
     'im_start': '<|im_start|>', 'im_end': '<|im_end|>',
@@ -25,8 +25,9 @@ SPECIAL_TOKENS = {                       # name -> token string; each one is a s
 UNK = '<unk>'
 SPACE = '\u2581'                         # '▁': sentencepiece writes a space as this character
 
-# %% ../../nbs/02_tokenizer.ipynb #aa4a1656
+# %% ../../nbs/02_tokenizer.ipynb #20b6eb22
 MAX_LINE_CHARS = 4096                    # longer lines are cut into pieces of this many characters for training
+
 def _file_texts(path):
     "Yield the lines of a text file, or the `\"text\"` field of each line of a `.jsonl` file; bad input names file and line."
     path = os.path.expanduser(os.fspath(path))
@@ -81,7 +82,7 @@ def reservoir_sample(items, k:int, seed:int=0) -> list:
             if j < k: sample[j] = x
     return sample
 
-# %% ../../nbs/02_tokenizer.ipynb #2b5026f1
+# %% ../../nbs/02_tokenizer.ipynb #b6ad5f8c
 def train_tokenizer(inputs,                  # text/.jsonl file paths, or an iterable of str documents
                     out_path,                # where to write the sentencepiece `.model` (atomically)
                     vocab_size:int=8192,     # number of ids, special tokens and the 256 byte tokens included
@@ -116,8 +117,8 @@ def train_tokenizer(inputs,                  # text/.jsonl file paths, or an ite
         with open(tmp, 'wb') as f: f.write(model.getvalue())
     return Tokenizer(out_path)
 
-# %% ../../nbs/02_tokenizer.ipynb #0ece9541
-_PROBE = ' a\tb  \u2581 Ａﬁ① 中文 ' + '\n'   # checks identity normalization, no dummy prefix, escaped '▁', byte fallback
+# %% ../../nbs/02_tokenizer.ipynb #4fe8c2d0
+_PROBE = ' a\tb  \u2581 Ａﬁ① 中文 \n'   # checks identity normalization, no dummy prefix, escaped '▁', byte fallback
 
 class Tokenizer:
     "A trained sentencepiece BPE model with metai's special tokens, exact `encode`/`decode` and the chat template."
@@ -182,7 +183,7 @@ class Tokenizer:
     def encode(self, text:str,           # any str
                bos:bool=False,           # prepend `<s>`
                eos:bool=False,           # append `</s>`
-               allow_special=False,      # True, or a set of token strings, to turn those strings in `text` into their ids
+               allow_special:bool|set|tuple=False, # True, or a set of token strings: those strings in `text` become their ids
               ) -> list[int]:
         "Token ids of `text`; special-token strings in `text` stay plain text unless `allow_special` names them."
         if not isinstance(text, str): raise TypeError(f'encode: expected a str, got {type(text).__name__}')
@@ -197,7 +198,7 @@ class Tokenizer:
         if eos: ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts, bos:bool=False, eos:bool=False, allow_special=False,
+    def encode_batch(self, texts, bos:bool=False, eos:bool=False, allow_special:bool|set|tuple=False,
                      num_threads:int|None=None, # sentencepiece threads (default: all cores)
                     ) -> list[list[int]]:
         "`encode` each of `texts`, plain texts in parallel inside sentencepiece."
@@ -230,7 +231,7 @@ class Tokenizer:
         if run: out.append(self.sp.decode(run))
         return ''.join(out)
 
-# %% ../../nbs/02_tokenizer.ipynb #e70bd558
+# %% ../../nbs/02_tokenizer.ipynb #aeed5648
 CHAT_ROLES = ('system', 'user', 'assistant')
 REASONING_TOKENS = (SPECIAL_TOKENS['think'], SPECIAL_TOKENS['think_end'], SPECIAL_TOKENS['answer'], SPECIAL_TOKENS['answer_end'])
 

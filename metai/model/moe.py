@@ -7,15 +7,15 @@ dispatch."""
 # %% auto #0
 __all__ = ['FFN', 'Gate', 'grouped_mm', 'grouped_mm_wgrad', 'moe_experts', 'MoE', 'moe_dense', 'moe_update_bias']
 
-# %% ../../nbs/06_moe.ipynb #8c6a9746
+# %% ../../nbs/06_moe.ipynb #c0a52796
 import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from ..config import ModelConfig
+from ..config import ModelConfig, ConfigError
 
-# %% ../../nbs/06_moe.ipynb #88e23328
+# %% ../../nbs/06_moe.ipynb #14debfbd
 class FFN(nn.Module):
     "SwiGLU feed-forward network: `w2(silu(w1 x) * w3 x)`."
     def __init__(self,
@@ -30,7 +30,7 @@ class FFN(nn.Module):
     def forward(self, x:Tensor) -> Tensor:  # (..., dim) -> (..., dim)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-# %% ../../nbs/06_moe.ipynb #23599405
+# %% ../../nbs/06_moe.ipynb #30ccbece
 def _no_autocast(device:torch.device):
     "Context that turns autocast off on `device` (the router runs in fp32)."
     return torch.autocast(device.type, enabled=False) if device.type in ('cuda', 'cpu') else contextlib.nullcontext()
@@ -44,12 +44,12 @@ class Gate(nn.Module):
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.aux_loss_alpha, self.bias_update_speed = cfg.aux_loss_alpha, cfg.bias_update_speed
         E, G = self.n_experts, self.n_groups
-        if self.score_func not in ('softmax', 'sigmoid'): raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {self.score_func!r}")
-        if E < 1: raise ValueError(f"n_routed_experts: must be >= 1 for an MoE layer, got {E}")
-        if G < 1 or E % G: raise ValueError(f"n_expert_groups: {G} must divide n_routed_experts={E}")
-        if not 1 <= self.topk_groups <= G: raise ValueError(f"n_limited_groups: must be in 1..n_expert_groups={G}, got {self.topk_groups}")
+        if self.score_func not in ('softmax', 'sigmoid'): raise ConfigError('score_func', f"score_func: expected 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if E < 1: raise ConfigError('n_routed_experts', f"n_routed_experts: must be >= 1 for an MoE layer, got {E}")
+        if G < 1 or E % G: raise ConfigError('n_expert_groups', f"n_expert_groups: {G} must divide n_routed_experts={E}")
+        if not 1 <= self.topk_groups <= G: raise ConfigError('n_limited_groups', f"n_limited_groups: must be in 1..n_expert_groups={G}, got {self.topk_groups}")
         if not 1 <= self.topk <= self.topk_groups * (E // G):
-            raise ValueError(f"n_activated_experts: must be in 1..{self.topk_groups * (E // G)} (experts in the kept groups), got {self.topk}")
+            raise ConfigError('n_activated_experts', f"n_activated_experts: must be in 1..{self.topk_groups * (E // G)} (experts in the kept groups), got {self.topk}")
         self.weight = nn.Parameter(torch.empty(E, self.dim))  # (E, dim)
         nn.init.normal_(self.weight, std=cfg.init_std)
         # selection bias of the sigmoid router: a Parameter (counted like DeepSeek's) that no gradient touches
@@ -107,13 +107,14 @@ class Gate(nn.Module):
     def extra_repr(self): return (f'dim={self.dim}, experts={self.n_experts}, topk={self.topk}, score_func={self.score_func}, '
                                   f'groups={self.n_groups}/{self.topk_groups}, route_scale={self.route_scale}')
 
-# %% ../../nbs/06_moe.ipynb #e6abd952
+# %% ../../nbs/06_moe.ipynb #3d9fc58b
 def _grouped_mm_native(*ts:Tensor) -> bool:
     "Can `torch._grouped_mm` take these operands? (same dtype; bf16 on CUDA; row strides multiple of 16 bytes)"
     a = ts[0]
     if not hasattr(torch, '_grouped_mm') or any(t.dtype != a.dtype or t.device != a.device for t in ts): return False
     if not (a.device.type == 'cpu' or (a.device.type == 'cuda' and a.dtype == torch.bfloat16)): return False
-    return all(s == 1 or s * t.element_size() % 16 == 0 for t in ts for s in t.stride()) and all(t.data_ptr() % 16 == 0 for t in ts)
+    if not all(s == 1 or s * t.element_size() % 16 == 0 for t in ts for s in t.stride()): return False
+    return torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 for t in ts)  # (no addresses while tracing)
 
 @torch.library.custom_op('metai::grouped_mm', mutates_args=())
 def grouped_mm(x:Tensor,    # (M, K) rows sorted by group
@@ -154,7 +155,12 @@ def _grouped_mm_backward(ctx, grad):
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
-# %% ../../nbs/06_moe.ipynb #82070462
+def _gmm(x:Tensor, w:Tensor, offs:Tensor) -> Tensor:
+    "`grouped_mm`, calling PyTorch's kernel directly on CUDA in bf16 so that `torch.compile` sees (and can fuse around) it."
+    if x.device.type == 'cuda' and _grouped_mm_native(x, w): return torch._grouped_mm(x, w, offs=offs.to(torch.int32))
+    return grouped_mm(x, w, offs)
+
+# %% ../../nbs/06_moe.ipynb #be08f394
 def moe_experts(x:Tensor,        # (N, dim) tokens
                 w1:Tensor,       # (E, hidden, dim) gate projections
                 w2:Tensor,       # (E, dim, hidden) down projections
@@ -170,17 +176,17 @@ def moe_experts(x:Tensor,        # (N, dim) tokens
     offs = counts.cumsum(0)  # (E,) end row of each expert
     dt = torch.get_autocast_dtype(x.device.type) if x.device.type in ('cuda', 'cpu') and torch.is_autocast_enabled(x.device.type) else x.dtype
     xs = x[tok].to(dt)  # (N*k, dim) token copies grouped by expert
-    h = F.silu(grouped_mm(xs, w1.to(dt).mT, offs)) * grouped_mm(xs, w3.to(dt).mT, offs)  # (N*k, hidden)
-    ys = grouped_mm(h, w2.to(dt).mT, offs).float() * weights.flatten()[order, None].float()  # (N*k, dim)
+    h = F.silu(_gmm(xs, w1.to(dt).mT, offs)) * _gmm(xs, w3.to(dt).mT, offs)  # (N*k, hidden)
+    ys = _gmm(h, w2.to(dt).mT, offs).float() * weights.flatten()[order, None].float()  # (N*k, dim)
     return torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, tok, ys).to(x.dtype)
 
-# %% ../../nbs/06_moe.ipynb #5d11b55b
+# %% ../../nbs/06_moe.ipynb #76512eb1
 class MoE(nn.Module):
     "Mixture-of-experts layer: router, stacked routed SwiGLU experts, optional shared experts."
     def __init__(self, cfg:ModelConfig):
         super().__init__()
         E, dim, hidden = cfg.n_routed_experts, cfg.dim, cfg.moe_ffn_dim
-        if hidden < 1: raise ValueError(f"moe_ffn_dim: must be >= 1 for an MoE layer, got {hidden}")
+        if hidden < 1: raise ConfigError('moe_ffn_dim', f"moe_ffn_dim: must be >= 1 for an MoE layer, got {hidden}")
         self.dim, self.n_experts, self.topk = dim, E, cfg.n_activated_experts
         self.gate = Gate(cfg)
         self.w1 = nn.Parameter(torch.empty(E, hidden, dim))  # (E, hidden, dim) gate projections
@@ -197,7 +203,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None: y = y + self.shared_experts(xf)
         return y.view(x.shape), {'aux_loss': aux_loss, 'load': load.detach()}
 
-# %% ../../nbs/06_moe.ipynb #5ef75220
+# %% ../../nbs/06_moe.ipynb #0372fc1a
 def moe_dense(moe:MoE, x:Tensor) -> Tensor:  # (B, T, dim) -> (B, T, dim)
     "Slow reference for `MoE.forward`: every expert on every token, masked by the routing weights."
     weights, indices, _, _ = moe.gate(x)  # (N, k)
@@ -209,7 +215,7 @@ def moe_dense(moe:MoE, x:Tensor) -> Tensor:  # (B, T, dim) -> (B, T, dim)
     if moe.shared_experts is not None: y = y + moe.shared_experts(xf)
     return y.view(x.shape)
 
-# %% ../../nbs/06_moe.ipynb #3f23b1fd
+# %% ../../nbs/06_moe.ipynb #76b7f9f1
 @torch.no_grad()
 def moe_update_bias(model:nn.Module,         # a Gate, an MoE or a whole model
                     loads,                   # (E,) tensor, or one (E,) load per Gate in `model.modules()` order (list or (L, E) tensor)

@@ -7,13 +7,13 @@ exactly as DeepSeek-V3's reference code and transformers compute them."""
 __all__ = ['yarn_get_mscale', 'yarn_correction_range', 'rope_inv_freq', 'rope_tables', 'rope_dim', 'precompute_freqs',
            'yarn_softmax_scale', 'apply_rope']
 
-# %% ../../nbs/04_rope.ipynb #60f905fa
+# %% ../../nbs/04_rope.ipynb #9ce30da6
 import math
 import torch
 from torch import Tensor
 from ..config import ModelConfig
 
-# %% ../../nbs/04_rope.ipynb #682b9b64
+# %% ../../nbs/04_rope.ipynb #3d5fc79f
 def yarn_get_mscale(scale:float, # the context extension factor s
                     mscale:float=1.0 # multiplier on the log term
                    ) -> float:
@@ -31,7 +31,7 @@ def yarn_correction_range(dim:int, # rotary dimension D (frequencies come in D/2
     low, high = math.floor(corr_dim(beta_fast)), math.ceil(corr_dim(beta_slow))
     return max(low, 0), min(high, dim - 1)
 
-# %% ../../nbs/04_rope.ipynb #cf2f7e86
+# %% ../../nbs/04_rope.ipynb #da691c30
 def rope_inv_freq(dim:int, # rotary dimension D
                   theta:float=10000., # RoPE base
                   factor:float=1., # YaRN factor s (1 = plain RoPE)
@@ -49,7 +49,7 @@ def rope_inv_freq(dim:int, # rotary dimension D
     keep = 1 - ramp  # 1: keep the trained frequency (fast pairs), 0: divide it by the factor (slow pairs)
     return (1.0 / (factor * pos_freqs)) * (1 - keep) + inv_freq * keep
 
-# %% ../../nbs/04_rope.ipynb #89e164c1
+# %% ../../nbs/04_rope.ipynb #3e3fdc1d
 def rope_tables(dim:int, # rotary dimension D
                 max_seq_len:int, # number of positions (rows)
                 theta:float=10000., # RoPE base
@@ -78,7 +78,7 @@ def precompute_freqs(cfg:ModelConfig, # model config: rope_theta, rope_factor, o
     return rope_tables(rope_dim(cfg), max_seq_len or cfg.max_seq_len, cfg.rope_theta, cfg.rope_factor,
                        cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow, cfg.mscale, cfg.mscale_all_dim, device)
 
-# %% ../../nbs/04_rope.ipynb #88e34a39
+# %% ../../nbs/04_rope.ipynb #021b773a
 def yarn_softmax_scale(cfg:ModelConfig) -> float:
     "Softmax scale `head_dim**-0.5 * mscale**2`: qk_head_dim for MLA, hd otherwise; mscale from `mscale_all_dim`."
     d = cfg.qk_head_dim if cfg.attn_type == 'mla' else cfg.hd
@@ -88,7 +88,7 @@ def yarn_softmax_scale(cfg:ModelConfig) -> float:
         scale = scale * m * m
     return scale
 
-# %% ../../nbs/04_rope.ipynb #36e05c03
+# %% ../../nbs/04_rope.ipynb #6a2fa9e2
 def apply_rope(x:Tensor, # (B, T, H, D) queries or keys (H = 1 for MLA's shared key)
                cos:Tensor, # (L, D/2) table from `precompute_freqs`, indexed by absolute position
                sin:Tensor, # (L, D/2)

@@ -1,0 +1,214 @@
+"The exported model: preset parameter counts on the meta device, loss and gradients, MTP indexing, cached decoding, bad input."
+import math, dataclasses
+import pytest
+import torch
+import torch.nn.functional as F
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer, Block, MTPModule
+from metai.model.moe import Gate, moe_update_bias
+
+torch.set_num_threads(1)
+
+DENSE = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64, norm_eps=1e-5)
+MOE = dataclasses.replace(DENSE, n_routed_experts=8, n_activated_experts=2, moe_ffn_dim=32, score_func='softmax',
+                          aux_loss_alpha=0.01, tie_embeddings=True)
+DS = ModelConfig.preset('ds-tiny', vocab_size=256, dim=64, n_layers=3, n_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, ffn_dim=128, n_routed_experts=8,
+                        n_activated_experts=2, moe_ffn_dim=32, n_expert_groups=4, n_limited_groups=2, mtp_depth=2, max_seq_len=64)
+MLA_NO_QLORA = dataclasses.replace(DS, q_lora_rank=0, mtp_depth=0)
+FAMILIES = {'dense': DENSE, 'moe': MOE, 'deepseek': DS, 'mla-no-qlora': MLA_NO_QLORA}
+
+def batch(c, B=2, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, c.vocab_size, (B, T + 1), generator=g)
+    return s[:, :-1], s[:, 1:]
+
+def model(c, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(c)
+
+class ToyCache:
+    "Growing per-layer cache speaking attention's protocol: update(layer_id, start_pos, a, b) -> all entries so far."
+    def __init__(self): self.a, self.b = {}, {}
+    def update(self, layer_id, start_pos, a, b):
+        if start_pos == 0: self.a[layer_id], self.b[layer_id] = a, b
+        else:
+            assert self.a[layer_id].size(1) == start_pos
+            self.a[layer_id] = torch.cat([self.a[layer_id], a], 1); self.b[layer_id] = torch.cat([self.b[layer_id], b], 1)
+        return self.a[layer_id], self.b[layer_id]
+
+# --- parameter counts -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['micro', 'small', 'gpt2', 'llama3-8b', 'ds-tiny', 'deepseek-v3', 'deepseek-v3.2'])
+def test_preset_counts_on_meta(name):
+    c = ModelConfig.preset(name)
+    with torch.device('meta'): m = Transformer(c)
+    assert m.embed.weight.is_meta
+    # the DSA indexer of deepseek-v3.2 is not part of this model (notebook 19): compare without it
+    main = c.num_params() - c.n_layers * c.indexer_params()
+    mtp = c.mtp_params() - c.mtp_depth * c.indexer_params()
+    assert m.num_params() == main
+    assert m.num_params(include_mtp=True) - m.num_params() == mtp
+    if name in ('deepseek-v3', 'deepseek-v3.2'): assert (main, mtp) == (671_026_419_200, 11_610_068_224)
+    if name == 'llama3-8b': assert main == 8_030_261_248
+
+def test_block_params_match_accounting():
+    for c in FAMILIES.values():
+        for i in range(c.n_layers + 1):
+            assert sum(p.numel() for p in Block(c, i).parameters()) == c.layer_params(i), (c, i)
+
+def test_names_tying_and_buffers():
+    m = model(DS)
+    sd = m.state_dict()
+    for k in ['embed.weight', 'layers.0.attn_norm.weight', 'layers.0.attn.wq_a.weight', 'layers.0.attn.wkv_b.weight',
+              'layers.0.ffn_norm.weight', 'layers.0.ffn.w1.weight', 'layers.1.ffn.gate.weight', 'layers.1.ffn.gate.bias',
+              'layers.1.ffn.w1', 'layers.1.ffn.w2', 'layers.1.ffn.w3', 'layers.1.ffn.shared_experts.w2.weight', 'norm.weight',
+              'head.weight', 'mtp.0.enorm.weight', 'mtp.0.hnorm.weight', 'mtp.0.eh_proj.weight', 'mtp.0.block.attn.wo.weight',
+              'mtp.1.block.ffn.gate.weight', 'mtp.1.norm.weight']:
+        assert k in sd, k
+    assert 'freqs_cos' not in sd and 'freqs_sin' not in sd           # non-persistent
+    assert m.head.weight is not m.embed.weight                         # DeepSeek: untied
+    assert m.mtp[1].block.layer_id == DS.n_layers + 1 and m.mtp[0].eh_proj.weight.shape == (64, 128)
+    assert isinstance(m.mtp[0], MTPModule) and len(m.mtp) == 2
+    t = model(MOE)
+    assert t.head.weight is t.embed.weight
+    assert t.num_params() == MOE.num_params()                          # the tied table counted once
+
+def test_init():
+    c = ModelConfig.preset('small', n_layers=4, vocab_size=1024, max_seq_len=64)
+    p = dict(model(c).named_parameters())
+    out_std = c.init_std / math.sqrt(2 * c.n_layers)
+    assert abs(p['layers.0.attn.wq.weight'].std().item() - c.init_std) < 1e-3
+    for k in ['layers.0.attn.wo.weight', 'layers.0.ffn.w2', 'layers.0.ffn.w1']:
+        want = out_std if k.endswith(('wo.weight', 'w2')) else c.init_std
+        assert abs(p[k].std().item() - want) < 1e-3, k
+    assert (p['norm.weight'] == 1).all()
+    g = dict(model(DS).named_parameters())
+    assert (g['layers.1.ffn.gate.bias'] == 0).all() and not g['layers.1.ffn.gate.bias'].requires_grad
+
+def test_meta_build_then_load_gives_same_model():
+    src = model(DS).eval()
+    with torch.device('meta'): m = Transformer(DS)
+    m = m.to_empty(device='cpu'); m.init_freqs()
+    m.load_state_dict(src.state_dict()); m.eval()
+    x, _ = batch(DS)
+    with torch.no_grad(): assert torch.equal(m(x)[0], src(x)[0])
+
+# --- forward, loss, gradients -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('fam', list(FAMILIES))
+def test_forward_backward(fam):
+    c = FAMILIES[fam]; m = model(c); x, y = batch(c)
+    logits, loss, aux = m(x, y)
+    assert logits.shape == (2, 16, c.vocab_size) and logits.dtype == torch.float32
+    assert abs(aux['ce'].item() - math.log(c.vocab_size)) < 0.05
+    want = aux['ce'] + aux['moe_aux_loss'] + (c.mtp_loss_weight * aux['mtp_loss'] if c.mtp_depth else 0)
+    assert torch.allclose(loss.detach(), want, atol=1e-5)
+    assert set(aux) == {'ce', 'moe_aux_loss', 'mtp_loss', 'load', 'mtp_logits', 'hidden'}
+    assert [t.shape for t in aux['mtp_logits']] == [(2, 16 - k, c.vocab_size) for k in range(1, c.mtp_depth + 1)]
+    assert (aux['load'] is None) == (not c.is_moe)
+    loss.backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad: assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+def test_no_targets_and_mtp_switches():
+    m = model(DS); x, y = batch(DS)
+    logits, loss, aux = m(x)
+    assert loss is None and aux['ce'] is None and aux['mtp_logits'] == [] and aux['mtp_loss'] is None
+    assert len(m(x, use_mtp=True)[2]['mtp_logits']) == 2
+    assert m(x, y, use_mtp=False)[2]['mtp_loss'] is None
+    m.mtp_enabled = False
+    _, loss, aux = m(x, y)
+    assert aux['mtp_loss'] is None and torch.allclose(loss.detach(), aux['ce'] + aux['moe_aux_loss'])
+    # load rows always match the gates, so the bias update can take them as they come
+    gates = [g for g in m.modules() if isinstance(g, Gate)]
+    assert aux['load'].shape == (len(gates), DS.n_routed_experts) and aux['load'][-2:].sum() == 0
+    assert moe_update_bias(m, aux['load']) == len(gates)
+
+def test_masked_targets():
+    m = model(DENSE); x, y = batch(DENSE)
+    logits, _, _ = m(x, y)
+    ym = y.clone(); ym[:, :8] = -100
+    ce = m(x, ym)[2]['ce']
+    assert torch.allclose(ce, F.cross_entropy(logits[:, 8:].flatten(0, 1), y[:, 8:].flatten()), atol=1e-5)
+    assert m(x, torch.full_like(y, -100))[1].item() == 0.0
+
+def test_overfits_one_batch():
+    m = model(DS); x, y = batch(DS, B=4, T=32)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(30):
+        _, loss, aux = m(x, y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        first = first or (aux['ce'].item(), aux['mtp_loss'].item())
+    assert aux['ce'].item() < 0.25 * first[0] and aux['mtp_loss'].item() < 0.5 * first[1], (first, aux['ce'], aux['mtp_loss'])
+
+# --- MTP indexing ------------------------------------------------------------------------------------------------
+
+def test_mtp_matches_paper_indexing():
+    m = model(DS).eval(); x, y = batch(DS, T=12); T = 12
+    _, _, aux = m(x, y)
+    s = torch.cat([x, y[:, -1:]], 1)  # t_0..t_T
+    h, ces = aux['hidden'], []
+    for k in (1, 2):
+        i = torch.arange(T - k)
+        lk, h, _ = m.mtp_forward(k - 1, h[:, i], s[:, i + k])
+        assert torch.allclose(lk, aux['mtp_logits'][k - 1], atol=1e-5)
+        ces.append(F.cross_entropy(lk.flatten(0, 1), s[:, i + k + 1].flatten()))
+    assert torch.allclose(aux['mtp_loss'], sum(ces) / 2, atol=1e-5)
+
+@pytest.mark.parametrize('j', [0, 5, 11])
+def test_mtp_is_causal(j):
+    "Depth k's logits at position i depend on t_0..t_{i+k} only."
+    m = model(DS).eval(); x, _ = batch(DS, T=12)
+    x2 = x.clone(); x2[:, j] = (x2[:, j] + 1) % DS.vocab_size
+    with torch.no_grad():
+        l1, _, a1 = m(x, use_mtp=True); l2, _, a2 = m(x2, use_mtp=True)
+    for k, (u, v) in enumerate([(l1, l2)] + list(zip(a1['mtp_logits'], a2['mtp_logits']))):
+        changed = ((u - v).abs().amax(dim=(0, 2)) > 1e-6).nonzero().flatten().tolist()
+        assert changed == list(range(max(j - k, 0), 12 - k)), (k, changed)
+
+# --- cached decoding -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('fam', list(FAMILIES))
+def test_cached_decode_matches_full(fam):
+    c = FAMILIES[fam]; m = model(c, seed=1).eval(); x, _ = batch(c, T=12)
+    cache = ToyCache()
+    with torch.no_grad():
+        full = m(x)[0]
+        steps = [m(x[:, :5], cache=cache)[0]] + [m(x[:, t:t+1], start_pos=t, cache=cache)[0] for t in range(5, 12)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+
+def test_mtp_drafting_with_cache():
+    m = model(DS, seed=1).eval(); x, _ = batch(DS, T=10)
+    cache, steps = ToyCache(), []
+    with torch.no_grad():
+        ref = m(x, use_mtp=True)[2]['mtp_logits'][0]
+        for t in range(9):
+            a = m(x[:, t:t+1], start_pos=t, cache=cache)[2]
+            steps.append(m.mtp_forward(0, a['hidden'], x[:, t+1:t+2], start_pos=t, cache=cache)[0])
+    assert torch.allclose(torch.cat(steps, 1), ref, atol=1e-4)
+
+# --- compile ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('fam', ['dense', 'deepseek'])
+def test_no_graph_breaks(fam):
+    torch._dynamo.reset()
+    c = FAMILIES[fam]; m = model(c); x, y = batch(c)
+    e = torch._dynamo.explain(m)(x, y)
+    torch._dynamo.reset()
+    assert e.graph_break_count == 0, e.break_reasons
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+def test_bad_input():
+    m = model(DENSE); x, y = batch(DENSE)
+    with pytest.raises(ValueError, match=r'tokens: expected shape \(B, T\)'): m(x[0])
+    with pytest.raises(ValueError, match='exceed max_seq_len=64'): m(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match='exceed max_seq_len=64'): m(x[:, :1], start_pos=64)
+    with pytest.raises(ValueError, match='targets: shape'): m(x, y[:, :3])
+    with pytest.raises(ValueError, match='n_kv_heads'): Transformer(dataclasses.replace(DENSE, n_kv_heads=3))
+
+def test_package_import():
+    from metai.model import Transformer as T
+    assert T is Transformer

@@ -6,12 +6,12 @@
 __all__ = ['get_device', 'autocast_dtype', 'autocast', 'seed_everything', 'sync', 'Timer', 'fmt_num', 'fmt_bytes', 'atomic_path',
            'atomic_write_text']
 
-# %% ../nbs/00_core.ipynb #aa60edaa
+# %% ../nbs/00_core.ipynb #d437b173
 import os, time, random, contextlib
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #fc184bcf
+# %% ../nbs/00_core.ipynb #851a1baf
 def get_device(device:str|None=None # 'cuda', 'cpu', 'mps', or None to pick the best available
               ) -> torch.device:
     "The `device` asked for, or CUDA when available, else MPS, else CPU."
@@ -20,7 +20,7 @@ def get_device(device:str|None=None # 'cuda', 'cpu', 'mps', or None to pick the 
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
-# %% ../nbs/00_core.ipynb #89373c5f
+# %% ../nbs/00_core.ipynb #f0c32e63
 def autocast_dtype(device:torch.device) -> torch.dtype:
     "bf16 for autocast on CUDA (fp32 elsewhere)."
     return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
@@ -31,7 +31,7 @@ def autocast(device:torch.device):
     if device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-# %% ../nbs/00_core.ipynb #5f639645
+# %% ../nbs/00_core.ipynb #3cc1d8e5
 def seed_everything(seed:int=0, # the seed for python, numpy and torch
                     deterministic:bool=False # also ask torch for deterministic algorithms
                    ):
@@ -40,7 +40,7 @@ def seed_everything(seed:int=0, # the seed for python, numpy and torch
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
     if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
 
-# %% ../nbs/00_core.ipynb #70a2b4b0
+# %% ../nbs/00_core.ipynb #8c81d76f
 def sync(device=None):
     "Wait for queued work on `device` (a no-op on the CPU)."
     device = torch.device(device) if device is not None else None
@@ -52,7 +52,7 @@ class Timer:
     def __enter__(self): sync(self.device); self.t0 = time.perf_counter(); return self
     def __exit__(self, *exc): sync(self.device); self.elapsed = time.perf_counter() - self.t0
 
-# %% ../nbs/00_core.ipynb #3d8125cf
+# %% ../nbs/00_core.ipynb #d772b4e2
 def fmt_num(n:float, # a count
             digits:int=2) -> str:
     "`n` with a K/M/B/T suffix: 671026419200 -> '671.03B'."
@@ -67,7 +67,7 @@ def fmt_bytes(n:float, # a size in bytes
         if abs(n) >= div: return f'{n/div:.{digits}f} {s}'
     return f'{int(n)} B'
 
-# %% ../nbs/00_core.ipynb #cff9d26e
+# %% ../nbs/00_core.ipynb #17ae7e6b
 @contextlib.contextmanager
 def atomic_path(path, # the final file name
                ):

@@ -212,3 +212,16 @@ def test_bad_input():
 def test_package_import():
     from metai.model import Transformer as T
     assert T is Transformer
+
+def test_compiled_backward_matches_eager():
+    "Inductor once returned the loss without a gradient when a constant-zero term was added to it (see notebook 07)."
+    torch._dynamo.reset()
+    m = model(DENSE); x, y = batch(DENSE)
+    _, le, _ = m(x, y); le.backward()
+    ge = {n: p.grad.clone() for n, p in m.named_parameters()}; m.zero_grad()
+    _, lc, _ = torch.compile(m, fullgraph=True)(x, y)
+    assert lc.requires_grad
+    lc.backward()
+    torch._dynamo.reset()
+    assert torch.allclose(lc.detach(), le.detach(), atol=1e-5)
+    for n, p in m.named_parameters(): assert torch.allclose(p.grad, ge[n], rtol=1e-3, atol=1e-6), n

@@ -8,14 +8,14 @@ __all__ = ['SPECIAL_TOKENS', 'UNK', 'SPACE', 'MAX_LINE_CHARS', 'CHAT_ROLES', 'RE
            'reservoir_sample', 'train_tokenizer', 'Tokenizer', 'check_messages', 'render_chat_text',
            'apply_chat_template']
 
-# %% ../../nbs/02_tokenizer.ipynb #f7bcbb9b
+# %% ../../nbs/02_tokenizer.ipynb #8f621c2a
 import os, io, re, json, random, hashlib
 from pathlib import Path
 import sentencepiece as spm
 from fastcore.basics import patch
 from ..core import atomic_path
 
-# %% ../../nbs/02_tokenizer.ipynb #07818c9e
+# %% ../../nbs/02_tokenizer.ipynb #e84d2945
 SPECIAL_TOKENS = {                       # name -> token string; each one is a single id, in this order, after <unk>
     'pad': '<pad>', 'bos': '<s>', 'eos': '</s>',
     'im_start': '<|im_start|>', 'im_end': '<|im_end|>',
@@ -25,7 +25,7 @@ SPECIAL_TOKENS = {                       # name -> token string; each one is a s
 UNK = '<unk>'
 SPACE = '\u2581'                         # '▁': sentencepiece writes a space as this character
 
-# %% ../../nbs/02_tokenizer.ipynb #20b6eb22
+# %% ../../nbs/02_tokenizer.ipynb #d5574b3a
 MAX_LINE_CHARS = 4096                    # longer lines are cut into pieces of this many characters for training
 
 def _file_texts(path):
@@ -82,7 +82,7 @@ def reservoir_sample(items, k:int, seed:int=0) -> list:
             if j < k: sample[j] = x
     return sample
 
-# %% ../../nbs/02_tokenizer.ipynb #b6ad5f8c
+# %% ../../nbs/02_tokenizer.ipynb #5fa7d8e9
 def train_tokenizer(inputs,                  # text/.jsonl file paths, or an iterable of str documents
                     out_path,                # where to write the sentencepiece `.model` (atomically)
                     vocab_size:int=8192,     # number of ids, special tokens and the 256 byte tokens included
@@ -117,7 +117,7 @@ def train_tokenizer(inputs,                  # text/.jsonl file paths, or an ite
         with open(tmp, 'wb') as f: f.write(model.getvalue())
     return Tokenizer(out_path)
 
-# %% ../../nbs/02_tokenizer.ipynb #4fe8c2d0
+# %% ../../nbs/02_tokenizer.ipynb #a254453b
 _PROBE = ' a\tb  \u2581 Ａﬁ① 中文 \n'   # checks identity normalization, no dummy prefix, escaped '▁', byte fallback
 
 class Tokenizer:
@@ -231,7 +231,7 @@ class Tokenizer:
         if run: out.append(self.sp.decode(run))
         return ''.join(out)
 
-# %% ../../nbs/02_tokenizer.ipynb #aeed5648
+# %% ../../nbs/02_tokenizer.ipynb #cd304b3c
 CHAT_ROLES = ('system', 'user', 'assistant')
 REASONING_TOKENS = (SPECIAL_TOKENS['think'], SPECIAL_TOKENS['think_end'], SPECIAL_TOKENS['answer'], SPECIAL_TOKENS['answer_end'])
 

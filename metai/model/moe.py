@@ -7,7 +7,7 @@ dispatch."""
 # %% auto #0
 __all__ = ['FFN', 'Gate', 'grouped_mm', 'grouped_mm_wgrad', 'moe_experts', 'MoE', 'moe_dense', 'moe_update_bias']
 
-# %% ../../nbs/06_moe.ipynb #c0a52796
+# %% ../../nbs/06_moe.ipynb #7e6e657b
 import contextlib
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from ..config import ModelConfig, ConfigError
 
-# %% ../../nbs/06_moe.ipynb #14debfbd
+# %% ../../nbs/06_moe.ipynb #18a1d4c9
 class FFN(nn.Module):
     "SwiGLU feed-forward network: `w2(silu(w1 x) * w3 x)`."
     def __init__(self,
@@ -30,7 +30,7 @@ class FFN(nn.Module):
     def forward(self, x:Tensor) -> Tensor:  # (..., dim) -> (..., dim)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-# %% ../../nbs/06_moe.ipynb #30ccbece
+# %% ../../nbs/06_moe.ipynb #b8da96df
 def _no_autocast(device:torch.device):
     "Context that turns autocast off on `device` (the router runs in fp32)."
     return torch.autocast(device.type, enabled=False) if device.type in ('cuda', 'cpu') else contextlib.nullcontext()
@@ -107,7 +107,7 @@ class Gate(nn.Module):
     def extra_repr(self): return (f'dim={self.dim}, experts={self.n_experts}, topk={self.topk}, score_func={self.score_func}, '
                                   f'groups={self.n_groups}/{self.topk_groups}, route_scale={self.route_scale}')
 
-# %% ../../nbs/06_moe.ipynb #3d9fc58b
+# %% ../../nbs/06_moe.ipynb #f43332cb
 def _grouped_mm_native(*ts:Tensor) -> bool:
     "Can `torch._grouped_mm` take these operands? (same dtype; bf16 on CUDA; row strides multiple of 16 bytes)"
     a = ts[0]
@@ -160,7 +160,7 @@ def _gmm(x:Tensor, w:Tensor, offs:Tensor) -> Tensor:
     if x.device.type == 'cuda' and _grouped_mm_native(x, w): return torch._grouped_mm(x, w, offs=offs.to(torch.int32))
     return grouped_mm(x, w, offs)
 
-# %% ../../nbs/06_moe.ipynb #be08f394
+# %% ../../nbs/06_moe.ipynb #5c6fe7e3
 def moe_experts(x:Tensor,        # (N, dim) tokens
                 w1:Tensor,       # (E, hidden, dim) gate projections
                 w2:Tensor,       # (E, dim, hidden) down projections
@@ -180,7 +180,7 @@ def moe_experts(x:Tensor,        # (N, dim) tokens
     ys = _gmm(h, w2.to(dt).mT, offs).float() * weights.flatten()[order, None].float()  # (N*k, dim)
     return torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, tok, ys).to(x.dtype)
 
-# %% ../../nbs/06_moe.ipynb #76512eb1
+# %% ../../nbs/06_moe.ipynb #84af8abf
 class MoE(nn.Module):
     "Mixture-of-experts layer: router, stacked routed SwiGLU experts, optional shared experts."
     def __init__(self, cfg:ModelConfig):
@@ -203,7 +203,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None: y = y + self.shared_experts(xf)
         return y.view(x.shape), {'aux_loss': aux_loss, 'load': load.detach()}
 
-# %% ../../nbs/06_moe.ipynb #0372fc1a
+# %% ../../nbs/06_moe.ipynb #871dc847
 def moe_dense(moe:MoE, x:Tensor) -> Tensor:  # (B, T, dim) -> (B, T, dim)
     "Slow reference for `MoE.forward`: every expert on every token, masked by the routing weights."
     weights, indices, _, _ = moe.gate(x)  # (N, k)
@@ -215,7 +215,7 @@ def moe_dense(moe:MoE, x:Tensor) -> Tensor:  # (B, T, dim) -> (B, T, dim)
     if moe.shared_experts is not None: y = y + moe.shared_experts(xf)
     return y.view(x.shape)
 
-# %% ../../nbs/06_moe.ipynb #76b7f9f1
+# %% ../../nbs/06_moe.ipynb #f98686a7
 @torch.no_grad()
 def moe_update_bias(model:nn.Module,         # a Gate, an MoE or a whole model
                     loads,                   # (E,) tensor, or one (E,) load per Gate in `model.modules()` order (list or (L, E) tensor)

@@ -6,7 +6,7 @@ the pieces of notebooks 04–06 assembled into one language model."""
 # %% auto #0
 __all__ = ['Block', 'MTPModule', 'Transformer']
 
-# %% ../../nbs/07_model.ipynb #6f9fb2d3
+# %% ../../nbs/07_model.ipynb #9e7007d4
 import math
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .rope import precompute_freqs
 from .attention import RMSNorm, Attention, MLA
 from .moe import FFN, MoE
 
-# %% ../../nbs/07_model.ipynb #9659d1c8
+# %% ../../nbs/07_model.ipynb #ecea8a23
 class Block(nn.Module):
     "One pre-norm layer: `x + attn(attn_norm(x))`, then `x + ffn(ffn_norm(x))`; the FFN is dense or MoE by `layer_id`."
     def __init__(self, cfg:ModelConfig, # model config
@@ -41,7 +41,7 @@ class Block(nn.Module):
         y, aux = self.ffn(self.ffn_norm(x))                                # aux: {'aux_loss', 'load'}
         return x + y, aux
 
-# %% ../../nbs/07_model.ipynb #141ae454
+# %% ../../nbs/07_model.ipynb #460b67e6
 class MTPModule(nn.Module):
     "One DeepSeek-V3 MTP depth: `eh_proj([enorm(emb) ; hnorm(h)])`, one block; logits come from the shared head after `norm`."
     def __init__(self, cfg:ModelConfig, # model config
@@ -63,7 +63,7 @@ class MTPModule(nn.Module):
         x = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h)], dim=-1))  # (B, T, dim), embedding first
         return self.block(x, cos, sin, start_pos, cache)                     # h^k before the head norm, MoE aux
 
-# %% ../../nbs/07_model.ipynb #60bfd4ba
+# %% ../../nbs/07_model.ipynb #cc054bba
 def _ce(logits:Tensor, # (B, T, V)
         targets:Tensor # (B, T) class indices, -100 = ignore
        ) -> Tensor:
@@ -127,8 +127,9 @@ class Transformer(nn.Module):
         moe_loss = sum(moe_aux) if moe_aux else h.new_zeros((), dtype=torch.float32)
         mtp_loss = sum(mtp_ce) / len(mtp_ce) if mtp_ce else None
         loss = None
-        if targets is not None:
-            loss = ce + moe_loss
+        if targets is not None:   # an identically-zero term is left out: inductor would drop the loss's grad (notebook 07)
+            loss = ce
+            if moe_aux and self.cfg.aux_loss_alpha > 0: loss = loss + moe_loss
             if mtp_loss is not None: loss = loss + self.cfg.mtp_loss_weight * mtp_loss
         aux = dict(ce=None if ce is None else ce.detach(), moe_aux_loss=moe_loss.detach(),
                    mtp_loss=None if mtp_loss is None else mtp_loss.detach(),
@@ -137,7 +138,7 @@ class Transformer(nn.Module):
 
     def mtp_forward(self, k:int, # 0-based MTP module index (depth k+1)
                     h:Tensor, # (B, T, dim) previous depth's representation at positions start_pos.. (depth 1: aux['hidden'])
-                    next_tokens:Tensor, # (B, T) the token one step after each position's *input* token (t_{i+k+1})
+                    next_tokens:Tensor, # (B, T) the tokens to embed: t_{i+k+1} at position i (depth 1: the next token)
                     start_pos:int=0, # absolute position of h[:, 0]
                     cache=None # optional KV cache (slot n_layers + k)
                    ) -> tuple[Tensor, Tensor, dict|None]:
@@ -150,26 +151,26 @@ class Transformer(nn.Module):
         "The MoE blocks, in the order of the rows of `aux['load']`: main layers, then MTP blocks."
         return [l for l in self.layers if l.is_moe] + [m.block for m in self.mtp if m.block.is_moe]
 
-# %% ../../nbs/07_model.ipynb #158615cc
+# %% ../../nbs/07_model.ipynb #ec2db5d1
 _RESIDUAL_OUT = ('attn.wo.weight', '.w2.weight', 'ffn.w2')  # projections that write into the residual stream
 
 @patch
 def init_weights(self:Transformer):
-    "GPT-2 init: N(0, std) everywhere, N(0, std/sqrt(2L)) for residual outputs, norms 1, biases 0."
+    "GPT-2 init: N(0, std) everywhere, N(0, std/sqrt(2L)) for residual outputs, norm weights 1, biases 0."
     std = self.cfg.init_std
     out_std = std / math.sqrt(2 * self.cfg.n_layers)
-    norms = {id(p) for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    norms = {id(p) for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm)) for p in m.parameters()}
     with torch.no_grad():
         for name, p in self.named_parameters():      # tied weights appear once
-            if id(p) in norms: nn.init.ones_(p)
-            elif name.endswith('bias'): nn.init.zeros_(p)
+            if name.endswith('bias'): nn.init.zeros_(p)   # router selection bias, LayerNorm bias
+            elif id(p) in norms: nn.init.ones_(p)
             elif name.endswith(_RESIDUAL_OUT): nn.init.normal_(p, 0.0, out_std)
             else: nn.init.normal_(p, 0.0, std)
 
 @patch
 def init_freqs(self:Transformer, device=None # where to build the tables (default: where the embedding lives)
                ):
-    "Recompute the RoPE buffers, e.g. after `to_empty()` from the meta device (non-persistent buffers are not loaded)."
+    "Recompute the fp32 RoPE buffers: after `to_empty()` from the meta device (they are not in checkpoints) or `.to(bf16)`."
     cos, sin = precompute_freqs(self.cfg, device=device or self.embed.weight.device)
     self.freqs_cos, self.freqs_sin = cos, sin
 

@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The demo trains the micro model on the default corpus (about 6 minutes on 2 CPU cores), then samples from it.
+# Its run folder is output_micro/; run again, it resumes that run (a finished one is only evaluated and sampled).
+# torch picks its own thread count for the training (the OMP_NUM_THREADS=1 above is for the test workers).
+DEMO_DIR ?= output_micro
 demo: install
 	@bash scripts/install_corpus.sh || true
-	$(VENV)/bin/metai prepare-data
+	env -u OMP_NUM_THREADS $(VENV)/bin/metai train-micro --output-dir $(DEMO_DIR) $$([ -e $(DEMO_DIR)/checkpoints/latest ] && echo --resume)
+	$(VENV)/bin/metai generate --model-dir $(DEMO_DIR) --prompt "The secret of life is"
 
 test: install
 	$(VENV)/bin/nbdev-test --n-workers 2 --timing

@@ -5,9 +5,11 @@
 Models: metai `gpt2` (dense), `small` (softmax-routed MoE) and `ds-mla`, a DeepSeek-shaped small MoE with MLA
 (hidden 768, 12 layers, 12 heads, 8 routed experts top-2 + 1 shared of width 512, first layer dense with FFN 2048,
 MLA q/kv ranks 384/256, nope/rope/v 64/32/64, vocab 32000; 194M parameters). The same `ds-mla` weights are loaded
-into transformers (`metai.model.hf.hf_model`, SDPA attention, transformers' default experts kernel) and timed eager
-and compiled. Each step is `loss = model(x, y); loss.backward()`; tokens/s from the median of CUDA-event-timed
-steps after warm-up; MFU = `cfg.flops_per_token(T, training=True)` * tokens/s / 989 TFLOP/s.
+into transformers (`metai.model.hf.hf_model`, SDPA attention, transformers' default `grouped_mm` experts) and timed
+eager with fp32 weights under autocast (metai's regime), eager with bf16 weights, and compiled with bf16 weights
+(its grouped_mm falls back to an uncompilable Python loop for fp32 weights under torch.compile). Each step is
+`loss = model(x, y); loss.backward()`; tokens/s from the median of CUDA-event-timed steps after warm-up;
+MFU = `cfg.flops_per_token(T, training=True)` * tokens/s / 989 TFLOP/s.
 
     python scripts/bench_model.py --device cuda --out bench/results/model_h100.json
     python scripts/bench_model.py --device cpu --tiny --out /tmp/model_cpu.json     # a quick check of the script
@@ -79,7 +81,7 @@ def measure(name:str, loss_fn, owner, cfg:ModelConfig, x, y, device, args, compi
     if profile:
         try: r['profile'] = profile_fn(step, device, steps=2)
         except Exception as e: r['profile_error'] = short_error(e)
-    print(f"{name:36s} {r['tokens_per_s']:>11,} tok/s  {r['median_ms']:8.2f} ms/step  "
+    print(f"{name:50s} {r['tokens_per_s']:>11,} tok/s  {r['median_ms']:8.2f} ms/step  "
           f"MFU {r['mfu'] if r['mfu'] is not None else float('nan'):.3f}  peak {r['peak_mem_gb']} GB  "
           f"(compile + first step {r['compile_and_first_step_s']} s)", flush=True)
     return r
@@ -256,9 +258,9 @@ def main(argv=None):
     res['target'] = dict(metai_vs_transformers_compiled=1.5)
     res['elapsed_s'] = round(time.perf_counter() - budget.t0, 1)
     save()
-    print(f"\n{'model':36s} {'tokens/s':>11s} {'MFU':>6s} {'peak GB':>8s}")
+    print(f"\n{'model':50s} {'tokens/s':>11s} {'MFU':>6s} {'peak GB':>8s}")
     for r in res['results']:
-        print(f"{r['name']:36s} {r['tokens_per_s']:>11,} {r['mfu'] if r['mfu'] is not None else float('nan'):6.3f} {r['peak_mem_gb']!s:>8s}")
+        print(f"{r['name']:50s} {r['tokens_per_s']:>11,} {r['mfu'] if r['mfu'] is not None else float('nan'):6.3f} {r['peak_mem_gb']!s:>8s}")
     for k, v in res.get('ratios', {}).items(): print(f'{k}: {v:.3f}x')
     for s in res['skipped'] + res['errors']: print('!', s)
     print(f"wrote {args.out} in {res['elapsed_s']} s")

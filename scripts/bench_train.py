@@ -39,6 +39,15 @@ def load_nanogpt(folder:str):
     return mod
 
 
+def nanogpt_source(folder:str) -> dict:
+    "Where the baseline came from: the sha256 of its model.py, and the commit when a COMMIT file beside it says so."
+    import hashlib
+    d = dict(model_py_sha256=hashlib.sha256(open(os.path.join(folder, 'model.py'), 'rb').read()).hexdigest())
+    c = os.path.join(folder, 'COMMIT')
+    if os.path.isfile(c): d['commit'] = open(c).read().strip()
+    return d
+
+
 def nanogpt_config(ng, vocab_size:int=50304, tiny:bool=False, block_size:int=1024):
     "GPT-2 124M as nanoGPT's train.py builds it: 12 layers, 12 heads, 768 wide, no biases, no dropout."
     if tiny: return ng.GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=False)
@@ -219,7 +228,8 @@ def main(argv=None):
     res = dict(benchmark='train', what='training step: fwd + bwd + clip + fused AdamW, bf16 autocast (fp32 weights)',
                peak_flops=PEAK_BF16, info=card_info(device),
                settings={k: v for k, v in vars(args).items() if k != 'vocab_of'}, results=[], skipped=[], errors=[])
-    print(f"card: {res['info']['card']}  torch {torch.__version__}", flush=True)
+    res['nanogpt_source'] = nanogpt_source(args.nanogpt_dir)
+    print(f"card: {res['info']['card']}  torch {torch.__version__}  nanoGPT {res['nanogpt_source']}", flush=True)
 
     def save(): save_json(args.out, res)
     def skip(what, need):

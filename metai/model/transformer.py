@@ -6,7 +6,7 @@ the pieces of notebooks 04–06 assembled into one language model."""
 # %% auto #0
 __all__ = ['Block', 'MTPModule', 'Transformer']
 
-# %% ../../nbs/07_model.ipynb #9e7007d4
+# %% ../../nbs/07_model.ipynb #883e4733
 import math
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .rope import precompute_freqs
 from .attention import RMSNorm, Attention, MLA
 from .moe import FFN, MoE
 
-# %% ../../nbs/07_model.ipynb #ecea8a23
+# %% ../../nbs/07_model.ipynb #e0b4e5d6
 class Block(nn.Module):
     "One pre-norm layer: `x + attn(attn_norm(x))`, then `x + ffn(ffn_norm(x))`; the FFN is dense or MoE by `layer_id`."
     def __init__(self, cfg:ModelConfig, # model config
@@ -41,7 +41,7 @@ class Block(nn.Module):
         y, aux = self.ffn(self.ffn_norm(x))                                # aux: {'aux_loss', 'load'}
         return x + y, aux
 
-# %% ../../nbs/07_model.ipynb #460b67e6
+# %% ../../nbs/07_model.ipynb #4d736925
 class MTPModule(nn.Module):
     "One DeepSeek-V3 MTP depth: `eh_proj([enorm(emb) ; hnorm(h)])`, one block; logits come from the shared head after `norm`."
     def __init__(self, cfg:ModelConfig, # model config
@@ -63,7 +63,7 @@ class MTPModule(nn.Module):
         x = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h)], dim=-1))  # (B, T, dim), embedding first
         return self.block(x, cos, sin, start_pos, cache)                     # h^k before the head norm, MoE aux
 
-# %% ../../nbs/07_model.ipynb #cc054bba
+# %% ../../nbs/07_model.ipynb #86ba6adf
 def _ce(logits:Tensor, # (B, T, V)
         targets:Tensor # (B, T) class indices, -100 = ignore
        ) -> Tensor:
@@ -109,7 +109,6 @@ class Transformer(nn.Module):
             if a is not None: moe_aux.append(a['aux_loss']); loads.append(a['load'])
         h = self.norm(x)        # (B, T, dim): h^0, what the head and the first MTP depth read
         logits = self.head(h)   # (B, T, V)
-        if targets is not None: logits = logits.float()
         ce = _ce(logits, targets) if targets is not None else None
 
         if use_mtp is None: use_mtp = self.mtp_enabled and targets is not None and cache is None
@@ -119,7 +118,7 @@ class Transformer(nn.Module):
             if use_mtp and n > 0:
                 lk, hk, a = self.mtp_forward(k, hk[:, :n], tokens[:, k+1:], start_pos, cache)
                 if a is not None: moe_aux.append(a['aux_loss']); loads.append(a['load'])
-                if targets is not None: lk = lk.float(); mtp_ce.append(_ce(lk, targets[:, k+1:]))
+                if targets is not None: mtp_ce.append(_ce(lk, targets[:, k+1:]))
                 mtp_logits.append(lk)
             elif m.block.is_moe:             # a zero load row, so rows always match the model's gates
                 loads.append(torch.zeros(self.cfg.n_routed_experts, dtype=torch.long, device=tokens.device))
@@ -151,7 +150,7 @@ class Transformer(nn.Module):
         "The MoE blocks, in the order of the rows of `aux['load']`: main layers, then MTP blocks."
         return [l for l in self.layers if l.is_moe] + [m.block for m in self.mtp if m.block.is_moe]
 
-# %% ../../nbs/07_model.ipynb #ec2db5d1
+# %% ../../nbs/07_model.ipynb #ad437fb1
 _RESIDUAL_OUT = ('attn.wo.weight', '.w2.weight', 'ffn.w2')  # projections that write into the residual stream
 
 @patch

@@ -5,10 +5,10 @@ bf16 autocast on CUDA, MoE bias balancing, MTP, periodic validation, atomic chec
 
 # %% auto #0
 __all__ = ['CKPT_FILES', 'PEAK_FLOPS', 'TrainConfig', 'configure_optimizer', 'lr_at', 'save_checkpoint', 'latest_checkpoint',
-           'check_config_matches', 'load_weights', 'load_train_state', 'evaluate', 'bytes_per_token', 'sample_text',
-           'peak_flops', 'train']
+           'check_config_matches', 'load_weights', 'load_train_state', 'evaluate', 'bytes_per_token', 'unigram_entropy',
+           'sample_text', 'peak_flops', 'train']
 
-# %% ../../nbs/13_train.ipynb #6ef1a95e
+# %% ../../nbs/13_train.ipynb #1e945da8
 import os, re, json, math, time, random, signal, shutil
 from dataclasses import dataclass, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -18,7 +18,7 @@ from ..core import get_device, autocast, seed_everything, atomic_path, atomic_wr
 from ..config import ModelConfig
 from ..model.transformer import Transformer
 
-# %% ../../nbs/13_train.ipynb #e46816fe
+# %% ../../nbs/13_train.ipynb #fa8cab4e
 @dataclass
 class TrainConfig:
     "Everything about a run that is not the model."
@@ -49,7 +49,7 @@ class TrainConfig:
     sample_prompt: str = ''         # prompt for the sample at each eval ('' = none)
     sample_tokens: int = 48
 
-# %% ../../nbs/13_train.ipynb #c2ac57a9
+# %% ../../nbs/13_train.ipynb #d822292b
 def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.9, 0.95), device_type:str='cpu'):
     "AdamW over `model`'s trainable parameters: decay for matrices, none for vectors."
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -58,7 +58,7 @@ def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == 'cuda'))
 
-# %% ../../nbs/13_train.ipynb #057e7b92
+# %% ../../nbs/13_train.ipynb #6b609ea1
 def lr_at(step:int, tc:TrainConfig) -> float:
     "Learning rate for optimizer step `step` (0-based) under `tc`'s schedule."
     lr, min_lr, n = tc.lr, tc.lr * tc.min_lr_ratio, tc.max_steps
@@ -73,7 +73,7 @@ def lr_at(step:int, tc:TrainConfig) -> float:
         return lr - (lr - min_lr) * min(1.0, (step - start + 1) / max(1, n - start))
     raise ValueError(f"schedule: unknown schedule {tc.schedule!r} (use 'cosine', 'wsd' or 'constant')")
 
-# %% ../../nbs/13_train.ipynb #e106bbde
+# %% ../../nbs/13_train.ipynb #a9bbdaaa
 CKPT_FILES = ('config.json', 'model.safetensors', 'train_state.pt', 'train_config.json')
 
 def _link_or_copy(src, dst):
@@ -100,7 +100,7 @@ def save_checkpoint(out_dir:str, model:nn.Module, cfg:ModelConfig, tc:TrainConfi
     for d in old: shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
     return final
 
-# %% ../../nbs/13_train.ipynb #7c3f527d
+# %% ../../nbs/13_train.ipynb #88e3f128
 def latest_checkpoint(out_dir:str) -> str|None:
     "Folder of the newest complete checkpoint in `out_dir`, or None."
     ptr = os.path.join(out_dir, 'checkpoints', 'latest')
@@ -134,7 +134,7 @@ def load_train_state(path:str) -> dict:
     except FileNotFoundError: raise FileNotFoundError(f'{path}: no such file') from None
     except Exception as e: raise ValueError(f'{path}: not a plain training state ({type(e).__name__}: {str(e).splitlines()[0][:160]})') from None
 
-# %% ../../nbs/13_train.ipynb #ea35b7b8
+# %% ../../nbs/13_train.ipynb #dfa987d7
 @torch.no_grad()
 def evaluate(model:nn.Module, batches:list, device) -> float:
     "Mean next-token loss of `model` over `batches` [(x, y), ...] (MTP and aux terms left out)."
@@ -151,7 +151,16 @@ def bytes_per_token(tok, batches:list) -> float:
     n_bytes = sum(len(tok.decode(row.tolist()).encode('utf-8')) for _, y in batches for row in y)
     return n_bytes / max(1, n_tok)
 
-# %% ../../nbs/13_train.ipynb #ccdc8a22
+def unigram_entropy(path:str, vocab_size:int|None=None, dtype:str='uint16') -> float:
+    "Entropy in nats/token of the token frequencies in the token file `path`: the loss of a model that ignores context."
+    import numpy as np
+    toks = np.memmap(path, dtype=dtype, mode='r')
+    if len(toks) == 0: raise ValueError(f'{path}: empty token file')
+    p = np.bincount(toks, minlength=vocab_size or 0).astype(np.float64) / len(toks)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+# %% ../../nbs/13_train.ipynb #82c92657
 @torch.no_grad()
 def sample_text(model:nn.Module, tok, prompt:str, max_new_tokens:int=48, temperature:float=0.8, top_k:int=50, seed:int=0, device='cpu') -> str:
     "Uncached top-k sampling from `prompt`; returns the continuation."
@@ -169,7 +178,7 @@ def sample_text(model:nn.Module, tok, prompt:str, max_new_tokens:int=48, tempera
     model.train(was_training)
     return tok.decode(ids[0, start:].tolist())
 
-# %% ../../nbs/13_train.ipynb #28db79c3
+# %% ../../nbs/13_train.ipynb #f730be5f
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
 
 def peak_flops(device) -> float|None:
@@ -179,11 +188,13 @@ def peak_flops(device) -> float|None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 class _StopFlag:
-    "Set by SIGINT; the loop saves and returns at the end of the step."
+    "Set by the first SIGINT (the loop saves and returns at the end of the step); a second one stops at once."
     def __init__(self): self.stop = False
-    def __call__(self, signum, frame): self.stop = True
+    def __call__(self, signum, frame):
+        if self.stop: raise KeyboardInterrupt
+        self.stop = True
 
-# %% ../../nbs/13_train.ipynb #c1eb8030
+# %% ../../nbs/13_train.ipynb #f7039f15
 def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, tokenizer=None) -> dict:
     "Train a `Transformer(cfg)` on `tc.data_dir` into `tc.out_dir`; returns a summary dict."
     from metai.data.datasets import LazyTextDataset
@@ -208,6 +219,10 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     step, bad, state = 0, 0, None
     if ck:
         check_config_matches(os.path.join(ck, 'config.json'), cfg)
+        old_tok = os.path.join(tc.out_dir, 'tokenizer.model')
+        if os.path.exists(old_tok) and Tokenizer(old_tok).sha256 != tok.sha256:
+            raise ValueError(f'{old_tok}: the checkpoint was trained with another tokenizer than the one in {tc.data_dir} '
+                             '(resume with the same corpus and --vocab-size)')
         load_weights(model, os.path.join(ck, 'model.safetensors'))
         state = load_train_state(os.path.join(ck, 'train_state.pt'))
         step = int(state['step'])
@@ -229,8 +244,9 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
         if device.type == 'cuda': st['rng_cuda'] = torch.cuda.get_rng_state()
         save_checkpoint(tc.out_dir, model, cfg, tc, st, tc.keep_last)
 
-    val_loss, t_last, summary = None, time.perf_counter(), {}
+    val_loss, t_last, start_step, t_start = None, time.perf_counter(), step, time.perf_counter()
     try:
+        if step >= tc.max_steps: val_loss = evaluate(model, val_batches, device)   # resuming a finished run: just report
         while step < tc.max_steps:
             lr = lr_at(step, tc)
             for g in opt.param_groups: g['lr'] = lr
@@ -275,8 +291,11 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     finally:
         if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
         if monitor is None: mon.close()
-    return {'step': step, 'val_loss': val_loss, 'val_bpb': None if val_loss is None else val_loss / math.log(2) / bpt,
-            'interrupted': flag.stop, 'out_dir': tc.out_dir, 'bytes_per_token': bpt}
+    secs, tok_step = time.perf_counter() - t_start, tc.batch_size * tc.seq_len * tc.grad_accum
+    return {'step': step, 'start_step': start_step, 'val_loss': val_loss,
+            'val_bpb': None if val_loss is None else val_loss / math.log(2) / bpt, 'interrupted': flag.stop,
+            'out_dir': tc.out_dir, 'bytes_per_token': bpt, 'tokens': step * tok_step, 'seconds': secs,
+            'tokens_per_s': (step - start_step) * tok_step / max(secs, 1e-9)}
 
 def _main_thread():
     import threading; return threading.current_thread() is threading.main_thread()

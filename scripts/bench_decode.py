@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Batch-1 decode speed of metai (`metai.infer.generate`, compiled decode step in a CUDA graph) against transformers
+`generate` and gpt-fast on the same random bf16 weights, measured in one run on one GPU; and MLA's absorbed decode
+against the naive one (the latent cache re-expanded into per-head keys and values at every step) at long context.
+
+Models (random init, bf16):
+  llama-125m    Llama-shaped: dim 768, 12 layers, 12 heads (MHA), FFN 2048, vocab 32000, untied head
+  llama-1b      Llama-shaped: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 128256, untied head
+  small-moe     metai's `small` preset (GQA, 8 experts top-2, softmax router, tied head)
+  deepseek-mla  DeepSeek-V2-Lite-shaped, 12 layers: dim 2048, 16 heads, MLA (q latent 1536, kv latent 512,
+                nope/rope/v 128/64/128), first layer dense (FFN 10944), then 64 routed experts top-6 + 2 shared of
+                width 1408 (sigmoid router), vocab 102400; context 33K for the long-context measurement
+
+Each model: a 64-token random prompt, 256 new tokens sampled at temperature 0.8, top-k 200 (gpt-fast's defaults),
+no stop token; tokens/s = new tokens / wall time of the whole call (prefill included, gpt-fast's definition) after
+warm-up, median of --runs calls, with `torch.cuda.synchronize` around each call; `decode_tokens_per_s` leaves the
+(separately timed) prefill out. Baselines in the same run on the same weights: transformers `generate`
+(`metai.model.hf.hf_model`, SDPA attention, its default dynamic cache; none for `small-moe`, which has no
+transformers architecture) and gpt-fast, when a checkout is given with --gpt-fast-dir (its `model.py` and
+`generate.py` are imported from there and run as its `main()` runs them: `decode_one_token` compiled with
+mode="reduce-overhead", fullgraph=True; Llama-shaped models only). Inductor runs with gpt-fast's settings
+(coordinate-descent tuning) for both. The HBM bound is weight bytes / 3.35e12 B/s (H100 SXM), reported for all
+weights (the issue's definition) and for the bytes a decode step actually reads (no input embedding table, only
+the activated experts).
+
+    python scripts/bench_decode.py --out bench/results/decode_h100.json --gpt-fast-dir ~/gpt-fast
+    python scripts/bench_decode.py --models llama-1b --runs 5 --out /tmp/1b.json
+    python scripts/bench_decode.py --device cpu --tiny --out /tmp/decode_cpu.json      # a quick check of the script
+"""
+import os, sys, time, argparse, inspect, importlib.util, statistics, contextlib
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync
+import torch
+from metai.core import get_device, seed_everything
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
+from metai.model.moe import MoE
+from metai.infer.cache import make_cache, set_mla_mode, cache_bytes
+from metai.infer.generate import generate, prefill, decode_one_token, compiled_decode_one_token
+
+HBM = 3.35e12  # H100 SXM HBM3 bytes/s (datasheet)
+
+
+def configs(tiny:bool) -> dict:
+    "name -> ModelConfig of the benchmarked models (`tiny`: toy sizes that run in seconds on a CPU)."
+    c = {'llama-125m': ModelConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048, max_seq_len=2048,
+                                   rope_interleaved=True, norm_eps=1e-5, tie_embeddings=False),
+         'llama-1b': ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                                 max_seq_len=2048, rope_interleaved=True, norm_eps=1e-5, tie_embeddings=False),
+         'small-moe': ModelConfig.preset('small'),
+         'deepseek-mla': ModelConfig(vocab_size=102400, dim=2048, n_layers=12, n_heads=16, attn_type='mla', q_lora_rank=1536,
+                                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, ffn_dim=10944,
+                                     n_routed_experts=64, n_activated_experts=6, n_shared_experts=2, moe_ffn_dim=1408,
+                                     n_dense_layers=1, score_func='sigmoid', route_scale=1.0, rope_interleaved=True,
+                                     max_seq_len=33280, tie_embeddings=False)}
+    if tiny:
+        t = dict(vocab_size=512, dim=64, n_layers=2, ffn_dim=128)
+        c = {'llama-125m': ModelConfig(**t, n_heads=4, max_seq_len=256, rope_interleaved=True, norm_eps=1e-5),
+             'llama-1b': ModelConfig(**t, n_heads=4, n_kv_heads=2, max_seq_len=256, rope_interleaved=True, norm_eps=1e-5),
+             'small-moe': ModelConfig.preset('small', **t, n_heads=4, n_kv_heads=2, moe_ffn_dim=32, max_seq_len=256),
+             'deepseek-mla': ModelConfig(**t, n_heads=4, attn_type='mla', q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                                         qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_activated_experts=2,
+                                         n_shared_experts=1, moe_ffn_dim=32, n_dense_layers=1, score_func='sigmoid',
+                                         rope_interleaved=True, max_seq_len=512)}
+    return {k: v.validate() for k, v in c.items()}
+
+
+def weight_bytes(model) -> int:
+    "Bytes of all unique parameters (a tied embedding/head once)."
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def bytes_per_token(model) -> int:
+    "Bytes a batch-1 decode step reads: every weight but the input embedding table (one row of it), and only the top-k of E routed experts."
+    tied = model.head.weight is model.embed.weight
+    frac = {id(p): m.topk / m.n_experts for m in model.modules() if isinstance(m, MoE) for p in (m.w1, m.w2, m.w3)}
+    skip = set() if tied else {id(model.embed.weight)}
+    skip |= {id(p) for p in model.mtp.parameters()}
+    return int(sum(p.numel() * p.element_size() * frac.get(id(p), 1.0) for p in model.parameters() if id(p) not in skip))
+
+
+def wall(fn, device) -> float:
+    sync(device); t0 = time.perf_counter(); fn(); sync(device)
+    return time.perf_counter() - t0
+
+
+def round8(n:int) -> int: return -(-n // 8) * 8
+
+
+def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device) -> dict:
+    "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up."
+    cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
+    kw = dict(temperature=0.8, top_k=200, compile=compile, cache=cache)
+    t_first = wall(lambda: generate(model, prompt, n_new, **kw), device)  # compiles and records
+    generate(model, prompt, n_new, **kw)
+    out = []
+    ts = [wall(lambda: out.append(generate(model, prompt, n_new, seed=r, **kw)), device) for r in range(runs)]
+    x = torch.tensor([prompt], device=device)
+    with torch.no_grad(): tp = statistics.median(wall(lambda: prefill(model, x, cache), device) for _ in range(3))
+    t = statistics.median(ts)
+    assert all(len(o) == n_new for o in out), [len(o) for o in out]
+    return dict(tokens_per_s=n_new / t, decode_tokens_per_s=(n_new - 1) / (t - tp), prefill_ms=tp * 1e3,
+                first_call_s=t_first, runs_s=ts, peak_mem_gb=peak_mem_gb(device))
+
+
+def bench_hf(model, prompt:list, n_new:int, runs:int, device) -> dict:
+    "transformers `generate` on the same weights (SDPA attention, default dynamic cache), sampling like metai's run."
+    from metai.model.hf import hf_model
+    hf = hf_model(model, attn_implementation='sdpa')
+    ids = torch.tensor([prompt], device=device)
+    kw = dict(do_sample=True, temperature=0.8, top_k=200, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+        out = []
+        ts = [wall(lambda: out.append(hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)), device) for _ in range(runs)]
+    assert all(o.shape[1] == len(prompt) + n_new for o in out), [o.shape for o in out]
+    del hf
+    return dict(tokens_per_s=n_new / statistics.median(ts), runs_s=ts)
+
+
+def load_gpt_fast(d:str):
+    "gpt-fast's `model` and `generate` modules, imported from a checkout at `d` (run beside metai, never copied)."
+    d = os.path.abspath(os.path.expanduser(d))
+    for f in ('model.py', 'generate.py'):
+        if not os.path.isfile(os.path.join(d, f)): raise FileNotFoundError(f'{os.path.join(d, f)}: missing (--gpt-fast-dir must be a gpt-fast checkout)')
+    sys.path.insert(0, d)  # its generate.py imports `model` and `tokenizer` from beside it
+    mods = []
+    for name, f in (('model', 'model.py'), ('gpt_fast_generate', 'generate.py')):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(d, f))
+        mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod; spec.loader.exec_module(mod)
+        mods.append(mod)
+    sys.path.remove(d)
+    return mods
+
+
+def bench_gpt_fast(gf_model, gf_gen, model, prompt:list, n_new:int, runs:int, compile:bool, device) -> dict:
+    "gpt-fast's `generate` on metai's weights (its wqkv is the concatenation of wq, wk, wv; its RoPE is interleaved)."
+    cfg = model.cfg
+    if cfg.attn_type != 'gqa' or cfg.is_moe or not cfg.rope_interleaved: return dict(skipped='gpt-fast runs Llama-shaped dense models only')
+    args = gf_model.ModelArgs(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                              dim=cfg.dim, intermediate_size=cfg.ffn_dim, n_local_heads=cfg.kv_heads, rope_base=cfg.rope_theta,
+                              norm_eps=cfg.norm_eps)
+    assert args.head_dim == cfg.hd, (args.head_dim, cfg.hd)
+    sd = {'tok_embeddings.weight': model.embed.weight, 'norm.weight': model.norm.weight, 'output.weight': model.head.weight}
+    for i, l in enumerate(model.layers):
+        a, f, p = l.attn, l.ffn, f'layers.{i}.'
+        sd.update({p + 'attention.wq.weight': a.wq.weight, p + 'attention.wk.weight': a.wk.weight,  # its load hook builds wqkv
+                   p + 'attention.wv.weight': a.wv.weight, p + 'attention.wo.weight': a.wo.weight,
+                   p + 'feed_forward.w1.weight': f.w1.weight, p + 'feed_forward.w2.weight': f.w2.weight,
+                   p + 'feed_forward.w3.weight': f.w3.weight, p + 'attention_norm.weight': l.attn_norm.weight,
+                   p + 'ffn_norm.weight': l.ffn_norm.weight})
+    with torch.device('meta'): gm = gf_model.Transformer(args)
+    gm.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, assign=True)
+    gm = gm.eval()
+    x = torch.tensor([prompt], device=device)
+    with torch.no_grad():
+        with torch.device(device): gm.setup_caches(max_batch_size=1, max_seq_length=len(prompt) + n_new)
+        diff = (gm(x.int(), torch.arange(len(prompt), device=device)).float() - model(x)[0].float()).abs().max().item()
+    if compile: gf_gen.decode_one_token = torch.compile(gf_gen.decode_one_token, mode='reduce-overhead', fullgraph=True)
+    kw = dict(interactive=False, draft_model=None, temperature=0.8, top_k=200)
+    if 'batch_size' in inspect.signature(gf_gen.generate).parameters: kw['batch_size'] = 1
+    pt = torch.tensor(prompt, device=device, dtype=torch.int)
+    with torch.no_grad():
+        t_first = wall(lambda: gf_gen.generate(gm, pt, n_new, **kw), device)
+        gf_gen.generate(gm, pt, n_new, **kw)
+        ts = [wall(lambda: gf_gen.generate(gm, pt, n_new, **kw), device) for _ in range(runs)]
+    del gm
+    return dict(tokens_per_s=n_new / statistics.median(ts), first_call_s=t_first, runs_s=ts, max_abs_logit_diff_vs_metai=diff)
+
+
+def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> dict:
+    "Decode steps at a filled context of each length: absorbed MLA (attention on the latents) against naive (re-expanded)."
+    cfg, res = model.cfg, {}
+    for ctx in contexts:
+        S = round8(ctx + n_steps + 8)
+        if S > cfg.max_seq_len: res[str(ctx)] = dict(skipped=f'context {S} > max_seq_len {cfg.max_seq_len}'); continue
+        cache = make_cache(model, 1, S, mtp=False)
+        for a, b in zip(cache.a, cache.b): a[:, :ctx].normal_(); b[:, :ctx].normal_()  # the cost depends on the length, not the content
+        r = dict(latent_cache_bytes=cache_bytes(cfg, ctx, cache.a[0].dtype, 'mla', mtp=False),
+                 expanded_cache_bytes=cache_bytes(cfg, ctx, cache.a[0].dtype, 'mha', mtp=False))
+        for mode in ('absorbed', 'naive'):
+            set_mla_mode(model, mode)
+            step = compiled_decode_one_token(device) if compile else decode_one_token
+            if compile:
+                for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
+            sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile and device.type == 'cuda' else contextlib.nullcontext()
+            tok, pos = torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([ctx], device=device)
+            try:
+                with torch.no_grad(), sdpa:
+                    for _ in range(3): step(model, tok, pos, cache, None, 0.8, 200, None, 1.0)  # warm-up (compiles), same slot
+                    def run():
+                        nonlocal tok
+                        for _ in range(n_steps): tok, _ = step(model, tok, pos, cache, None, 0.8, 200, None, 1.0); pos.add_(1)
+                    dt = wall(run, device)
+                r[mode] = dict(tokens_per_s=n_steps / dt, ms_per_token=dt / n_steps * 1e3, peak_mem_gb=peak_mem_gb(device))
+            except Exception as e: r[mode] = dict(error=short_error(e))
+        if 'tokens_per_s' in r['absorbed'] and 'tokens_per_s' in r['naive']:
+            r['absorbed_speedup'] = r['absorbed']['tokens_per_s'] / r['naive']['tokens_per_s']
+        res[str(ctx)] = r
+        del cache; free(device)
+    set_mla_mode(model, None)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--out', required=True, help='JSON results file (written after each model)')
+    ap.add_argument('--device', default=None, help='cuda (default when available) or cpu')
+    ap.add_argument('--tiny', action='store_true', help='toy model sizes: a quick check that the script runs')
+    ap.add_argument('--models', default='llama-125m,llama-1b,small-moe,deepseek-mla', help='comma-separated subset')
+    ap.add_argument('--prompt-len', type=int, default=64)
+    ap.add_argument('--new-tokens', type=int, default=256)
+    ap.add_argument('--runs', type=int, default=3, help='timed calls per measurement (the median is reported)')
+    ap.add_argument('--gpt-fast-dir', default=None, help='a gpt-fast checkout to measure beside metai')
+    ap.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
+    ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
+    ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
+    ap.add_argument('--mla-contexts', default='4096,32768', help='contexts for absorbed vs naive MLA decode ("" to skip)')
+    ap.add_argument('--mla-steps', type=int, default=64, help='decode steps timed at each context')
+    a = ap.parse_args()
+    device = get_device(a.device)
+    compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')
+    cfgs = configs(a.tiny)
+    names = [n for n in a.models.split(',') if n]
+    for n in names:
+        if n not in cfgs: ap.error(f'--models: unknown model {n!r} (valid: {", ".join(cfgs)})')
+    contexts = [int(c) for c in a.mla_contexts.split(',') if c]
+    if a.tiny:
+        a.prompt_len, a.new_tokens, a.runs, a.mla_steps = min(a.prompt_len, 8), min(a.new_tokens, 16), min(a.runs, 2), min(a.mla_steps, 8)
+        contexts = [c for c in (64, 256) if contexts]
+    torch._dynamo.config.cache_size_limit = 64           # one graph per model, MLA mode and context
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    torch._inductor.config.coordinate_descent_tuning = True  # gpt-fast's settings, for both
+    torch._inductor.config.triton.unique_kernel_names = True
+    torch._inductor.config.fx_graph_cache = True
+    gf = load_gpt_fast(a.gpt_fast_dir) if a.gpt_fast_dir else None
+    dtype = torch.bfloat16
+    res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype), hbm_bytes_per_s=HBM,
+                                                      sampling='temperature 0.8, top-k 200'), models={}, mla_modes={})
+    for name in names:
+        cfg = cfgs[name]
+        seed_everything(0)
+        with torch.device(device): model = Transformer(cfg)
+        model = model.to(dtype).eval(); model.init_freqs()  # RoPE tables stay fp32
+        wb, rb = weight_bytes(model), bytes_per_token(model)
+        r = dict(config=cfg.to_dict(), params=model.num_params(), weight_bytes=wb, read_bytes_per_token=rb,
+                 hbm_bound_tokens_per_s=HBM / wb, hbm_bound_read_tokens_per_s=HBM / rb)
+        prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        print(f'{name}: {r["params"] / 1e6:,.0f}M params, {wb / 1e9:.2f} GB of weights, HBM bound {HBM / wb:,.0f} tokens/s', flush=True)
+        runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device)) if compile else None,
+                ('metai_eager', lambda: bench_metai(model, prompt, a.new_tokens, False, a.runs, device)) if not a.no_eager else None,
+                ('transformers', lambda: bench_hf(model, prompt, a.new_tokens, a.runs, device)) if not a.no_hf else None,
+                ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None]
+        for key, fn in filter(None, runs):
+            try: r[key] = fn()
+            except Exception as e: r[key] = dict(error=short_error(e))
+            print(f'  {key:15s} {r[key].get("tokens_per_s", 0):10,.1f} tokens/s  {r[key].get("error", r[key].get("skipped", ""))}', flush=True)
+            if device.type == 'cuda': torch.cuda.empty_cache()
+        best = r.get('metai_compiled', r.get('metai_eager', {})).get('tokens_per_s')
+        if best:
+            r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
+            for k in ('transformers', 'gpt_fast', 'metai_eager' if 'metai_compiled' in r else None):
+                if k and r.get(k, {}).get('tokens_per_s'): r[f'speedup_vs_{k}'] = best / r[k]['tokens_per_s']
+        res['models'][name] = r
+        save_json(a.out, res)
+        if cfg.attn_type == 'mla' and contexts:
+            res['mla_modes'][name] = bench_mla_modes(model, contexts, a.mla_steps, compile, device)
+            for ctx, m in res['mla_modes'][name].items():
+                print(f'  MLA at {ctx}: absorbed {m.get("absorbed", {}).get("tokens_per_s", 0):,.1f} tokens/s, '
+                      f'naive {m.get("naive", {}).get("tokens_per_s", 0):,.1f} tokens/s', flush=True)
+            save_json(a.out, res)
+        del model; free(device)
+    print(f'wrote {a.out}')
+
+
+if __name__ == '__main__': main()

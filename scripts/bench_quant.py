@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Batch-1 greedy decode tokens/s, bf16 against int4 weight-only (`metai.infer.quant`), on the ~1B Llama-shaped model
+(dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 128256, untied head, random weights).
+
+    python scripts/bench_quant.py --out bench_quant.json                       # one CUDA GPU (the real benchmark)
+    python scripts/bench_quant.py --device cpu --tiny --out /tmp/bq.json       # smoke test: tiny model on the CPU
+
+Each variant: a fresh bf16 copy of the same model, quantized in place (`quantize_model`), then a 64-token prompt and
+256 new greedy tokens through metai's own decode path: `make_cache` (static KV cache), `prefill`, and
+`decode_one_token` compiled with `mode='reduce-overhead'` (CUDA graphs) on CUDA, as `metai generate --compile` runs
+it. The cached decode is checked against the model's plain (uncached) forward: greedy tokens must match (fp32, and
+per variant in bf16). Timings are decode only (prefill excluded), after a warm-up run, with CUDA events.
+
+Variants (`--variants`): `bf16`; `int4-g{32,64,128}` (block linears int4, head bf16: `quantize_model`'s default);
+`int4-g{G}+head` (head int4 too, as gpt-fast does). Writes JSON to `--out`.
+"""
+import argparse, contextlib, copy, json, os, platform, sys, time
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
+from metai.infer.cache import make_cache
+from metai.infer.generate import prefill, decode_one_token
+from metai.infer.quant import quantize_model, prepare_int4, Int4Linear
+
+LLAMA_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0,
+                max_seq_len=2048, tie_embeddings=False, norm_eps=1e-5)
+TINY = dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, rope_theta=10000.0,
+            max_seq_len=256, tie_embeddings=False, norm_eps=1e-5)
+
+
+@torch.no_grad()
+def greedy_decode(model:Transformer, prompt:torch.Tensor, n_new:int, compile_:bool):
+    "metai's static cache + `prefill` + `decode_one_token` (temperature 0). -> (tokens (B, n_new), seconds for tokens 2..n_new)."
+    device = prompt.device
+    P = prompt.shape[1]
+    cache = make_cache(model, prompt.shape[0], -(-(P + n_new) // 8) * 8, mtp=False)
+    step = decode_one_token
+    if compile_:
+        step = torch.compile(decode_one_token, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True)
+        for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
+    sdpa = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile_ and device.type == 'cuda'
+            else contextlib.nullcontext())  # as metai.infer.generate does when compiled
+    with sdpa:
+        tok = prefill(model, prompt, cache).argmax(-1, keepdim=True)          # (B, 1)
+        pos = torch.tensor([P], device=device)
+        out = [tok.clone()]
+        if device.type == 'cuda':
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+        else: t_start = time.perf_counter()
+        for _ in range(n_new - 1):
+            tok, _ = step(model, tok, pos, cache, None, 0.0)
+            pos += 1
+            out.append(tok.clone())
+        if device.type == 'cuda':
+            t1.record(); torch.cuda.synchronize(); secs = t0.elapsed_time(t1) / 1e3
+        else: secs = time.perf_counter() - t_start
+    return torch.cat(out, 1), secs
+
+
+@torch.no_grad()
+def greedy_reference(model:Transformer, prompt:torch.Tensor, n_new:int) -> torch.Tensor:
+    "Greedy tokens from the model's plain forward over the whole sequence each step (no cache): the slow reference."
+    ids = prompt
+    for _ in range(n_new):
+        nxt = model(ids)[0][:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    return ids[:, prompt.shape[1]:]
+
+
+def state_bytes(module:nn.Module) -> int:
+    seen, n = set(), 0
+    for t in module.state_dict().values():
+        key = (t.data_ptr(), t.numel())
+        if key not in seen: seen.add(key); n += t.numel() * t.element_size()
+    return n
+
+
+def parse_variant(v:str):
+    "'bf16' -> None; 'int4-g64' -> (64, False); 'int4-g64+head' -> (64, True)."
+    if v == 'bf16': return None
+    head = v.endswith('+head')
+    body = v[:-5] if head else v
+    if not body.startswith('int4-g') or not body[6:].isdigit(): raise SystemExit(f"--variants: bad variant {v!r} (bf16, int4-gG or int4-gG+head)")
+    return int(body[6:]), head
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--device', default='cuda', help="'cuda' or 'cpu'")
+    ap.add_argument('--tiny', action='store_true', help='a tiny model (smoke test) instead of the ~1B one')
+    ap.add_argument('--variants', default='bf16,int4-g32+head,int4-g64+head,int4-g128+head,int4-g64',
+                    help='comma-separated: bf16, int4-gG (head bf16), int4-gG+head')
+    ap.add_argument('--prompt-len', type=int, default=64)
+    ap.add_argument('--new-tokens', type=int, default=256)
+    ap.add_argument('--compile', dest='compile', action='store_true', default=None, help='torch.compile the decode step (default: on CUDA)')
+    ap.add_argument('--no-compile', dest='compile', action='store_false')
+    ap.add_argument('--check-tokens', type=int, default=8, help='greedy tokens compared with the uncached forward')
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--out', required=True, help='JSON results file')
+    a = ap.parse_args(argv)
+
+    device = torch.device(a.device)
+    if device.type == 'cuda' and not torch.cuda.is_available(): raise SystemExit('--device cuda: no CUDA device (use --device cpu --tiny)')
+    variants = [(v, parse_variant(v)) for v in a.variants.split(',')]
+    compile_ = device.type == 'cuda' if a.compile is None else a.compile
+    if a.tiny and a.new_tokens == 256: a.prompt_len, a.new_tokens = 16, 32
+    cfg = ModelConfig(**(TINY if a.tiny else LLAMA_1B)).validate()
+    torch.manual_seed(a.seed)
+    with torch.device(device): base = Transformer(cfg)          # random weights, fp32 master
+    base.eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, a.prompt_len), device=device)
+
+    # correctness of metai's cached decode itself: fp32, eager, against the uncached forward
+    n_chk = min(a.check_tokens, a.new_tokens)
+    check = dict(tokens=n_chk, greedy_match_fp32=bool(torch.equal(greedy_decode(base, prompt, n_chk, False)[0],
+                                                                   greedy_reference(base, prompt, n_chk))))
+    print(f'cached decode vs uncached forward (fp32, {n_chk} greedy tokens): {"match" if check["greedy_match_fp32"] else "MISMATCH"}')
+
+    base = base.to(torch.bfloat16)
+    results = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu'),
+                   torch=torch.__version__, model='tiny' if a.tiny else 'llama-1b-shaped', config=cfg.to_dict(),
+                   batch=1, prompt_len=a.prompt_len, new_tokens=a.new_tokens, compile=compile_, dtype='bfloat16',
+                   engine='metai.infer.cache.make_cache + metai.infer.generate.prefill/decode_one_token, greedy',
+                   timing='decode only (tokens 2..N, prefill excluded), after a warm-up run', check=check, variants={})
+    for name, q in variants:
+        model = copy.deepcopy(base)
+        info = dict(quantized=q is not None)
+        torch._dynamo.reset()  # a fresh compile per variant (no guard-cache overflow back to eager)
+        try:
+            if q is not None:
+                G, head = q
+                quantize_model(model, group_size=G, include_head=head)
+                info['kernels'] = prepare_int4(model, device)
+                r = model.quant_config['report']
+                info.update(group_size=G, include_head=head, skipped=model.quant_config['skipped'],
+                            bits_per_quantized_weight=r['bits_per_quantized_weight'])
+                # the int4 matmul against its dequantized reference, on one real layer
+                lin = model.layers[0].ffn.w1
+                x = torch.randn(4, lin.in_features, device=device, dtype=torch.bfloat16)
+                y, yr = lin(x).float(), F.linear(x, lin.dequantize(torch.bfloat16)).float()
+                info['kernel_rel_err'] = ((y - yr).abs().max() / yr.abs().max()).item()
+            eager = greedy_decode(model, prompt, n_chk, False)[0]
+            info['greedy_match_uncached'] = bool(torch.equal(eager, greedy_reference(model, prompt, n_chk)))
+            info['weight_bytes'] = state_bytes(model)
+            # bytes a decode step reads: all weights but the embedding table (one row of it)
+            info['weight_bytes_read_per_token'] = info['weight_bytes'] - state_bytes(model.embed) + cfg.dim * 2
+            if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
+            t = time.perf_counter()
+            greedy_decode(model, prompt, min(a.new_tokens, 16), compile_)   # warm-up: compiles, records the graphs
+            info['warmup_s'] = time.perf_counter() - t
+            toks, secs = greedy_decode(model, prompt, a.new_tokens, compile_)
+            info['compiled_vs_eager_first_tokens_agree'] = (toks[:, :n_chk] == eager).float().mean().item()
+            info['decode_s'] = secs
+            info['tokens_per_s'] = (a.new_tokens - 1) / secs
+            info['ms_per_token'] = 1e3 * secs / (a.new_tokens - 1)
+            info['achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['tokens_per_s'] / 1e9
+            if device.type == 'cuda': info['peak_mem_GiB'] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as e:  # keep the other variants' numbers
+            info['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+        results['variants'][name] = info
+        del model
+        if device.type == 'cuda': torch.cuda.empty_cache()
+        msg = info.get('error') or (f"{info['tokens_per_s']:9.1f} tok/s  {info['ms_per_token']:7.3f} ms/token  "
+                                    f"{info['weight_bytes'] / 2**30:6.3f} GiB weights  {info['achieved_GB_per_s']:7.1f} GB/s")
+        print(f'{name:16s} {msg}', flush=True)
+
+    b = results['variants'].get('bf16', {})
+    if 'tokens_per_s' in b:
+        for name, info in results['variants'].items():
+            if 'tokens_per_s' in info: info['speedup_vs_bf16'] = info['tokens_per_s'] / b['tokens_per_s']
+        print('speed-up vs bf16: ' + ', '.join(f"{n} {i['speedup_vs_bf16']:.2f}x" for n, i in results['variants'].items() if 'speedup_vs_bf16' in i))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    tmp = a.out + '.tmp'
+    with open(tmp, 'w') as f: json.dump(results, f, indent=1)
+    os.replace(tmp, a.out)
+    print('wrote', a.out)
+    return 0 if check['greedy_match_fp32'] and not any('error' in i for i in results['variants'].values()) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

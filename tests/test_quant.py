@@ -1,0 +1,236 @@
+"""`metai.infer.quant`: the int4 format, the packed kernels against dequantization, whole models, checkpoints on disk,
+bad input, NF4 through bitsandbytes, decoding a quantized model, and the benchmark script's CPU smoke mode."""
+import copy, json, os, subprocess, sys
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import save_model
+
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
+from metai.infer.quant import (GROUP_SIZES, Int4Linear, Int4Experts, QuantMoE, dequantize_int4, load_fp_model, load_quantized,
+                               pack_int4, prepare_int4, quantize_dir, quantize_int4, quantize_model, read_quant_json,
+                               save_quantized, unpack_int4, is_quantized_dir)
+
+torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ds_tiny(**kw):
+    c = dict(n_layers=2, n_routed_experts=8, n_expert_groups=4, n_activated_experts=2, moe_ffn_dim=64, max_seq_len=64)
+    return ModelConfig.preset('ds-tiny', **{**c, **kw})
+
+def micro(**kw): return ModelConfig.preset('micro', **{**dict(n_layers=2, max_seq_len=64), **kw})
+
+def exact(model):
+    "Every Int4Linear on its dequantize-then-matmul path (exact in fp32)."
+    for m in model.modules():
+        if isinstance(m, Int4Linear): m.kernel, m.kernel_device = 'dequant', torch.device('cpu')
+    return model
+
+def fake_quantized(model, qmodel):
+    fake = copy.deepcopy(model)
+    sd = fake.state_dict()
+    with torch.no_grad():
+        for name in qmodel.quant_config['linear']: sd[name + '.weight'].copy_(qmodel.get_submodule(name).dequantize())
+        for name in qmodel.quant_config['experts']:
+            for w in ('w1', 'w2', 'w3'): sd[f'{name}.{w}'].copy_(getattr(qmodel.get_submodule(name), w).dequantize())
+    return fake
+
+def write_ckpt(d, cfg, seed=0, tokenizer=True):
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    os.makedirs(d, exist_ok=True); cfg.to_json(d); save_model(m, os.path.join(d, 'model.safetensors'))
+    if tokenizer: open(os.path.join(d, 'tokenizer.model'), 'wb').write(b'not a real tokenizer')
+    return m
+
+# --- the format ---------------------------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 24), groups=st.integers(1, 4), G=st.sampled_from([2, 8, 32, 64, 128]), scale=st.floats(1e-3, 10.0),
+       offset=st.floats(-1.0, 1.0), seed=st.integers(0, 10_000))
+def test_error_bound(n, groups, G, scale, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, groups * G, generator=g) * scale + offset * scale
+    q, s, z = quantize_int4(w, G)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    err = (dequantize_int4(q, s, z) - w).abs().reshape(n, groups, G)
+    step = s.float().unsqueeze(-1)
+    # half a step, plus bf16 rounding of the zero (relative 2^-9) and scale (15 steps x 2^-9)
+    bound = 0.5 * step + z.float().abs().unsqueeze(-1) * 2**-8 + 15 * step * 2**-8 + 1e-6
+    assert (err <= bound).all()
+
+def test_min_and_max_are_representable():
+    w = torch.tensor([[-1.0, -0.2, 0.6, 2.0]])  # all on the grid of step 0.2
+    q, s, z = quantize_int4(w, 4, scale_dtype=torch.float32)
+    assert q.tolist() == [[0, 4, 8, 15]]
+    torch.testing.assert_close(dequantize_int4(q, s, z), w, atol=1e-6, rtol=0)
+
+def test_pack_roundtrip_and_layout():
+    q = torch.randint(0, 16, (2, 3, 10), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    assert pack_int4(torch.tensor([[0xA, 0x5]])).tolist() == [[0xA5]]  # even column in the high nibble
+    with pytest.raises(ValueError, match='even'): pack_int4(torch.zeros(1, 5))
+
+def test_bad_group_size():
+    with pytest.raises(ValueError, match='divide'): quantize_int4(torch.randn(4, 100), 64)
+    with pytest.raises(ValueError, match='group_size=48'): quantize_model(Transformer(micro()), group_size=48)
+    with pytest.raises(ValueError, match="method='fp8'"): quantize_model(Transformer(micro()), method='fp8')
+
+# --- kernels against dequantization --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('K,N,G', [(128, 16, 32), (256, 48, 64), (512, 64, 128), (512, 32, 256), (2048, 256, 64)])
+def test_cpu_kernel_matches_dequantized_matmul(K, N, G):
+    torch.manual_seed(K + N)
+    q4 = Int4Linear.from_linear(nn.Linear(K, N, bias=False), G)
+    x = torch.randn(3, 5, K)
+    ref = F.linear(x, q4.dequantize())
+    q4.cpu_dtype = torch.float32
+    assert q4.prepare() == 'cpu'
+    torch.testing.assert_close(q4(x), ref, atol=1e-4, rtol=1e-4)
+    q4.cpu_dtype = torch.bfloat16; q4.prepare()
+    y = q4(x.bfloat16()).float()
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+def test_fallback_shapes_and_moves():
+    q4 = Int4Linear.from_linear(nn.Linear(64, 24, bias=True), 32)  # N % 16 != 0: no CPU kernel
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(q4(x), x @ q4.dequantize().T + q4.bias, atol=1e-5, rtol=1e-5)
+    assert q4.kernel == 'dequant'
+    q4 = Int4Linear.from_linear(nn.Linear(64, 32), 64).to(torch.float64)  # .to(dtype) must not break the kernel path
+    assert q4(torch.randn(2, 64, dtype=torch.float64)).dtype == torch.float64
+    assert q4.weight.dtype == torch.float64
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('K,N,G', [(2048, 2048, 32), (2048, 512, 64), (8192, 2048, 128), (96, 64, 32), (192, 256, 256)])
+def test_cuda_kernel_matches_dequantized_matmul(K, N, G):
+    q4 = Int4Linear.from_linear(nn.Linear(K, N, bias=False, device='cuda', dtype=torch.bfloat16), G)
+    assert q4.prepare() == 'cuda'
+    x = torch.randn(5, K, device='cuda', dtype=torch.bfloat16)
+    y, ref = q4(x).float(), F.linear(x, q4.dequantize(torch.bfloat16)).float()
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+# --- whole models ------------------------------------------------------------------------------------------------
+
+def test_quantized_deepseek_model_equals_fake_quantized():
+    torch.manual_seed(0)
+    ref = Transformer(ds_tiny()).eval()
+    qm = quantize_model(copy.deepcopy(ref), group_size=32)
+    qc = qm.quant_config
+    assert 'head' not in qc['linear'] and len(qc['experts']) == 2 and 'mtp.0.eh_proj' in qc['linear']
+    assert isinstance(qm.layers[1].ffn, QuantMoE) and isinstance(qm.layers[1].ffn.w2, Int4Experts)
+    assert type(qm.head) is nn.Linear and type(qm.layers[1].ffn.gate.weight) is nn.Parameter
+    tokens = torch.randint(0, 8192, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(exact(qm)(tokens)[0], fake_quantized(ref, qm)(tokens)[0], atol=1e-5, rtol=1e-4)
+
+def test_byte_report():
+    qm = quantize_model(Transformer(micro()), 64)
+    r = qm.quant_config['report']
+    assert r['bits_per_quantized_weight'] == 4.5
+    assert r['quantized_ratio_vs_bf16'] >= 3.5 and r['quantized_bytes_before'] == 4 * r['quantized_params']
+    assert r['model_bytes_after'] < r['model_bytes_before']
+    r128 = quantize_model(Transformer(micro()), 128).quant_config['report']
+    assert r128['bits_per_quantized_weight'] == 4.25
+
+def test_include_head_with_tied_embeddings():
+    torch.manual_seed(0)
+    ref = Transformer(micro()).eval()
+    qm = quantize_model(copy.deepcopy(ref), 64, include_head=True)
+    assert isinstance(qm.head, Int4Linear) and type(qm.embed.weight) is nn.Parameter
+    tokens = torch.randint(0, 8192, (1, 10))
+    with torch.no_grad(): assert (exact(copy.deepcopy(qm))(tokens)[0] - ref(tokens)[0]).abs().max() > 0
+
+# --- checkpoints on disk ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('cfg_fn,G,head', [(micro, 64, False), (micro, 32, True), (ds_tiny, 64, False)])
+def test_quantize_dir_roundtrip(tmp_path, cfg_fn, G, head):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, cfg_fn())
+    rep = quantize_dir(src, dst, group_size=G, include_head=head)
+    assert sorted(os.listdir(dst)) == ['config.json', 'model.int4.safetensors', 'quant.json', 'tokenizer.model']
+    assert rep['tokenizer_copied'] and rep['quantized_ratio_vs_bf16'] >= (3.5 if G >= 64 else 3.2)
+    assert is_quantized_dir(dst) and not is_quantized_dir(src)
+    qc = read_quant_json(dst)
+    assert qc['group_size'] == G and qc['method'] == 'int4' and qc['include_head'] == head
+    lm = load_quantized(dst)
+    qm = quantize_model(load_fp_model(src), G, include_head=head)
+    tokens = torch.randint(0, 8192, (2, 9))
+    with torch.no_grad(): assert torch.equal(lm(tokens)[0], qm(tokens)[0])
+    assert not lm.training
+
+def test_generate_runs_on_a_loaded_quantized_model(tmp_path):
+    from metai.infer.generate import generate
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro())
+    quantize_dir(src, dst, group_size=64)
+    model = load_quantized(dst)
+    prompt = [2, 17, 99, 5]
+    out = generate(model, prompt, max_new_tokens=6, temperature=0)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # the uncached greedy reference on the same quantized model
+        for _ in range(6): ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert out == ids[0, len(prompt):].tolist()
+
+def test_bad_inputs(tmp_path):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro(), tokenizer=False)
+    with pytest.raises(ValueError, match='must differ'): quantize_dir(src, src)
+    with pytest.raises(FileNotFoundError, match='config.json'): quantize_dir(str(tmp_path / 'nothing'), dst)
+    rep = quantize_dir(src, dst)
+    assert not rep['tokenizer_copied'] and 'tokenizer.model' not in os.listdir(dst)
+    with pytest.raises(ValueError, match='already a quantized'): quantize_dir(dst, str(tmp_path / 'q2'))
+    qpath = os.path.join(dst, 'quant.json'); good = open(qpath).read()
+    for text, msg in [('{"method": ', 'not valid JSON'), ('[1, 2]', 'JSON object'),
+                      (good.replace('"group_size": 64', '"group_size": 48'), "'group_size' is 48"),
+                      (good.replace('"method": "int4"', '"method": "int3"'), "'method' is 'int3'"),
+                      (good.replace('"layers.0.attn.wq"', '"layers.9.attn.wq"'), 'does not fit config.json')]:
+        open(qpath, 'w').write(text)
+        with pytest.raises(ValueError, match=msg) as e: load_quantized(dst)
+        assert 'quant.json' in str(e.value) or 'config.json' in str(e.value)
+    open(qpath, 'w').write(good)
+    w = os.path.join(dst, 'model.int4.safetensors')
+    data = open(w, 'rb').read(); open(w, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match='model.int4.safetensors'): load_quantized(dst)
+    os.remove(w)
+    with pytest.raises(FileNotFoundError, match='model.int4.safetensors'): load_quantized(dst)
+    os.remove(os.path.join(src, 'model.safetensors'))
+    with pytest.raises(FileNotFoundError, match='model.safetensors'): quantize_dir(src, str(tmp_path / 'q3'))
+
+# --- NF4 (bitsandbytes) -------------------------------------------------------------------------------------------
+
+def test_nf4_roundtrip(tmp_path):
+    bnb = pytest.importorskip('bitsandbytes')
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'nf4')
+    ref = write_ckpt(src, ds_tiny())
+    rep = quantize_dir(src, dst, group_size=64, method='nf4')
+    assert 'model.nf4.safetensors' in os.listdir(dst) and rep['quantized_ratio_vs_bf16'] >= 3.5
+    lm = load_quantized(dst)
+    assert isinstance(lm.layers[0].attn.wq_a, bnb.nn.Linear4bit)
+    assert 'layers.0.attn.wkv_b' in lm.quant_config['skipped']
+    tokens = torch.randint(0, 8192, (1, 10))
+    with torch.no_grad():
+        y, y_ref = lm(tokens)[0], ref(tokens)[0]
+    assert ((y - y_ref).norm() / y_ref.norm()) < 0.5 and torch.isfinite(y).all()
+
+# --- the benchmark script -----------------------------------------------------------------------------------------
+
+def test_bench_script_cpu_smoke(tmp_path):
+    out = str(tmp_path / 'bq.json')
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'bench_quant.py'), '--device', 'cpu', '--tiny',
+                        '--variants', 'bf16,int4-g64,int4-g32+head', '--out', out],
+                       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(out))
+    assert res['check']['greedy_match_fp32']
+    v = res['variants']
+    assert set(v) == {'bf16', 'int4-g64', 'int4-g32+head'}
+    for name, info in v.items():
+        assert info['tokens_per_s'] > 0 and info['greedy_match_uncached'], (name, info)
+    assert v['int4-g64']['kernels'] == {'cpu': 14} and v['int4-g32+head']['kernels'] == {'cpu': 15}
+    assert v['int4-g64']['weight_bytes'] < v['bf16']['weight_bytes']
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'bench_quant.py'), '--device', 'cpu', '--tiny',
+                        '--variants', 'int4-x', '--out', out], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and 'bad variant' in r.stderr

@@ -1,0 +1,207 @@
+"""Training from the command line, end to end in subprocesses: a run killed with SIGKILL and resumed matches an
+uninterrupted one bit for bit, Ctrl-C saves and exits cleanly, bad checkpoints and bad flags get one-line errors and
+leave every file as it was, and `generate` and `plot` work on the result."""
+import json, os, random, shutil, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+
+ROOT = Path(__file__).resolve().parent.parent
+METAI = str(Path(sys.executable).parent/'metai') if (Path(sys.executable).parent/'metai').exists() else shutil.which('metai')
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'METAI_PLAIN': '1'}
+ENV.pop('METAI_DEBUG', None)
+
+def metai(*args, timeout=120):
+    "Run the installed `metai` script; returns (exit code, stdout, stderr)."
+    assert METAI, 'the metai console script is not installed: pip install -e .'
+    r = subprocess.run([METAI, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+def one_line(err):
+    "stderr is exactly one line, with no traceback."
+    assert err.endswith('\n') and err.count('\n') == 1 and 'Traceback' not in err, repr(err)
+    return err.strip()
+
+# --- a tiny bilingual corpus and a tiny model ---------------------------------------------------------------------
+
+ZH = ['床前明月光，疑是地上霜。', '举头望明月，低头思故乡。', '春眠不觉晓，处处闻啼鸟。', '夜来风雨声，花落知多少。',
+      '白日依山尽，黄河入海流。', '欲穷千里目，更上一层楼。']
+EN = ['the cat sat on the mat.', 'a bird in the hand is worth two in the bush.', 'all that glitters is not gold.',
+      'the early bird catches the worm.', 'actions speak louder than words.', 'time and tide wait for no man.']
+
+def write_corpus(d:Path, n_zh=300, n_en=600, seed=0):
+    rng = random.Random(seed)
+    for name, lines, n, sep in (('zh', ZH, n_zh, ''), ('en', EN, n_en, ' ')):
+        docs = [sep.join(rng.choice(lines) for _ in range(rng.randint(2, 5))) for _ in range(n)]
+        (d/f'{name}.txt').write_text('\n\n'.join(docs) + '\n', encoding='utf-8')
+    return d/'zh.txt', d/'en.txt'
+
+N, EVAL = 60, 10   # steps of every run; a checkpoint every EVAL steps
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp('train')
+    zh, en = write_corpus(d)
+    return d, zh, en
+
+def train_args(corpus, out, dim=96, *extra):
+    "train-custom for a 3-layer model of width `dim` (slow enough per step to be killed mid-run), deterministic."
+    d, zh, en = corpus
+    return ['train-custom', '--chinese-path', zh, '--english-path', en, '--data-dir', d/'data', '--output-dir', out,
+            '--vocab-size', 512, '--hidden-dim', dim, '--num-layers', 3, '--num-heads', 4, '--num-kv-heads', 2, '--mlp-dim', 256,
+            '--seq-len', 128, '--batch-size', 8, '--steps', N, '--warmup', 5, '--lr', 3e-3, '--eval-interval', EVAL,
+            '--log-interval', 1, '--seed', 3, '--deterministic', '--device', 'cpu', '--sample-prompt', '', *extra]
+
+@pytest.fixture(scope='module')
+def ref(corpus):
+    "The uninterrupted run."
+    out = corpus[0]/'ref'
+    rc, o, e = metai(*train_args(corpus, out))
+    assert (rc, e) == (0, ''), e
+    return out
+
+def records(out):
+    return [json.loads(l) for l in open(Path(out)/'metrics.jsonl', encoding='utf-8')]
+
+def losses(out):  # (step, loss) of every train record, (step, val_loss) of every eval
+    rs = records(out)
+    return [(r['step'], r['loss']) for r in rs if 'loss' in r], [(r['step'], r['val_loss']) for r in rs if 'val_loss' in r]
+
+def start_and_wait(args, out, step):
+    "Start `metai args` and return the process once metrics.jsonl shows `step` and a checkpoint exists."
+    p = subprocess.Popen([METAI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    m, t0 = Path(out)/'metrics.jsonl', time.time()
+    while time.time() - t0 < 90:
+        if p.poll() is not None: break
+        if m.exists() and (Path(out)/'checkpoints'/'latest').exists():
+            steps = [r['step'] for r in records(out) if 'loss' in r] if m.stat().st_size else []
+            if steps and steps[-1] >= step: return p
+        time.sleep(0.01)
+    p.kill(); p.wait()
+    pytest.fail(f'run ended or stalled before step {step} (rc {p.returncode}): {p.stderr.read()}')
+
+def snapshot(d):
+    "Bytes and mtime of every file under `d`."
+    return {str(f): (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(Path(d).rglob('*')) if f.is_file()}
+
+# --- exact resume -------------------------------------------------------------------------------------------------
+
+def test_sigkill_then_resume_is_bitwise_exact(corpus, ref):
+    out = corpus[0]/'killed'
+    p = start_and_wait(train_args(corpus, out), out, 2 * EVAL + 3)   # past the checkpoint at step 2*EVAL
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL
+    killed_at = max(s for s, _ in losses(out)[0])
+    assert 2 * EVAL < killed_at < N, killed_at
+    ck = (out/'checkpoints'/'latest').read_text().strip()
+    rc, o, e = metai(*train_args(corpus, out, 96, '--resume'))
+    assert (rc, e) == (0, ''), e
+    assert f"resuming" in o
+    (tr_ref, ev_ref), (tr, ev) = losses(ref), losses(out)
+    assert tr[-1][0] == N and tr[-1] == tr_ref[-1]          # the final-step loss, bit for bit
+    assert ev[-1] == ev_ref[-1]                              # the final validation loss, bit for bit
+    assert tr == tr_ref and ev == ev_ref, f'resumed from {ck}'  # and every step on the way
+
+def test_sigint_saves_and_resumes(corpus, ref):
+    out = corpus[0]/'interrupted'
+    p = start_and_wait(train_args(corpus, out), out, EVAL + 3)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, (p.returncode, err)
+    line = one_line(err)
+    stopped = int(line.split('interrupted at step ')[1].split(':')[0])
+    assert EVAL < stopped < N and '--resume' in line, line
+    assert (out/'checkpoints'/'latest').read_text().strip() == f'step_{stopped:07d}'   # saved where it stopped
+    rc, o, e = metai(*train_args(corpus, out, 96, '--resume'))
+    assert (rc, e) == (0, ''), e
+    (tr_ref, ev_ref), (tr, ev) = losses(ref), losses(out)
+    assert tr == tr_ref                                      # every step's loss, bit for bit
+    assert [r for r in ev if r[0] != stopped] == ev_ref      # the evals too; plus the one Ctrl-C made at `stopped`
+
+# --- bad input: one line, exit code 1, nothing overwritten ----------------------------------------------------------
+
+def test_resume_with_another_model_is_refused(corpus, ref):
+    before = snapshot(ref)
+    rc, o, e = metai(*train_args(corpus, ref, 128, '--resume'))
+    msg = one_line(e)
+    assert rc == 1 and 'dim=96' in msg and 'dim=128' in msg, msg
+    rc, o, e = metai(*train_args(corpus, ref, 96, '--resume', '--vocab-size', 600))
+    assert rc == 1 and 'vocab_size=512' in one_line(e), e
+    assert snapshot(ref) == before
+
+def test_existing_checkpoint_without_resume_is_refused(corpus, ref):
+    before = snapshot(ref)
+    rc, o, e = metai(*train_args(corpus, ref))
+    msg = one_line(e)
+    assert rc == 1 and 'already holds a checkpoint' in msg and '--resume' in msg, msg
+    assert snapshot(ref) == before
+
+@pytest.fixture
+def run_copy(ref, tmp_path):
+    "A copy of the finished run (hard links become separate files) to damage."
+    d = tmp_path/'copy'; shutil.copytree(ref, d)
+    return d
+
+def latest(run): return run/'checkpoints'/(run/'checkpoints'/'latest').read_text().strip()
+
+def test_truncated_weights(corpus, run_copy):
+    ck = latest(run_copy)
+    for f in (ck/'model.safetensors', run_copy/'model.safetensors'):
+        data = f.read_bytes(); f.write_bytes(data[:len(data) // 2])
+    before = snapshot(run_copy)
+    rc, o, e = metai(*train_args(corpus, run_copy, 96, '--resume', '--steps', N + 10))
+    msg = one_line(e)
+    assert rc == 1 and 'model.safetensors' in msg and 'unreadable' in msg, msg
+    rc, o, e = metai('generate', '--model-dir', run_copy, '--prompt', 'the cat', '--device', 'cpu')
+    assert rc == 1 and 'model.safetensors' in one_line(e), e
+    assert snapshot(run_copy) == before
+
+class Evil:
+    def __init__(self, target): self.target = target
+    def __reduce__(self): return (os.system, (f'touch {self.target}',))
+
+def test_pickled_object_in_train_state_is_refused(corpus, run_copy, tmp_path):
+    pwned = tmp_path/'pwned'
+    st = torch.load(latest(run_copy)/'train_state.pt', weights_only=True)
+    torch.save({**st, 'extra': Evil(pwned)}, latest(run_copy)/'train_state.pt')
+    before = snapshot(run_copy)
+    rc, o, e = metai(*train_args(corpus, run_copy, 96, '--resume', '--steps', N + 10))
+    msg = one_line(e)
+    assert rc == 1 and 'train_state.pt' in msg and 'not a plain training state' in msg, msg
+    assert not pwned.exists()
+    assert snapshot(run_copy) == before
+
+def test_bad_training_flags(corpus, tmp_path):
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--schedule', 'linear'))
+    assert rc == 2 and '--schedule' in one_line(e)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--num-heads', 5))
+    assert rc == 1 and 'n_heads=5' in one_line(e)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--resume'))
+    assert rc == 1 and 'no checkpoint to resume' in one_line(e)
+    assert not (tmp_path/'x').exists()   # nothing was written for a run that never started
+
+# --- using the run ----------------------------------------------------------------------------------------------------
+
+def test_generate_and_plot(ref, tmp_path):
+    rc, o, e = metai('generate', '--model-dir', ref, '--prompt', 'the cat', '--max-new-tokens', 20, '--device', 'cpu')
+    assert (rc, e) == (0, '') and o.startswith('the cat') and len(o) > len('the cat\n')
+    rc, o, e = metai('generate', '--model-dir', tmp_path/'missing', '--prompt', 'the cat')
+    assert rc == 1 and 'no such directory' in one_line(e)
+    rc, o, e = metai('generate', '--model-dir', ref, '--prompt', '')
+    assert rc == 1 and 'empty prompt' in one_line(e)
+    png = tmp_path/'curves.png'
+    rc, o, e = metai('plot', ref, '--out', png)
+    assert (rc, o, e) == (0, f'{png}\n', '') and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+def test_train_micro_help_lists_the_flags():
+    rc, o, e = metai('train-micro', '--help')
+    assert rc == 0 and e == ''
+    for flag in ['--chinese-path', '--english-path', '--output-dir', '--data-dir', '--vocab-size', '--steps', '--tokens',
+                 '--batch-size', '--seq-len', '--grad-accum', '--lr', '--warmup', '--schedule', '--eval-interval', '--seed',
+                 '--device', '--compile', '--deterministic', '--resume', '--sample-prompt']:
+        assert flag in o, flag
+    assert '(default: output_micro)' in o
+    rc, o, e = metai('train-custom', '--help')
+    for flag in ['--hidden-dim', '--num-layers', '--num-heads', '--num-kv-heads', '--mlp-dim', '--attn-type', '--kv-lora-rank',
+                 '--q-lora-rank', '--n-routed-experts', '--n-activated-experts', '--n-shared-experts', '--moe-ffn-dim',
+                 '--n-dense-layers', '--score-func', '--mtp-depth', '--max-seq-len', '--preset']:
+        assert flag in o, flag

@@ -7,11 +7,11 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'cmd_train_micro', 'cmd_train_small', 'cmd_train_custom', 'load_run', 'cmd_generate', 'cmd_plot',
            'cmd_export_hf', 'cmd_import_hf', 'UsageError', 'command_parser', 'usage', 'main']
 
-# %% ../nbs/20_cli.ipynb #766c45be
+# %% ../nbs/20_cli.ipynb #83d90e2c
 import os, sys, inspect, difflib
 from fastcore.script import anno_parser, CliError
 
-# %% ../nbs/20_cli.ipynb #84f80881
+# %% ../nbs/20_cli.ipynb #e64229d1
 def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
                      out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
@@ -29,7 +29,7 @@ def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file
                  zh_ratio=zh_ratio, val_fraction=val_fraction, workers=workers, seed=seed, skip_bad=skip_bad,
                  tokenizer_path=tokenizer_path)
 
-# %% ../nbs/20_cli.ipynb #83d3591f
+# %% ../nbs/20_cli.ipynb #def3d608
 def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, deepseek-v3, deepseek-v3.2), a config.json or a folder holding one
                seq_len:int=None, # context length for the FLOPs figures (default: the smaller of 4096 and the model's max_seq_len)
                json:bool=False # print JSON (exact integers) instead of a table
@@ -65,7 +65,7 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
     w0, w1 = max(len(a) for a,_,_ in rows), max(len(b) for _,b,_ in rows)
     for a, b, c in rows: print(f'  {a:<{w0}}  {b:>{w1}}  {c}'.rstrip())
 
-# %% ../nbs/20_cli.ipynb #26f48810
+# %% ../nbs/20_cli.ipynb #cd9b6006
 def _check_positive(**kw):
     for k, v in kw.items():
         if v is not None and v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
@@ -80,7 +80,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     "What the three train commands do: prepare the data, build the config, train, report. Returns the exit code."
     import dataclasses, torch
     from metai.config import ModelConfig
-    from metai.core import fmt_num
+    from metai.core import fmt_num, get_device
     from metai.data.corpus import prepare_data
     from metai.train.loop import TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text
     from metai.train.monitor import plot_metrics, fmt_duration
@@ -113,20 +113,19 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
                      max_steps=steps, lr=a['lr'], warmup_steps=a['warmup'], schedule=a['schedule'], eval_interval=a['eval_interval'],
                      eval_batches=a['eval_batches'], log_interval=a['log_interval'], seed=a['seed'], device=dev,
                      compile=a['compile'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'])
-    n = torch.get_num_threads()
-    threads = f" ({n} thread{'s' * (n > 1)})" if not torch.cuda.is_available() or dev == 'cpu' else ''
+    where, n = get_device(dev).type, torch.get_num_threads()
+    if where == 'cpu': where += f" ({n} thread{'s' * (n > 1)})"
     changed = ''.join(f', {k}={v}' for k, v in model.items())
     print(f"model: {preset} preset{changed}: {fmt_num(cfg.num_params(), 2)} parameters ({fmt_num(cfg.active_params(), 2)} active), "
           f"{cfg.attn_type}, {'MoE' if cfg.is_moe else 'dense'}, vocab {cfg.vocab_size:,}")
     print(f"train: {steps:,} steps x {tok_step:,} tokens ({a['batch_size']} x {a['seq_len']} x {a['grad_accum']}) = {fmt_num(steps * tok_step, 2)} tokens, "
           f"lr {a['lr']:g} {a['schedule']} (warmup {a['warmup']}), eval every {a['eval_interval']}, "
-          f"device {a['device']}{threads}{', resuming' if ck else ''} -> {out}", flush=True)
+          f"device {where}{', resuming' if ck else ''} -> {out}", flush=True)
     s = train(cfg, tc, resume=a['resume'])
 
     # 4. the report
-    resume_cmd = 'the same command with --resume'
     if s['interrupted']:
-        print(f"interrupted at step {s['step']:,}: checkpoint saved in {out}; continue with {resume_cmd}", file=sys.stderr)
+        print(f"interrupted at step {s['step']:,}: checkpoint saved in {out}; continue with the same command plus --resume", file=sys.stderr)
         return 130
     H = unigram_entropy(os.path.join(data_dir, 'train.bin'), cfg.vocab_size, meta['dtype'])
     print(f"done: step {s['step']:,} of {steps:,}, {fmt_num(s['tokens'], 2)} tokens; this session {fmt_duration(s['seconds'])} "
@@ -139,7 +138,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"next: metai generate --model-dir {out} --prompt '...'  |  metai plot {out}  |  metai export-hf --model-dir {out} --out {out}_hf")
     return 0
 
-# %% ../nbs/20_cli.ipynb #73743d0c
+# %% ../nbs/20_cli.ipynb #c25e90d8
 def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_micro', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -155,7 +154,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
                     schedule:str='cosine', # learning-rate schedule: cosine, wsd (warmup-stable-decay) or constant
                     eval_interval:int=50, # steps between validation (loss, bits/byte), sample and checkpoint
                     eval_batches:int=4, # validation batches per eval
-                    log_interval:int=10, # steps between metric records
+                    log_interval:int=5, # steps between metric records (dashboard, log lines, metrics.jsonl)
                     seed:int=0, # seed for the initialisation, the data order and the samples
                     device:str='auto', # auto, cpu, cuda or mps
                     compile:bool=False, # torch.compile the model (needs a C++ compiler on the CPU)
@@ -166,7 +165,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the micro model (6.8M parameters) on the embedded bilingual corpus or your text: minutes on a CPU."
     return run_training('micro', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #9251d360
+# %% ../nbs/20_cli.ipynb #fb9be34f
 def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_small', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -182,7 +181,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
                     schedule:str='cosine', # learning-rate schedule: cosine, wsd (warmup-stable-decay) or constant
                     eval_interval:int=250, # steps between validation (loss, bits/byte), sample and checkpoint
                     eval_batches:int=20, # validation batches per eval
-                    log_interval:int=10, # steps between metric records
+                    log_interval:int=10, # steps between metric records (dashboard, log lines, metrics.jsonl)
                     seed:int=0, # seed for the initialisation, the data order and the samples
                     device:str='auto', # auto, cpu, cuda or mps
                     compile:bool=False, # torch.compile the model (needs a C++ compiler on the CPU)
@@ -193,7 +192,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the small model (an 8-expert MoE, 2 active) on the embedded corpus or your text: made for one GPU."
     return run_training('small', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #78829b08
+# %% ../nbs/20_cli.ipynb #57d24100
 CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_heads', 'num_kv_heads': 'n_kv_heads',
                 'mlp_dim': 'ffn_dim', 'head_dim': 'head_dim', 'max_seq_len': 'max_seq_len', 'rope_theta': 'rope_theta',
                 'attn_type': 'attn_type', 'q_lora_rank': 'q_lora_rank', 'kv_lora_rank': 'kv_lora_rank',
@@ -246,7 +245,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
                      schedule:str='cosine', # learning-rate schedule: cosine, wsd (warmup-stable-decay) or constant
                      eval_interval:int=50, # steps between validation (loss, bits/byte), sample and checkpoint
                      eval_batches:int=4, # validation batches per eval
-                     log_interval:int=10, # steps between metric records
+                     log_interval:int=5, # steps between metric records (dashboard, log lines, metrics.jsonl)
                      seed:int=0, # seed for the initialisation, the data order and the samples
                      device:str='auto', # auto, cpu, cuda or mps
                      compile:bool=False, # torch.compile the model (needs a C++ compiler on the CPU)
@@ -265,7 +264,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
     if vocab_size is None: a['vocab_size'] = PRESETS[preset].vocab_size
     return run_training(preset, model, a)
 
-# %% ../nbs/20_cli.ipynb #000e5303
+# %% ../nbs/20_cli.ipynb #9b7e0bc1
 def load_run(model_dir:str, # a training output folder (or any folder with config.json, model.safetensors, tokenizer.model)
              device:str='cpu', # where to put the model
              tokenizer:bool=True # also load tokenizer.model (returns None in its place when False)
@@ -287,7 +286,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     load_weights(model, os.path.join(model_dir, 'model.safetensors'))
     return model.to(device).eval(), tok
 
-# %% ../nbs/20_cli.ipynb #e596d8cb
+# %% ../nbs/20_cli.ipynb #e987d9fe
 def cmd_generate(model_dir:str=None, # a training output folder (config.json, model.safetensors, tokenizer.model)
                  prompt:str=None, # the text to continue
                  max_new_tokens:int=100, # tokens to sample at most (stops early at end-of-text)
@@ -308,7 +307,7 @@ def cmd_generate(model_dir:str=None, # a training output folder (config.json, mo
     model, tok = load_run(model_dir, dev)
     print(prompt + sample_text(model, tok, prompt, max_new_tokens, temperature, top_k, seed, dev))
 
-# %% ../nbs/20_cli.ipynb #fe7c99f0
+# %% ../nbs/20_cli.ipynb #fcb15bbf
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
              out:str=None # the PNG to write (default: loss.png in the run folder)
             ):
@@ -316,7 +315,7 @@ def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
     from metai.train.monitor import plot_metrics
     print(plot_metrics(run_dir, out))
 
-# %% ../nbs/20_cli.ipynb #873664a6
+# %% ../nbs/20_cli.ipynb #e8cc93b4
 def _copy_tokenizer(src_dir, out):
     import shutil
     src = os.path.join(src_dir, 'tokenizer.model')
@@ -357,7 +356,7 @@ def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or 
     tok = _copy_tokenizer(hf_dir, out)
     print(f"{out}: metai model, {model.cfg.num_params():,} parameters" + (', tokenizer.model copied' if tok else ' (no tokenizer.model in the checkpoint: add one before generating)'))
 
-# %% ../nbs/20_cli.ipynb #5cf2d2b4
+# %% ../nbs/20_cli.ipynb #725d900d
 COMMANDS = {
     'prepare-data': cmd_prepare_data,
     'train-micro':  cmd_train_micro,
@@ -370,7 +369,7 @@ COMMANDS = {
     'config':       cmd_config,
 }
 
-# %% ../nbs/20_cli.ipynb #25483f68
+# %% ../nbs/20_cli.ipynb #68341c1f
 class UsageError(Exception):
     "A bad command line: unknown command, unknown flag or a value of the wrong type (exit code 2)."
 
@@ -392,7 +391,7 @@ def command_parser(name:str # a key of `COMMANDS`
     p.error = error
     return p
 
-# %% ../nbs/20_cli.ipynb #74f4d354
+# %% ../nbs/20_cli.ipynb #65bd2b23
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
 USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
 

@@ -31,17 +31,22 @@ TINY = dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_di
             max_seq_len=256, tie_embeddings=False, norm_eps=1e-5)
 
 
-@torch.no_grad()
-def greedy_decode(model:Transformer, prompt:torch.Tensor, n_new:int, compile_:bool):
-    "metai's static cache + `prefill` + `decode_one_token` (temperature 0). -> (tokens (B, n_new), seconds for tokens 2..n_new)."
-    device = prompt.device
-    P = prompt.shape[1]
-    cache = make_cache(model, prompt.shape[0], -(-(P + n_new) // 8) * 8, mtp=False)
-    step = decode_one_token
-    if compile_:
-        step = torch.compile(decode_one_token, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True)
+def new_cache(model:Transformer, n_tokens:int, compiled:bool):
+    "metai's static KV cache for one row and `n_tokens` positions (rounded up to 8, as generate does)."
+    cache = make_cache(model, 1, -(-n_tokens // 8) * 8, mtp=False)
+    if compiled:
         for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
-    sdpa = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile_ and device.type == 'cuda'
+    return cache
+
+
+@torch.no_grad()
+def greedy_decode(model:Transformer, prompt:torch.Tensor, n_new:int, step=decode_one_token, cache=None):
+    """`prefill` then `n_new` greedy `step`s (metai's `decode_one_token`, maybe compiled) on `cache` (reused: keep its
+    addresses). -> (tokens (B, n_new), seconds for tokens 2..n_new)."""
+    device, P = prompt.device, prompt.shape[1]
+    if cache is None: cache = new_cache(model, P + n_new, False)
+    compiled = step is not decode_one_token
+    sdpa = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compiled and device.type == 'cuda'
             else contextlib.nullcontext())  # as metai.infer.generate does when compiled
     with sdpa:
         tok = prefill(model, prompt, cache).argmax(-1, keepdim=True)          # (B, 1)
@@ -116,7 +121,7 @@ def main(argv=None):
 
     # correctness of metai's cached decode itself: fp32, eager, against the uncached forward
     n_chk = min(a.check_tokens, a.new_tokens)
-    check = dict(tokens=n_chk, greedy_match_fp32=bool(torch.equal(greedy_decode(base, prompt, n_chk, False)[0],
+    check = dict(tokens=n_chk, greedy_match_fp32=bool(torch.equal(greedy_decode(base, prompt, n_chk)[0],
                                                                    greedy_reference(base, prompt, n_chk))))
     print(f'cached decode vs uncached forward (fp32, {n_chk} greedy tokens): {"match" if check["greedy_match_fp32"] else "MISMATCH"}')
 
@@ -143,22 +148,26 @@ def main(argv=None):
                 x = torch.randn(4, lin.in_features, device=device, dtype=torch.bfloat16)
                 y, yr = lin(x).float(), F.linear(x, lin.dequantize(torch.bfloat16)).float()
                 info['kernel_rel_err'] = ((y - yr).abs().max() / yr.abs().max()).item()
-            eager = greedy_decode(model, prompt, n_chk, False)[0]
+            eager = greedy_decode(model, prompt, n_chk)[0]
             info['greedy_match_uncached'] = bool(torch.equal(eager, greedy_reference(model, prompt, n_chk)))
             info['weight_bytes'] = state_bytes(model)
             # bytes a decode step reads: all weights but the embedding table (one row of it)
             info['weight_bytes_read_per_token'] = info['weight_bytes'] - state_bytes(model.embed) + cfg.dim * 2
             if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
+            cache = new_cache(model, a.prompt_len + a.new_tokens, compile_)  # one cache and one compiled step per variant
+            step = (torch.compile(decode_one_token, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True)
+                    if compile_ else decode_one_token)
             t = time.perf_counter()
-            greedy_decode(model, prompt, min(a.new_tokens, 16), compile_)   # warm-up: compiles, records the graphs
+            greedy_decode(model, prompt, min(a.new_tokens, 16), step, cache)  # warm-up: compiles, records the graphs
             info['warmup_s'] = time.perf_counter() - t
-            toks, secs = greedy_decode(model, prompt, a.new_tokens, compile_)
+            toks, secs = greedy_decode(model, prompt, a.new_tokens, step, cache)
             info['compiled_vs_eager_first_tokens_agree'] = (toks[:, :n_chk] == eager).float().mean().item()
             info['decode_s'] = secs
             info['tokens_per_s'] = (a.new_tokens - 1) / secs
             info['ms_per_token'] = 1e3 * secs / (a.new_tokens - 1)
             info['achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['tokens_per_s'] / 1e9
             if device.type == 'cuda': info['peak_mem_GiB'] = torch.cuda.max_memory_allocated(device) / 2**30
+            del step, cache
         except Exception as e:  # keep the other variants' numbers
             info['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
         results['variants'][name] = info

@@ -11,7 +11,11 @@ from metai.infer.generate import (logits_to_probs, sample, generate, TextStreame
                                   load_model_dir, encode_prompt, decode_one_token, prefill)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    "Inference tests run without autograd; restored afterwards so other test files are unaffected."
+    with torch.no_grad(): yield
 
 def tiny(vocab=256, **kw):
     d = dict(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64, init_std=0.1)

@@ -173,6 +173,10 @@ def test_generate_runs_on_a_loaded_quantized_model(tmp_path):
     with torch.no_grad():  # the uncached greedy reference on the same quantized model
         for _ in range(6): ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert out == ids[0, len(prompt):].tolist()
+    m16 = load_quantized(dst, dtype=torch.bfloat16)  # as on a GPU: fp tensors in bf16, codes untouched
+    assert m16.embed.weight.dtype == torch.bfloat16 and m16.layers[0].attn.wq.qweight.dtype == torch.uint8
+    assert m16.freqs_cos.dtype == torch.float32
+    assert len(generate(m16, prompt, max_new_tokens=4, temperature=0)) == 4
 
 def test_bad_inputs(tmp_path):
     src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')

@@ -9,7 +9,7 @@ __all__ = ['logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync',
            'compiled_decode_one_token', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'generate', 'ChatSession',
            'load_model_dir', 'encode_prompt']
 
-# %% ../../nbs/10_generate.ipynb #7b24c221
+# %% ../../nbs/10_generate.ipynb #f508a8ac
 import os, sys, json, codecs, numbers, contextlib
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
 
-# %% ../../nbs/10_generate.ipynb #ac2f3555
+# %% ../../nbs/10_generate.ipynb #a0c34837
 def logits_to_probs(logits:Tensor, # (..., V) logits
                     temperature:float=1.0, # > 0; below 1 sharpens, above 1 flattens
                     top_k:int|None=None, # keep the k most likely tokens (ties with the k-th are kept too)
@@ -37,7 +37,7 @@ def logits_to_probs(logits:Tensor, # (..., V) logits
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float('-inf')))
     return logits.softmax(-1)
 
-# %% ../../nbs/10_generate.ipynb #fc98eb2f
+# %% ../../nbs/10_generate.ipynb #ffc36adb
 def apply_repetition_penalty(logits:Tensor, # (B, V)
                              seen:Tensor, # (B, V) bool: tokens already in each row's sequence
                              penalty:float # > 1 discourages repeats, 1 changes nothing
@@ -46,7 +46,7 @@ def apply_repetition_penalty(logits:Tensor, # (B, V)
     if penalty == 1.0: return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
-# %% ../../nbs/10_generate.ipynb #de8c4861
+# %% ../../nbs/10_generate.ipynb #51335041
 def multinomial_no_sync(probs:Tensor, # (..., V) probabilities
                         generator:torch.Generator|None=None # optional RNG (default: torch's global one)
                        ) -> Tensor: # (..., 1) long
@@ -64,7 +64,7 @@ def sample(logits:Tensor, # (B, V) logits of the next position
     if temperature == 0: return logits.argmax(-1, keepdim=True)
     return multinomial_no_sync(logits_to_probs(logits, temperature, top_k, top_p), generator)
 
-# %% ../../nbs/10_generate.ipynb #b6e72cb1
+# %% ../../nbs/10_generate.ipynb #0e5d5bcf
 def prefill(model, # a metai `Transformer`
             tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`)
             cache:KVCache, # static cache; positions start_pos..start_pos+T-1 get written
@@ -89,18 +89,20 @@ def decode_one_token(model, # a metai `Transformer`
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     return sample(logits, temperature, top_k, top_p), seen
 
-# %% ../../nbs/10_generate.ipynb #ab43e1a0
+# %% ../../nbs/10_generate.ipynb #8917589f
 _COMPILED = {}
 
-def compiled_decode_one_token(device:torch.device # where the step runs
+def compiled_decode_one_token(device:torch.device, # where the step runs
+                              freeze:bool=False # fold the weights into the step as constants (inductor freezing)
                              ):
     "`decode_one_token` compiled once per device type: CUDA graphs on CUDA (`mode='reduce-overhead'`), plain inductor elsewhere."
-    if device.type not in _COMPILED:
+    key = (device.type, freeze)
+    if key not in _COMPILED:  # one wrapper per setting: dynamo keeps their graphs apart
         mode = 'reduce-overhead' if device.type == 'cuda' else None
-        _COMPILED[device.type] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)  # shapes are static by design
-    return _COMPILED[device.type]
+        _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)  # shapes are static by design
+    return _COMPILED[key]
 
-# %% ../../nbs/10_generate.ipynb #41abcee2
+# %% ../../nbs/10_generate.ipynb #5622cc18
 codecs.register_error('metai.byte_replace', lambda e: ('\ufffd' * (e.end - e.start), e.end))  # one U+FFFD per bad byte
 
 class Detokenizer:
@@ -156,7 +158,7 @@ def cut_at_stop(text:str, # decoded text
     hits = [i for i in (text.find(s) for s in (stop_strings or []) if s) if i >= 0]
     return text[:min(hits)] if hits else text
 
-# %% ../../nbs/10_generate.ipynb #25d8e383
+# %% ../../nbs/10_generate.ipynb #a55c3324
 def _rows(prompt_ids, vocab_size:int) -> tuple[list[list[int]], bool]:
     "The prompts as lists of ints (validated), and whether a single prompt was given."
     if isinstance(prompt_ids, Tensor): prompt_ids = prompt_ids.tolist()
@@ -189,7 +191,7 @@ def _seeded(seed:int|None, device:torch.device):
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(seed); yield
 
-# %% ../../nbs/10_generate.ipynb #dd3923ac
+# %% ../../nbs/10_generate.ipynb #28f9d76c
 @torch.no_grad()
 def generate(model, # a metai `Transformer` (eval mode)
              prompt_ids, # one prompt (list of ids) or a batch of prompts of different lengths (list of lists)
@@ -204,6 +206,7 @@ def generate(model, # a metai `Transformer` (eval mode)
              seed:int|None=None, # seed for sampling: the same seed gives the same output
              stream=None, # a `TextStreamer` (any object with put(id) and end()), or one per prompt
              compile:bool=False, # compile the decode step (CUDA graphs on CUDA)
+             freeze:bool=False, # with compile: fold the weights into the step (fused q/k/v and w1/w3 matmuls; a second copy of them)
              cache:KVCache|None=None, # reuse this static cache (default: a new one just large enough)
              start_pos:int=0, # positions 0..start_pos-1 of every prompt are already in `cache` (a chat's earlier turns)
              check_every:int=32 # on CUDA without streaming: look for stop tokens every this many steps
@@ -239,7 +242,7 @@ def generate(model, # a metai `Transformer` (eval mode)
     if compile and device.type == 'cuda' and cfg.is_moe and model.embed.weight.dtype != torch.bfloat16:
         raise ValueError('compile: an MoE model compiles on CUDA in bf16 only (in fp32 its expert matmul loops on the host)')
     if compile:
-        step = compiled_decode_one_token(device)
+        step = compiled_decode_one_token(device, freeze)
         for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
     if device.type != 'cuda' or stop_strings or stream is not None: sync_every = 1   # the host needs every token at once
     else: sync_every = max(1, check_every) if stop_ids else end                       # no stop token: nothing to look at until the end
@@ -264,7 +267,8 @@ def generate(model, # a metai `Transformer` (eval mode)
         tok = sample(logits, temperature, top_k, top_p)                        # (B, 1)
         input_pos = torch.tensor([p_min], device=device)
         sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile and device.type == 'cuda' else contextlib.nullcontext()
-        with sdpa:  # compiled on CUDA: let inductor generate the attention (as gpt-fast does)
+        frozen = torch._inductor.config.patch(freezing=True) if compile and freeze else contextlib.nullcontext()
+        with sdpa, frozen:  # compiled on CUDA: let inductor generate the attention (as gpt-fast does)
             t0 = p_min
             for t in range(p_min, end):                                        # tok holds the token for position t
                 if t < p_max: tok = torch.where(forced[:, t:t+1], seq[:, t:t+1], tok)  # rows still inside their prompt
@@ -279,7 +283,7 @@ def generate(model, # a metai `Transformer` (eval mode)
         if s is not None: s.end()
     return out[0] if single else out
 
-# %% ../../nbs/10_generate.ipynb #356bbdcd
+# %% ../../nbs/10_generate.ipynb #db15fa1e
 class ChatSession:
     "A multi-turn chat with a model: the chat template, replies streamed until `<|im_end|>`, one KV cache across turns."
     def __init__(self, model, # a metai `Transformer`
@@ -290,11 +294,12 @@ class ChatSession:
                  repetition_penalty:float=1.0, # > 1 discourages repeats
                  seed:int|None=None, # seed of the first reply (then seed+1, ...): a whole session reproduces
                  compile:bool=False, # compile the decode step (CUDA graphs on CUDA)
+                 freeze:bool=False, # with compile: fold the weights into the compiled step (faster, a second copy of them)
                  bos:bool=True # start the conversation with `<s>`, as pretraining documents do
                 ):
         self.model, self.tok, self.system, self.bos = model, tok, system, bos
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, compile=compile)
+                             repetition_penalty=repetition_penalty, compile=compile, freeze=freeze)
         self.seed, self.stop = seed, [tok.special_ids['im_end'], tok.eos_id]
         self.cache = make_cache(model, 1, mtp=False)  # the whole context, allocated once
         self.reset()
@@ -326,7 +331,7 @@ class ChatSession:
         self.turn += 1
         return content
 
-# %% ../../nbs/10_generate.ipynb #e351282b
+# %% ../../nbs/10_generate.ipynb #33f3b785
 def load_model_dir(path, # a metai checkpoint directory or a local Hugging Face checkpoint directory
                    device=None, # 'cuda', 'cpu', ... (default: the best available)
                    dtype:torch.dtype|None=None # weights' dtype (default: bf16 on CUDA, fp32 elsewhere)

@@ -7,11 +7,11 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'cmd_train_micro', 'cmd_train_small', 'cmd_train_custom', 'load_run', 'cmd_generate', 'cmd_plot',
            'cmd_export_hf', 'cmd_import_hf', 'UsageError', 'command_parser', 'usage', 'main']
 
-# %% ../nbs/20_cli.ipynb #83d90e2c
+# %% ../nbs/20_cli.ipynb #1a162de7
 import os, sys, inspect, difflib
 from fastcore.script import anno_parser, CliError
 
-# %% ../nbs/20_cli.ipynb #e64229d1
+# %% ../nbs/20_cli.ipynb #eb2367b7
 def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
                      out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
@@ -29,7 +29,7 @@ def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file
                  zh_ratio=zh_ratio, val_fraction=val_fraction, workers=workers, seed=seed, skip_bad=skip_bad,
                  tokenizer_path=tokenizer_path)
 
-# %% ../nbs/20_cli.ipynb #def3d608
+# %% ../nbs/20_cli.ipynb #67997b33
 def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, deepseek-v3, deepseek-v3.2), a config.json or a folder holding one
                seq_len:int=None, # context length for the FLOPs figures (default: the smaller of 4096 and the model's max_seq_len)
                json:bool=False # print JSON (exact integers) instead of a table
@@ -65,7 +65,7 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
     w0, w1 = max(len(a) for a,_,_ in rows), max(len(b) for _,b,_ in rows)
     for a, b, c in rows: print(f'  {a:<{w0}}  {b:>{w1}}  {c}'.rstrip())
 
-# %% ../nbs/20_cli.ipynb #cd9b6006
+# %% ../nbs/20_cli.ipynb #d56fe3a5
 def _check_positive(**kw):
     for k, v in kw.items():
         if v is not None and v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
@@ -138,7 +138,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"next: metai generate --model-dir {out} --prompt '...'  |  metai plot {out}  |  metai export-hf --model-dir {out} --out {out}_hf")
     return 0
 
-# %% ../nbs/20_cli.ipynb #c25e90d8
+# %% ../nbs/20_cli.ipynb #93132038
 def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_micro', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -165,7 +165,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the micro model (6.8M parameters) on the embedded bilingual corpus or your text: minutes on a CPU."
     return run_training('micro', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #fb9be34f
+# %% ../nbs/20_cli.ipynb #8878ab5a
 def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_small', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -192,7 +192,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the small model (an 8-expert MoE, 2 active) on the embedded corpus or your text: made for one GPU."
     return run_training('small', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #57d24100
+# %% ../nbs/20_cli.ipynb #57b66c76
 CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_heads', 'num_kv_heads': 'n_kv_heads',
                 'mlp_dim': 'ffn_dim', 'head_dim': 'head_dim', 'max_seq_len': 'max_seq_len', 'rope_theta': 'rope_theta',
                 'attn_type': 'attn_type', 'q_lora_rank': 'q_lora_rank', 'kv_lora_rank': 'kv_lora_rank',
@@ -264,7 +264,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
     if vocab_size is None: a['vocab_size'] = PRESETS[preset].vocab_size
     return run_training(preset, model, a)
 
-# %% ../nbs/20_cli.ipynb #9b7e0bc1
+# %% ../nbs/20_cli.ipynb #28ae5107
 def load_run(model_dir:str, # a training output folder (or any folder with config.json, model.safetensors, tokenizer.model)
              device:str='cpu', # where to put the model
              tokenizer:bool=True # also load tokenizer.model (returns None in its place when False)
@@ -286,7 +286,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     load_weights(model, os.path.join(model_dir, 'model.safetensors'))
     return model.to(device).eval(), tok
 
-# %% ../nbs/20_cli.ipynb #e987d9fe
+# %% ../nbs/20_cli.ipynb #598dd2cb
 def cmd_generate(model_dir:str=None, # a training output folder (config.json, model.safetensors, tokenizer.model)
                  prompt:str=None, # the text to continue
                  max_new_tokens:int=100, # tokens to sample at most (stops early at end-of-text)
@@ -307,7 +307,7 @@ def cmd_generate(model_dir:str=None, # a training output folder (config.json, mo
     model, tok = load_run(model_dir, dev)
     print(prompt + sample_text(model, tok, prompt, max_new_tokens, temperature, top_k, seed, dev))
 
-# %% ../nbs/20_cli.ipynb #fcb15bbf
+# %% ../nbs/20_cli.ipynb #6d456ff1
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
              out:str=None # the PNG to write (default: loss.png in the run folder)
             ):
@@ -315,7 +315,7 @@ def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
     from metai.train.monitor import plot_metrics
     print(plot_metrics(run_dir, out))
 
-# %% ../nbs/20_cli.ipynb #e8cc93b4
+# %% ../nbs/20_cli.ipynb #a3c31ee0
 def _copy_tokenizer(src_dir, out):
     import shutil
     src = os.path.join(src_dir, 'tokenizer.model')
@@ -356,7 +356,7 @@ def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or 
     tok = _copy_tokenizer(hf_dir, out)
     print(f"{out}: metai model, {model.cfg.num_params():,} parameters" + (', tokenizer.model copied' if tok else ' (no tokenizer.model in the checkpoint: add one before generating)'))
 
-# %% ../nbs/20_cli.ipynb #725d900d
+# %% ../nbs/20_cli.ipynb #1b13c4b5
 COMMANDS = {
     'prepare-data': cmd_prepare_data,
     'train-micro':  cmd_train_micro,
@@ -369,7 +369,7 @@ COMMANDS = {
     'config':       cmd_config,
 }
 
-# %% ../nbs/20_cli.ipynb #68341c1f
+# %% ../nbs/20_cli.ipynb #27cdae52
 class UsageError(Exception):
     "A bad command line: unknown command, unknown flag or a value of the wrong type (exit code 2)."
 
@@ -391,7 +391,7 @@ def command_parser(name:str # a key of `COMMANDS`
     p.error = error
     return p
 
-# %% ../nbs/20_cli.ipynb #65bd2b23
+# %% ../nbs/20_cli.ipynb #92915a0b
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
 USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
 

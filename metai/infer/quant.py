@@ -10,7 +10,7 @@ __all__ = ['GROUP_SIZES', 'METHODS', 'QUANT_FORMAT', 'INT4_LAYOUT', 'quantize_in
            'prepare_int4', 'NF4Experts', 'weights_file', 'save_quantized', 'is_quantized_dir', 'read_quant_json',
            'load_quantized', 'load_fp_model', 'quantize_dir']
 
-# %% ../../nbs/12_quant.ipynb #6e57ba41
+# %% ../../nbs/12_quant.ipynb #3875c352
 import os, json, math, shutil
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..model.moe import MoE, moe_experts
 from ..model.transformer import Transformer
 
-# %% ../../nbs/12_quant.ipynb #b25505e4
+# %% ../../nbs/12_quant.ipynb #833edbb3
 GROUP_SIZES = (32, 64, 128, 256)  # group sizes PyTorch's int4 matmul kernels accept
 
 def quantize_int4(w:Tensor, # (..., N, K) weights; groups run along the last (input) dimension
@@ -53,7 +53,7 @@ def dequantize_int4(q:Tensor, # (..., N, K) codes 0..15 (unpacked)
     w = (qg - 8) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
     return w.reshape(*lead, N, K).to(dtype)
 
-# %% ../../nbs/12_quant.ipynb #087a84cd
+# %% ../../nbs/12_quant.ipynb #1d6f47b8
 def pack_int4(q:Tensor # (..., K) codes 0..15, K even
              ) -> Tensor: # (..., K/2) uint8
     "Two 4-bit codes per byte: column 2j in the high nibble, column 2j+1 in the low nibble."
@@ -66,7 +66,7 @@ def unpack_int4(p:Tensor # (..., K/2) uint8
     "Inverse of `pack_int4`."
     return torch.stack([p >> 4, p & 15], dim=-1).flatten(-2)
 
-# %% ../../nbs/12_quant.ipynb #2389e007
+# %% ../../nbs/12_quant.ipynb #618d3892
 def int4_kernel(device:torch.device, # where the matmul runs
                 out_features:int, # N
                 in_features:int, # K
@@ -158,7 +158,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self): return (f'in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, '
                                   f'bias={self.bias is not None}, kernel={self.kernel}')
 
-# %% ../../nbs/12_quant.ipynb #242bd679
+# %% ../../nbs/12_quant.ipynb #79e6cb15
 class Int4Experts(nn.Module):
     "A stack of E weight matrices `(E, N, K)` in block-wise asymmetric 4 bits (what `MoE.w1/w2/w3` hold)."
     def __init__(self, n_experts:int, out_features:int, in_features:int, group_size:int=64,
@@ -212,7 +212,7 @@ class QuantMoE(nn.Module):
         if self.shared_experts is not None: y = y + self.shared_experts(xf)
         return y.view(x.shape), {'aux_loss': aux_loss, 'load': load.detach()}
 
-# %% ../../nbs/12_quant.ipynb #fbcd9f28
+# %% ../../nbs/12_quant.ipynb #2470a579
 METHODS = ('int4', 'nf4')
 
 def _bnb():
@@ -304,6 +304,7 @@ def quantize_model(model:nn.Module, # a `Transformer` (any module holding `nn.Li
                    scale_dtype:torch.dtype=torch.bfloat16 # int4 scales and zeros
                   ) -> nn.Module:
     "Swap the linear layers and routed experts of `model` for 4-bit ones, in place; returns `model` (with `quant_config`)."
+    if getattr(model, 'quant_config', None) is not None: raise ValueError('quantize_model: the model is already quantized')
     plan = quant_plan(model, group_size, include_head, method)
     before, before16 = _state_bytes(model), _bf16_bytes(model)
     q_params = sum(model.get_submodule(n).weight.numel() for n in plan['linear'])
@@ -333,7 +334,7 @@ def prepare_int4(model:nn.Module, device=None # device the matmuls will run on (
         if isinstance(m, Int4Linear): k = m.prepare(device); kinds[k] = kinds.get(k, 0) + 1
     return kinds
 
-# %% ../../nbs/12_quant.ipynb #d836858c
+# %% ../../nbs/12_quant.ipynb #9eb2a5ba
 class NF4Experts(nn.Module):
     "A stack of E matrices `(E, N, K)` as bitsandbytes NF4 codes with one fp32 absmax per block of `blocksize` weights."
     def __init__(self, n_experts:int, out_features:int, in_features:int, blocksize:int=64, device=None):
@@ -366,7 +367,7 @@ class NF4Experts(nn.Module):
 
     def extra_repr(self): return f'experts={self.n_experts}, out_features={self.out_features}, in_features={self.in_features}, blocksize={self.blocksize}'
 
-# %% ../../nbs/12_quant.ipynb #d89701b9
+# %% ../../nbs/12_quant.ipynb #ef86d030
 QUANT_FORMAT = 1
 INT4_LAYOUT = 'uint4 codes, two per byte (column 2j in the high nibble); groups along in_features; w = (q - 8) * scale + zero'
 
@@ -480,7 +481,7 @@ def load_quantized(path:str, # a directory written by `save_quantized` / `quanti
     prepare_int4(model)
     return model
 
-# %% ../../nbs/12_quant.ipynb #187c3e7e
+# %% ../../nbs/12_quant.ipynb #e238ea49
 def load_fp_model(model_dir:str # a checkpoint directory with config.json and model.safetensors
                  ) -> Transformer:
     "Load an fp `Transformer` (CPU, eval mode) from `model_dir`, with one-line errors."

@@ -6,14 +6,14 @@ attention (MLA) in its two execution modes, naive (training, prefill) and absorb
 # %% auto #0
 __all__ = ['RMSNorm', 'causal_mask', 'sdpa_mask', 'Attention', 'MLA']
 
-# %% ../../nbs/05_attention.ipynb #3d084373
+# %% ../../nbs/05_attention.ipynb #99077538
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from ..config import ModelConfig
 from .rope import apply_rope, yarn_softmax_scale
 
-# %% ../../nbs/05_attention.ipynb #fd3c5102
+# %% ../../nbs/05_attention.ipynb #a81648e2
 class RMSNorm(nn.Module):
     "Root-mean-square norm over the last dimension with a learnt gain (fp32 statistics)."
     def __init__(self, dim:int, # features normalised (the last dimension)
@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-# %% ../../nbs/05_attention.ipynb #6bdca393
+# %% ../../nbs/05_attention.ipynb #162c998b
 def causal_mask(T:int, # new queries
                 S:int, # keys (cached + new); S >= T
                 device=None) -> Tensor:
@@ -47,7 +47,7 @@ def sdpa_mask(T:int, # new queries
         return causal_mask(T, S, device), False
     return causal_mask(T, S, device) & attn_mask[:, None].to(torch.bool), False  # (B, 1, T, S)
 
-# %% ../../nbs/05_attention.ipynb #cef899a6
+# %% ../../nbs/05_attention.ipynb #352ffca8
 class Attention(nn.Module):
     "Causal multi-head attention with `n_kv_heads` key/value heads (MHA, GQA or MQA) and RoPE, on SDPA."
     def __init__(self, cfg:ModelConfig, # uses dim, n_heads, kv_heads, hd, rope_interleaved and the YaRN fields
@@ -90,7 +90,7 @@ class Attention(nn.Module):
             y = y.transpose(1, 2)                                                           # (B, T, H, hd)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
-# %% ../../nbs/05_attention.ipynb #f484c2d7
+# %% ../../nbs/05_attention.ipynb #b2fb42fa
 class MLA(nn.Module):
     "DeepSeek multi-head latent attention: low-rank KV latent + decoupled RoPE key; naive or absorbed execution."
     def __init__(self, cfg:ModelConfig, # uses dim, n_heads, q_lora_rank, kv_lora_rank, qk_*_head_dim, v_head_dim, rope/YaRN fields

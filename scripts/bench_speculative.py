@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Batch-1 tokens/s of plain decoding against draft-model speculative decoding and MTP self-speculation
+(`metai.infer.speculative`), on the same weights, in one run on one device; written as JSON.
+
+Models, either trained checkpoints (metai model directories, e.g. from `metai train-*`):
+  --target-dir DIR   the target; --draft-dir DIR a smaller model trained on the same tokenizer
+  --mtp-dir DIR      a model trained with MTP (mtp_depth >= 1): drafts with its own MTP modules
+or, without them, random bf16 weights (a check of the machinery and its overheads, not of a real draft):
+  target    Llama-shaped: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 32000 (about 1.2B parameters)
+  draft     the target's first --exit-layers layers with its embedding, final norm and head (an early-exit draft
+            sharing the target's weights, as LayerSkip-style self-speculation; with random weights it agrees with the
+            target far more often than a trained small model would)
+  mtp       the target with one random MTP module (its acceptance is near zero: only the overhead is measured)
+
+Each measurement: a --prompt-len token prompt, --new-tokens new tokens, no stop token, at each --temperatures
+(0 = greedy); tokens/s = new tokens / wall time of the whole call (prefill included), the median of --runs calls
+after two warm-up calls, `torch.cuda.synchronize` around each. Plain decoding is `metai.infer.generate.generate`;
+both it and the speculative calls are compiled (`compile=True`: decode step / short verification windows in CUDA
+graphs) when --compile is on (default on CUDA). The speed-up of each speculative run is against plain decoding of the
+same target in the same mode. Acceptance is Leviathan's alpha (accepted drafts per draft the target looked at).
+
+    python scripts/bench_speculative.py --out bench/results/speculative_h100.json
+    python scripts/bench_speculative.py --target-dir runs/small --draft-dir runs/micro --mtp-dir runs/small-mtp --out /tmp/spec.json
+    python scripts/bench_speculative.py --device cpu --tiny --out /tmp/spec_cpu.json      # a quick check of the script
+"""
+import os, sys, time, argparse, statistics, dataclasses
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync
+import torch
+from torch import nn
+from metai.core import get_device, seed_everything
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
+from metai.infer.cache import make_cache
+from metai.infer.generate import generate, load_model_dir
+from metai.infer.speculative import speculative_generate, mtp_speculative_generate
+
+
+def round8(n:int) -> int: return -(-n // 8) * 8
+
+
+def random_target(tiny:bool, mtp_depth:int=0) -> ModelConfig:
+    if tiny: return ModelConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256,
+                                rope_interleaved=True, norm_eps=1e-5, mtp_depth=mtp_depth).validate()
+    return ModelConfig(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, max_seq_len=2048,
+                       rope_interleaved=True, norm_eps=1e-5, tie_embeddings=False, mtp_depth=mtp_depth).validate()
+
+
+def early_exit_draft(target:Transformer, k:int) -> Transformer:
+    "A draft made of the target's first `k` layers, its embedding, final norm and head (weights shared, not copied)."
+    cfg = dataclasses.replace(target.cfg, n_layers=k, mtp_depth=0)
+    with torch.device('meta'): d = Transformer(cfg)
+    d.embed, d.layers, d.norm, d.head = target.embed, nn.ModuleList(target.layers[:k]), target.norm, target.head
+    d.mtp = nn.ModuleList()
+    d.freqs_cos, d.freqs_sin = target.freqs_cos, target.freqs_sin
+    return d.eval()
+
+
+def build_random(cfg:ModelConfig, device, dtype) -> Transformer:
+    seed_everything(0)
+    with torch.device(device): m = Transformer(cfg)
+    m = m.to(dtype).eval(); m.init_freqs()  # RoPE tables stay fp32
+    return m
+
+
+def timed(fn, device, runs:int):
+    "Two warm-up calls (compiles, records graphs), then the median wall time of `runs` calls; returns (seconds, last result)."
+    for _ in range(2): fn()
+    ts, r = [], None
+    for _ in range(runs):
+        sync(device); t0 = time.perf_counter(); r = fn(); sync(device); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts, r
+
+
+def bench_plain(model, prompt, n_new, temperature, compile, runs, device) -> dict:
+    cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)
+    t, ts, out = timed(lambda: generate(model, prompt, n_new, temperature=temperature, compile=compile, cache=cache, seed=0), device, runs)
+    assert len(out) == n_new, len(out)
+    return dict(tokens_per_s=n_new / t, runs_s=ts)
+
+
+def bench_spec(target, draft, prompt, n_new, gamma, temperature, compile, runs, device) -> dict:
+    "Draft-model speculation (`draft` a model) or MTP self-speculation (`draft` None), with persistent caches."
+    S = min(target.cfg.max_seq_len, round8(len(prompt) + n_new + gamma))
+    cache = make_cache(target, 1, S, mtp=draft is None)
+    if draft is None:
+        hidden = torch.zeros(1, S, target.cfg.dim, device=device, dtype=target.embed.weight.dtype)
+        fn = lambda: mtp_speculative_generate(target, prompt, n_new, gamma=gamma, temperature=temperature, seed=0,
+                                              cache=cache, hidden=hidden, compile=compile)
+    else:
+        dcache = make_cache(draft, 1, S, mtp=False)
+        fn = lambda: speculative_generate(target, draft, prompt, n_new, gamma=gamma, temperature=temperature, seed=0,
+                                          cache=cache, draft_cache=dcache, compile=compile)
+    t, ts, (out, st) = timed(fn, device, runs)
+    assert len(out) == n_new, len(out)
+    return dict(tokens_per_s=n_new / t, runs_s=ts, acceptance_rate=st['acceptance_rate'],
+                tokens_per_target_forward=st['tokens_per_target_forward'], target_forwards=st['target_forwards'],
+                draft_forwards=st['draft_forwards'], accept_counts=st['accept_counts'], peak_mem_gb=peak_mem_gb(device))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--out', required=True, help='JSON results file (rewritten after each measurement)')
+    ap.add_argument('--device', default=None, help='cuda (default when available) or cpu')
+    ap.add_argument('--tiny', action='store_true', help='toy random models and few tokens: a quick check that the script runs')
+    ap.add_argument('--target-dir', default=None, help='trained target (metai model directory)')
+    ap.add_argument('--draft-dir', default=None, help='trained draft for --target-dir (same tokenizer)')
+    ap.add_argument('--mtp-dir', default=None, help='trained model with MTP modules')
+    ap.add_argument('--exit-layers', type=int, default=2, help='layers of the random early-exit draft')
+    ap.add_argument('--gammas', default='1,2,4,6', help='drafts per round to measure (draft model)')
+    ap.add_argument('--mtp-gammas', default='1,2', help='drafts per round to measure (MTP)')
+    ap.add_argument('--temperatures', default='0,0.8', help='sampling temperatures (0 = greedy)')
+    ap.add_argument('--prompt-len', type=int, default=64)
+    ap.add_argument('--new-tokens', type=int, default=256)
+    ap.add_argument('--runs', type=int, default=3, help='timed calls per measurement (the median is reported)')
+    ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile the forwards (auto: on CUDA)')
+    a = ap.parse_args()
+    device = get_device(a.device)
+    compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')
+    dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+    gammas, mtp_gammas = [int(g) for g in a.gammas.split(',') if g], [int(g) for g in a.mtp_gammas.split(',') if g]
+    temps = [float(t) for t in a.temperatures.split(',') if t]
+    if a.tiny: a.prompt_len, a.new_tokens, a.runs = min(a.prompt_len, 16), min(a.new_tokens, 32), min(a.runs, 2)
+    if a.draft_dir and not a.target_dir: ap.error('--draft-dir: needs --target-dir')
+    if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True
+
+    pairs = {}   # name -> (target, draft or None for MTP, description)
+    if a.target_dir:
+        tgt, _ = load_model_dir(a.target_dir, device=device, dtype=dtype)
+        if a.draft_dir:
+            from metai.infer.speculative import load_draft_model
+            pairs['trained draft'] = (tgt, load_draft_model(a.draft_dir, tgt), f'{a.target_dir} with draft {a.draft_dir}')
+    if a.mtp_dir:
+        mm, _ = load_model_dir(a.mtp_dir, device=device, dtype=dtype)
+        pairs['trained MTP'] = (mm, None, f'{a.mtp_dir} with its {mm.cfg.mtp_depth} MTP module(s)')
+    if not pairs:
+        tgt = build_random(random_target(a.tiny, mtp_depth=1), device, dtype)
+        k = min(a.exit_layers, tgt.cfg.n_layers - 1)
+        pairs['random early-exit draft'] = (tgt, early_exit_draft(tgt, k), f'random target, draft = its first {k} of {tgt.cfg.n_layers} layers')
+        pairs['random MTP'] = (tgt, None, 'random target with one random MTP module (overhead only: its drafts are random)')
+    res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype)), pairs={})
+    for name, (target, draft, desc) in pairs.items():
+        cfg = target.cfg
+        prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        r = dict(description=desc, target_params=target.num_params(),
+                 draft_params=None if draft is None else draft.num_params(), runs={})
+        print(f'{name}: {desc}', flush=True)
+        for T in temps:
+            rt = r['runs'][str(T)] = {}
+            try: rt['plain'] = bench_plain(target, prompt, a.new_tokens, T, compile, a.runs, device)
+            except Exception as e: rt['plain'] = dict(error=short_error(e))
+            base = rt['plain'].get('tokens_per_s')
+            print(f'  T={T}: plain {base or 0:10,.1f} tokens/s {rt["plain"].get("error", "")}', flush=True)
+            for g in (gammas if draft is not None else mtp_gammas):
+                try:
+                    s = bench_spec(target, draft, prompt, a.new_tokens, g, T, compile, a.runs, device)
+                    if base: s['speedup'] = s['tokens_per_s'] / base
+                except Exception as e: s = dict(error=short_error(e))
+                rt[f'gamma={g}'] = s
+                print(f'  T={T}: gamma={g} {s.get("tokens_per_s", 0):10,.1f} tokens/s  acceptance {s.get("acceptance_rate", 0):.2f}  '
+                      f'{s.get("tokens_per_target_forward", 0):.2f} tokens/forward  speed-up {s.get("speedup", 0):.2f}x {s.get("error", "")}', flush=True)
+                save_json(a.out, dict(res, pairs={**res['pairs'], name: r}))
+        res['pairs'][name] = r
+        save_json(a.out, res)
+    free(device)
+    print(f'wrote {a.out}')
+
+
+if __name__ == '__main__': main()

@@ -1,0 +1,276 @@
+"""Tests for metai.infer.speculative: greedy speculative output == plain greedy output (draft model and MTP, dense and
+MLA/MoE, gamma 1..8), sampled output follows the target's distribution (chi-square, and wrong rules are caught), caches
+are rolled back and kept in sync, chat across turns, loading a draft model, bad input, and the benchmark script."""
+import os, sys, copy, json, shutil, subprocess
+import pytest
+import torch
+from safetensors.torch import save_model
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
+from metai.data.tokenizer import train_tokenizer
+from metai.infer.cache import make_cache, set_mla_mode
+from metai.infer.generate import generate, logits_to_probs, multinomial_no_sync, ChatSession
+import metai.infer.speculative as S
+from metai.infer.speculative import (speculative_accept, greedy_accept, chisquare_pvalue, forward_hidden, mtp_step,
+                                     speculative_generate, mtp_speculative_generate, load_draft_model, format_stats,
+                                     SpeculativeChatSession)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad(): yield
+
+def tiny(**kw):
+    d = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=96, init_std=0.1)
+    return ModelConfig(**{**d, **kw})
+
+MLA = dict(attn_type='mla', n_kv_heads=0, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=16, rope_interleaved=True)
+MOE = dict(n_routed_experts=8, n_activated_experts=2, moe_ffn_dim=32)
+DS = dict(**MLA, **MOE, score_func='sigmoid', n_shared_experts=1, n_dense_layers=1)
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return set_mla_mode(Transformer(cfg).eval(), None)
+
+def noisy_copy(m, scale, seed=0):
+    d = copy.deepcopy(m); g = torch.Generator().manual_seed(seed)
+    for p in d.parameters(): p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return d
+
+# ---------------------------------------------------------------------------------------------------- greedy identity
+
+@pytest.mark.parametrize('arch', ['GQA', 'MLA+MoE'])
+def test_greedy_identical_to_generate(arch):
+    t = build(tiny() if arch == 'GQA' else tiny(**DS))
+    drafts = {'random': build(tiny(dim=32, n_layers=1), seed=1), 'itself': t, 'noisy': noisy_copy(t, 0.15)}
+    prompts = [[1, 17, 42, 99, 5], [3, 4], [7] * 9]
+    ref = generate(t, prompts, 32, temperature=0)
+    partial = 0
+    for g in range(1, 9):
+        for name, d in drafts.items():
+            out, st = speculative_generate(t, d, prompts[0], 32, gamma=g, temperature=0)
+            assert out == ref[0], (name, g)
+            if name == 'itself': assert st['acceptance_rate'] == 1.0 and st['accept_counts'][g] == st['rounds']
+            if name == 'random': assert st['acceptance_rate'] < 0.2
+            if name == 'noisy': partial += sum(st['accept_counts'][1:g])
+        assert speculative_generate(t, drafts['noisy'], prompts, 32, gamma=g, temperature=0)[0] == ref, g   # ragged batch
+    assert partial > 20   # rounds that kept some but not all drafts: the rollback was exercised
+
+def test_stop_token_and_context_end():
+    t = build(tiny()); d = noisy_copy(t, 0.15)
+    ref = generate(t, [1, 2, 3], 30, temperature=0)
+    stop = ref[12]
+    assert speculative_generate(t, d, [1, 2, 3], 30, gamma=4, temperature=0, eos_id=[stop, 10**4])[0] == ref[:ref.index(stop)]
+    assert speculative_generate(t, d, [5] * 90, 50, gamma=4, temperature=0)[0] == generate(t, [5] * 90, 50, temperature=0)
+    assert len(speculative_generate(t, d, [5] * 96, 50, gamma=8, temperature=0)[0]) == 1
+
+def test_same_seed_same_output():
+    t = build(tiny()); d = noisy_copy(t, 0.3)
+    a = speculative_generate(t, d, [1, 2, 3], 24, gamma=3, temperature=1.0, seed=5)[0]
+    assert a == speculative_generate(t, d, [1, 2, 3], 24, gamma=3, temperature=1.0, seed=5)[0]
+    assert a != speculative_generate(t, d, [1, 2, 3], 24, gamma=3, temperature=1.0, seed=6)[0]
+
+@pytest.mark.parametrize('depth', [1, 2])
+def test_mtp_greedy_identical(depth):
+    m = build(tiny(**DS, mtp_depth=depth))
+    prompts = [[1, 17, 42, 99, 5], [3, 4], [7] * 9, [8]]
+    ref = generate(m, prompts, 24, temperature=0)
+    for g in range(1, 7):
+        assert mtp_speculative_generate(m, prompts, 24, gamma=g, temperature=0)[0] == ref, g
+        assert mtp_speculative_generate(m, prompts[0], 24, gamma=g, temperature=0)[0] == ref[0], g
+
+# ---------------------------------------------------------------------------------------------------- caches
+
+def fresh_cache(m, seq):
+    c = make_cache(m, 1, 64)
+    m(torch.tensor([seq]), cache=c, use_mtp=m.cfg.mtp_depth > 0)
+    return c
+
+def test_rollback_leaves_exact_cache_entries():
+    "Entries each cache claims to hold equal a fresh single forward's; garbage in unused slots changes nothing."
+    t = build(tiny(**DS)); d = noisy_copy(t, 0.15)
+    tc, dc = make_cache(t, 1, 64, mtp=False), make_cache(d, 1, 64, mtp=False)
+    out, st = speculative_generate(t, d, [1, 2, 3, 4, 5, 6], 40, gamma=5, temperature=0, cache=tc, draft_cache=dc)
+    assert sum(st['accept_counts'][:5]) > 0       # there were rejections
+    seq = [1, 2, 3, 4, 5, 6] + out
+    rt, rd = fresh_cache(t, seq), fresh_cache(d, seq)
+    nc, nd = st['cached'][0], st['draft_cached'][0]
+    assert nc >= len(seq) - 2 and nd >= len(seq) - 8
+    for j in range(2):
+        torch.testing.assert_close(tc.a[j][:, :nc], rt.a[j][:, :nc], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tc.b[j][:, :nc], rt.b[j][:, :nc], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dc.a[j][:, :nd], rd.a[j][:, :nd], atol=1e-4, rtol=1e-4)
+    for x in tc.a + tc.b + dc.a + dc.b: x.normal_(0, 100)
+    assert speculative_generate(t, d, [1, 2, 3, 4, 5, 6], 40, gamma=5, temperature=0, cache=tc, draft_cache=dc)[0] == out
+
+@pytest.mark.parametrize('depth,gamma', [(1, 1), (1, 3), (2, 2), (2, 4)])
+def test_mtp_slots_in_sync(depth, gamma):
+    m = build(tiny(**DS, mtp_depth=depth))
+    mc = make_cache(m, 1, 64)
+    out, st = mtp_speculative_generate(m, [1, 2, 3, 4, 5], 30, gamma=gamma, temperature=1.0, seed=0, cache=mc)
+    ref = fresh_cache(m, [1, 2, 3, 4, 5] + out)
+    nc, nm = st['cached'][0], st['draft_cached'][0]
+    assert nm >= len(out) + 5 - 2 - depth - gamma
+    for j in range(m.cfg.n_layers + depth):
+        upto = nc if j < m.cfg.n_layers else nm
+        torch.testing.assert_close(mc.a[j][:, :upto], ref.a[j][:, :upto], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mc.b[j][:, :upto], ref.b[j][:, :upto], atol=1e-4, rtol=1e-4)
+
+def test_static_steps_match_model():
+    m = build(tiny(**DS, mtp_depth=2))
+    x = torch.randint(0, 256, (2, 10))
+    logits, _, aux = m(x, use_mtp=True)
+    c = make_cache(m, 2, 16)
+    lg, h = forward_hidden(m, x, torch.arange(10), c)
+    torch.testing.assert_close(lg, logits, atol=1e-4, rtol=1e-4); torch.testing.assert_close(h, aux['hidden'], atol=1e-4, rtol=1e-4)
+    l0, h1 = mtp_step(m, 0, h[:, :9], x[:, 1:], torch.arange(9), c)
+    torch.testing.assert_close(l0, aux['mtp_logits'][0], atol=1e-4, rtol=1e-4)
+    l1, _ = mtp_step(m, 1, h1[:, :8], x[:, 2:], torch.arange(8), c)
+    torch.testing.assert_close(l1, aux['mtp_logits'][1], atol=1e-4, rtol=1e-4)
+
+# ---------------------------------------------------------------------------------------------------- distributions
+
+V = 8
+def vtiny(seed): return build(ModelConfig(vocab_size=V, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=32, init_std=0.5), seed)
+
+@pytest.fixture(scope='module')
+def pair():
+    with torch.no_grad():
+        t, d = vtiny(0), vtiny(1)
+        prompt = [1, 2, 3]
+        p1 = logits_to_probs(t(torch.tensor([prompt]))[0][0, -1])
+        p2 = (p1[:, None] * logits_to_probs(t(torch.tensor([prompt + [v] for v in range(V)]))[0][:, -1])).sum(0)
+    return t, d, prompt, p1, p2
+
+def pvalues(t, d, prompt, p1, p2, N=20_000, **kw):
+    out = torch.tensor(speculative_generate(t, d, [prompt] * N, 2, temperature=1.0, **kw)[0])
+    return (chisquare_pvalue(torch.bincount(out[:, 0], minlength=V), p1), chisquare_pvalue(torch.bincount(out[:, 1], minlength=V), p2))
+
+@pytest.mark.parametrize('gamma', range(1, 9))
+def test_sampling_follows_target_distribution(pair, gamma):
+    "Chi-square test at the 0.001 level (fixed seeds: deterministic) of the first and the second new token."
+    t, d, prompt, p1, p2 = pair
+    pa, pb = pvalues(t, d, prompt, p1, p2, gamma=gamma, seed=gamma)
+    assert pa > 1e-3 and pb > 1e-3, (pa, pb)
+
+def always_accept(draft_tokens, draft_probs, target_probs):
+    B, g = draft_tokens.shape
+    return torch.full((B,), g), multinomial_no_sync(target_probs[:, -1])[:, 0]
+
+_right = speculative_accept
+def resample_from_p(draft_tokens, draft_probs, target_probs):
+    n, _ = _right(draft_tokens, draft_probs, target_probs)
+    return n, multinomial_no_sync(target_probs[torch.arange(len(n)), n])[:, 0]
+
+@pytest.mark.parametrize('rule', [always_accept, resample_from_p])
+def test_wrong_rules_are_caught(pair, rule, monkeypatch):
+    "The same statistical test rejects an acceptance rule that is not exact."
+    t, d, prompt, p1, p2 = pair
+    monkeypatch.setattr(S, 'speculative_accept', rule)
+    for g in (1, 4):
+        assert min(pvalues(t, d, prompt, p1, p2, gamma=g, seed=g)) < 1e-6
+
+def test_accept_rule_alone():
+    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02]); q = p.flip(0)
+    N = 200_000
+    torch.manual_seed(0)
+    x = multinomial_no_sync(q.expand(N, 8))
+    n, nxt = speculative_accept(x, q.expand(N, 1, 8), p.expand(N, 2, 8))
+    first = torch.where(n > 0, x[:, 0], nxt)
+    assert chisquare_pvalue(torch.bincount(first, minlength=8), p) > 1e-3
+    assert chisquare_pvalue(torch.bincount(first, minlength=8), q) < 1e-12
+    assert abs(n.float().mean().item() - torch.minimum(p, q).sum().item()) < 4 / N ** 0.5
+    lg = torch.zeros(1, 4, 8); lg[0, torch.arange(4), torch.tensor([2, 5, 3, 7])] = 1.0
+    n, nxt = greedy_accept(torch.tensor([[2, 5, 1]]), lg)
+    assert (n.item(), nxt.item()) == (2, 3)
+
+def test_chisquare_pvalue():
+    import math
+    assert abs(chisquare_pvalue([60, 20, 20], [1, 1, 1]) - math.exp(-16)) < 1e-12
+    assert chisquare_pvalue([3, 0, 1], [0.5, 0.5, 0]) == 0.0
+    with pytest.raises(ValueError, match='counts: .3,. cells'): chisquare_pvalue([1, 2, 3], [0.5, 0.5])
+
+def test_mtp_sampling_distribution():
+    m = build(ModelConfig(vocab_size=V, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=32, init_std=0.5, mtp_depth=1))
+    prompt = [1, 2, 3]
+    p1 = logits_to_probs(m(torch.tensor([prompt]))[0][0, -1])
+    p2 = (p1[:, None] * logits_to_probs(m(torch.tensor([prompt + [v] for v in range(V)]))[0][:, -1])).sum(0)
+    for g in (1, 3):
+        out = torch.tensor(mtp_speculative_generate(m, [prompt] * 20_000, 2, gamma=g, temperature=1.0, seed=g)[0])
+        assert chisquare_pvalue(torch.bincount(out[:, 0], minlength=V), p1) > 1e-3
+        assert chisquare_pvalue(torch.bincount(out[:, 1], minlength=V), p2) > 1e-3
+
+# ---------------------------------------------------------------------------------------------------- chat, loading, errors
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+    docs = ([f'The quick brown fox {i} jumps over the lazy dog. Hello world!' for i in range(100)] +
+            ['我们今天学习语言模型。你好世界！中文 English mixed text 123.'] * 30)
+    return train_tokenizer(docs, str(tmp_path_factory.mktemp('tok') / 'tokenizer.model'), vocab_size=400, num_threads=1)
+
+def test_chat_matches_plain_chat(tok):
+    t = build(tiny(vocab_size=400, max_seq_len=256)); d = noisy_copy(t, 0.15)
+    m = build(tiny(vocab_size=400, max_seq_len=256, mtp_depth=1))
+    for model, spec in [(t, SpeculativeChatSession(t, tok, draft=d, gamma=3, temperature=0, max_new_tokens=20)),
+                        (m, SpeculativeChatSession(m, tok, gamma=2, temperature=0, max_new_tokens=20))]:
+        plain = ChatSession(model, tok, temperature=0, max_new_tokens=20)
+        for msg in ['Hello!', 'What is the fox doing?', 'And the dog?']:
+            assert spec.send(msg, stream=None) == plain.send(msg, stream=None)
+        assert spec.n_cached > 20 and spec.n_draft > 0 and len(spec.stats) == 3
+        assert 'tokens/s' in format_stats(spec.stats[-1]) and 'acceptance' in format_stats(spec.stats[-1])
+    with pytest.raises(ValueError, match='has no MTP modules'): SpeculativeChatSession(t, tok)
+
+def save_dir(model, path, tok_path=None):
+    os.makedirs(path, exist_ok=True)
+    model.cfg.to_json(os.path.join(path, 'config.json')); save_model(model, os.path.join(path, 'model.safetensors'))
+    if tok_path: shutil.copy(tok_path, os.path.join(path, 'tokenizer.model'))
+    return path
+
+def test_load_draft_model(tmp_path, tok):
+    t = build(tiny(vocab_size=400)); d = build(tiny(vocab_size=400, dim=32, n_layers=1), seed=1)
+    dd = save_dir(d, tmp_path / 'draft', tok.path)
+    dm = load_draft_model(dd, t, tok)
+    assert torch.equal(dm.embed.weight, d.embed.weight)
+    out, st = speculative_generate(t, dm, [1, 2, 3], 10, gamma=3, temperature=0)
+    assert out == generate(t, [1, 2, 3], 10, temperature=0)
+    other = train_tokenizer([f'Lorem ipsum dolor sit amet {i}, consectetur adipiscing elit.' for i in range(200)], str(tmp_path / 'o.model'), vocab_size=400, num_threads=1)
+    save_dir(d, tmp_path / 'draft2', other.path)
+    with pytest.raises(ValueError, match='draft2/tokenizer.model: a different tokenizer'): load_draft_model(tmp_path / 'draft2', t, tok)
+    with pytest.raises(ValueError, match="draft vocab_size 256 differs from the target's 400"):
+        load_draft_model(save_dir(build(tiny(dim=32, n_layers=1)), tmp_path / 'draft3'), t, tok)
+    with pytest.raises(FileNotFoundError, match='no such model directory'): load_draft_model(tmp_path / 'nope', t, tok)
+
+def test_bad_input():
+    t = build(tiny()); m = build(tiny(mtp_depth=1))
+    with pytest.raises(ValueError, match="draft: vocab_size 400 differs from the target's 256"): speculative_generate(t, build(tiny(vocab_size=400)), [1], 5)
+    with pytest.raises(ValueError, match='has no MTP modules'): mtp_speculative_generate(t, [1, 2], 5)
+    with pytest.raises(ValueError, match='gamma: must be an int >= 1'): speculative_generate(t, t, [1, 2], 5, gamma=0)
+    with pytest.raises(ValueError, match='gamma: must be an int >= 1'): mtp_speculative_generate(m, [1, 2], 5, gamma=2.5)
+    with pytest.raises(ValueError, match='prompt: empty'): speculative_generate(t, t, [], 5)
+    with pytest.raises(ValueError, match=r'prompt_ids\[1\]: empty'): speculative_generate(t, t, [[1], []], 5)
+    with pytest.raises(TypeError, match='encode it with the tokenizer'): speculative_generate(t, t, 'hello', 5)
+    with pytest.raises(ValueError, match='outside the vocabulary'): speculative_generate(t, t, [1, 256], 5)
+    with pytest.raises(ValueError, match='max_new_tokens'): speculative_generate(t, t, [1], 0)
+    with pytest.raises(ValueError, match='top_p'): speculative_generate(t, t, [1], 5, top_p=0)
+    with pytest.raises(ValueError, match='start_pos: needs the cache'): speculative_generate(t, t, [1, 2, 3], 5, start_pos=1)
+    with pytest.raises(ValueError, match='start_pos: 3 must be below'): speculative_generate(t, t, [1, 2, 3], 5, start_pos=3, cache=make_cache(t, 1, 16))
+    with pytest.raises(ValueError, match='mtp_start_pos: needs the hidden states'): mtp_speculative_generate(m, [1, 2, 3], 5, mtp_start_pos=1, cache=make_cache(m, 1, 16), start_pos=1)
+    with pytest.raises(ValueError, match=r'cache: holds 1 rows x 8 positions, this call needs 1 x 12'): speculative_generate(t, t, [1, 2, 3], 10, cache=make_cache(t, 1, 8))
+    with pytest.raises(ValueError, match='cache: has 2 layer slots, MTP needs 3'): mtp_speculative_generate(m, [1, 2], 5, cache=make_cache(m, 1, 16, mtp=False))
+    with pytest.raises(ValueError, match='stream: 1 streamers for 2 prompts'): speculative_generate(t, t, [[1], [2]], 5, stream=[None])
+
+# ---------------------------------------------------------------------------------------------------- benchmark script
+
+def test_bench_script_tiny(tmp_path):
+    out = tmp_path / 'spec.json'
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'bench_speculative.py'), '--device', 'cpu', '--tiny',
+                        '--gammas', '1,3', '--mtp-gammas', '1', '--temperatures', '0', '--runs', '1', '--new-tokens', '16', '--out', str(out)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    runs = res['pairs']['random early-exit draft']['runs']['0.0']
+    assert runs['plain']['tokens_per_s'] > 0 and runs['gamma=3']['tokens_per_s'] > 0
+    assert 0 < runs['gamma=3']['acceptance_rate'] <= 1 and runs['gamma=3']['tokens_per_target_forward'] >= 1
+    assert 'speedup' in runs['gamma=1'] and 'gamma=1' in res['pairs']['random MTP']['runs']['0.0']

@@ -36,7 +36,7 @@ def build(cfg, seed=0):
 
 def noisy_copy(m, scale, seed=0):
     d = copy.deepcopy(m); g = torch.Generator().manual_seed(seed)
-    for p in d.parameters(): p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    for p in d.parameters(): p.add_(scale * p.std() * torch.randn(p.shape, generator=g).to(p.device))
     return d
 
 # ---------------------------------------------------------------------------------------------------- greedy identity

@@ -4,14 +4,16 @@
 
 # %% auto #0
 __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepare_data', 'cmd_config', 'run_training',
-           'cmd_train_micro', 'cmd_train_small', 'cmd_train_custom', 'load_run', 'cmd_generate', 'cmd_plot',
-           'cmd_export_hf', 'cmd_import_hf', 'UsageError', 'command_parser', 'usage', 'main']
+           'cmd_train_micro', 'cmd_train_small', 'cmd_train_custom', 'load_run', 'load_for_inference', 'cmd_generate',
+           'cmd_chat', 'cmd_quantize', 'cmd_plot', 'cmd_export_hf', 'cmd_import_hf', 'UsageError', 'command_parser',
+           'usage', 'main']
 
-# %% ../nbs/20_cli.ipynb #1a162de7
+# %% ../nbs/20_cli.ipynb #aacc0003
 import os, sys, inspect, difflib
+from typing import Annotated
 from fastcore.script import anno_parser, CliError
 
-# %% ../nbs/20_cli.ipynb #eb2367b7
+# %% ../nbs/20_cli.ipynb #3be5f511
 def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
                      out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
@@ -29,7 +31,7 @@ def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file
                  zh_ratio=zh_ratio, val_fraction=val_fraction, workers=workers, seed=seed, skip_bad=skip_bad,
                  tokenizer_path=tokenizer_path)
 
-# %% ../nbs/20_cli.ipynb #67997b33
+# %% ../nbs/20_cli.ipynb #9a2909d6
 def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, deepseek-v3, deepseek-v3.2), a config.json or a folder holding one
                seq_len:int=None, # context length for the FLOPs figures (default: the smaller of 4096 and the model's max_seq_len)
                json:bool=False # print JSON (exact integers) instead of a table
@@ -65,7 +67,7 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
     w0, w1 = max(len(a) for a,_,_ in rows), max(len(b) for _,b,_ in rows)
     for a, b, c in rows: print(f'  {a:<{w0}}  {b:>{w1}}  {c}'.rstrip())
 
-# %% ../nbs/20_cli.ipynb #d56fe3a5
+# %% ../nbs/20_cli.ipynb #0b65ddcf
 def _check_positive(**kw):
     for k, v in kw.items():
         if v is not None and v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
@@ -138,7 +140,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"next: metai generate --model-dir {out} --prompt '...'  |  metai plot {out}  |  metai export-hf --model-dir {out} --out {out}_hf")
     return 0
 
-# %% ../nbs/20_cli.ipynb #93132038
+# %% ../nbs/20_cli.ipynb #022a24d9
 def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_micro', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -165,7 +167,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the micro model (6.8M parameters) on the embedded bilingual corpus or your text: minutes on a CPU."
     return run_training('micro', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #8878ab5a
+# %% ../nbs/20_cli.ipynb #04540151
 def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_small', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -192,7 +194,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the small model (an 8-expert MoE, 2 active) on the embedded corpus or your text: made for one GPU."
     return run_training('small', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #57b66c76
+# %% ../nbs/20_cli.ipynb #a26c9723
 CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_heads', 'num_kv_heads': 'n_kv_heads',
                 'mlp_dim': 'ffn_dim', 'head_dim': 'head_dim', 'max_seq_len': 'max_seq_len', 'rope_theta': 'rope_theta',
                 'attn_type': 'attn_type', 'q_lora_rank': 'q_lora_rank', 'kv_lora_rank': 'kv_lora_rank',
@@ -264,7 +266,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
     if vocab_size is None: a['vocab_size'] = PRESETS[preset].vocab_size
     return run_training(preset, model, a)
 
-# %% ../nbs/20_cli.ipynb #28ae5107
+# %% ../nbs/20_cli.ipynb #807b0b16
 def load_run(model_dir:str, # a training output folder (or any folder with config.json, model.safetensors, tokenizer.model)
              device:str='cpu', # where to put the model
              tokenizer:bool=True # also load tokenizer.model (returns None in its place when False)
@@ -286,28 +288,121 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     load_weights(model, os.path.join(model_dir, 'model.safetensors'))
     return model.to(device).eval(), tok
 
-# %% ../nbs/20_cli.ipynb #598dd2cb
-def cmd_generate(model_dir:str=None, # a training output folder (config.json, model.safetensors, tokenizer.model)
-                 prompt:str=None, # the text to continue
-                 max_new_tokens:int=100, # tokens to sample at most (stops early at end-of-text)
-                 temperature:float=0.8, # softmax temperature (near 0: greedy)
-                 top_k:int=50, # sample among the k most likely tokens (0 = all)
-                 seed:int=0, # sampling seed
-                 device:str='auto' # auto, cpu, cuda or mps
-                ):
-    "Continue a prompt with a trained model (plain uncached sampling)."
-    from metai.core import get_device
-    from metai.train.loop import sample_text
-    if model_dir is None: raise UsageError('argument --model-dir: required (a training output folder)')
-    if prompt is None or not prompt.strip(): raise ValueError('--prompt: empty prompt; give some text to continue')
+# %% ../nbs/20_cli.ipynb #58ab5c04
+def _split_stop(stop) -> list:
+    "The `--stop` values: the flag may repeat, and each value may hold several strings separated by commas."
+    return [x for v in (stop or []) for x in v.split(',') if x]
+
+def _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
     _check_positive(max_new_tokens=max_new_tokens)
     if temperature < 0: raise UsageError(f'argument --temperature: must not be negative, got {temperature}')
     if top_k < 0: raise UsageError(f'argument --top-k: must not be negative, got {top_k}')
-    dev = get_device(device)
-    model, tok = load_run(model_dir, dev)
-    print(prompt + sample_text(model, tok, prompt, max_new_tokens, temperature, top_k, seed, dev))
+    if not 0 < top_p <= 1: raise UsageError(f'argument --top-p: must be in (0, 1], got {top_p}')
+    if repetition_penalty <= 0: raise UsageError(f'argument --repetition-penalty: must be positive (1 = off), got {repetition_penalty}')
 
-# %% ../nbs/20_cli.ipynb #6d456ff1
+def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
+                       device:str='auto' # auto, cpu, cuda or mps
+                      ):
+    "`(model, tokenizer, device)` for `generate` and `chat`, with one-line errors (the tokenizer is required)."
+    from metai.core import get_device
+    from metai.infer.generate import load_model_dir
+    if model_dir is None: raise UsageError('argument --model-dir: required (a model folder)')
+    dev = get_device(device)
+    model, tok = load_model_dir(model_dir, dev)
+    if tok is None: raise ValueError(f'{os.path.join(model_dir, "tokenizer.model")}: missing (generating needs the tokenizer the model was trained with)')
+    return model, tok, dev
+
+# %% ../nbs/20_cli.ipynb #ab6235d6
+def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
+                 prompt:str=None, # the text to continue
+                 max_new_tokens:int=100, # tokens to generate at most (stops early at end-of-text or a stop string)
+                 temperature:float=0.8, # softmax temperature (0: greedy)
+                 top_k:int=50, # sample among the k most likely tokens (0 = all)
+                 top_p:float=1.0, # nucleus sampling: the smallest set of tokens holding this much probability (1 = off)
+                 repetition_penalty:float=1.0, # > 1 discourages tokens already in the prompt or the output (1 = off)
+                 stop:Annotated[str, {'action': 'append'}]=None, # a string that ends the output (repeat the flag, or separate with commas)
+                 seed:int=0, # sampling seed: the same seed gives the same text
+                 device:str='auto', # auto, cpu, cuda or mps
+                 compile:bool=False # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+                ):
+    "Continue a prompt with a model (KV-cached decoding, streamed to the terminal)."
+    from metai.infer.generate import generate, encode_prompt, TextStreamer
+    _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    model, tok, dev = load_for_inference(model_dir, device)
+    ids = encode_prompt(tok, prompt)  # 'prompt: empty'
+    L = model.cfg.max_seq_len
+    if len(ids) > L: raise ValueError(f'prompt: {len(ids)} tokens do not fit the context of {L} tokens (max_seq_len in {model_dir}/config.json)')
+    stop = _split_stop(stop)
+    print(prompt, end='', flush=True)
+    generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+             repetition_penalty=repetition_penalty, eos_id=tok.eos_id, stop_strings=stop or None, tokenizer=tok, seed=seed,
+             stream=TextStreamer(tok, stop_strings=stop), compile=compile and dev.type == 'cuda')
+    print()
+
+# %% ../nbs/20_cli.ipynb #5afc063a
+def _read_line(prompt:str) -> str:
+    "One line from stdin after `prompt`: `input()` on a terminal (line editing), else read and echoed; EOFError at the end."
+    if sys.stdin.isatty(): return input(prompt)
+    print(prompt, end='', flush=True)
+    line = sys.stdin.readline()
+    if not line: raise EOFError
+    line = line.rstrip('\n'); print(line)
+    return line
+
+def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
+             system:str=None, # a system message that opens the conversation
+             max_new_tokens:int=256, # longest reply, in tokens
+             temperature:float=0.7, # softmax temperature (0: greedy)
+             top_k:int=0, # sample among the k most likely tokens (0 = all)
+             top_p:float=0.9, # nucleus sampling mass (1 = off)
+             repetition_penalty:float=1.0, # > 1 discourages repeats (1 = off)
+             seed:int=0, # seed of the first reply (then seed+1, ...): a session reproduces
+             device:str='auto', # auto, cpu, cuda or mps
+             compile:bool=False # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+            ):
+    "Chat with a model in the terminal (multi-turn, streamed replies; /reset starts over, /exit leaves)."
+    from metai.core import fmt_num
+    from metai.infer.generate import ChatSession
+    _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    model, tok, dev = load_for_inference(model_dir, device)
+    s = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda')
+    print(f'metai chat: {model_dir} ({fmt_num(model.cfg.num_params())} parameters, {model.cfg.max_seq_len} tokens of context); '
+          f'/reset starts over, /exit leaves', flush=True)
+    while True:
+        try: line = _read_line('user> ').strip()
+        except EOFError: print(); break
+        if not line: continue
+        if line == '/exit': break
+        if line == '/reset': s.reset(); print('(conversation reset)'); continue
+        print('assistant> ', end='', flush=True)
+        try: s.send(line)
+        except ValueError as e: print(); print(f'metai chat: error: {_one_line(e)}', file=sys.stderr, flush=True); continue
+        print(flush=True)
+
+# %% ../nbs/20_cli.ipynb #d193b5ab
+def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, model.safetensors, tokenizer.model)
+                 out:str=None, # the quantized checkpoint folder to write
+                 group_size:int=64, # weights per scale/zero pair (int4) or per absmax block (nf4): 32, 64, 128 or 256
+                 method:str='int4', # int4 (block-wise asymmetric) or nf4 (bitsandbytes)
+                 include_head:bool=False # also quantize the output head
+                ):
+    "Quantize a checkpoint's linear layers and experts to 4 bits (block-wise INT4 or NF4); generate and chat load the result."
+    from metai.core import fmt_bytes
+    from metai.infer.quant import quantize_dir, METHODS, GROUP_SIZES
+    if model_dir is None or out is None: raise UsageError('arguments --model-dir and --out are required')
+    _check_choice('method', method, METHODS)
+    if group_size not in GROUP_SIZES: raise UsageError(f"argument --group-size: must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    _refuse_run_dir(out)
+    r = quantize_dir(model_dir, out, group_size, method, include_head)
+    print(f"{out}: {method}, group size {group_size}, {r['n_linear']} linear layers and {r['n_moe']} MoE layers quantized"
+          + (f", {len(r['skipped'])} kept in full precision" if r['skipped'] else '')
+          + ('' if r['tokenizer_copied'] else f' (no tokenizer.model in {model_dir}: add one before generating)'))
+    print(f"quantized weights: {fmt_bytes(r['quantized_bytes_before'])} -> {fmt_bytes(r['quantized_bytes_after'])} "
+          f"({r['bits_per_quantized_weight']:.2f} bits/weight, {r['quantized_ratio_vs_bf16']:.2f}x smaller than bf16)")
+    print(f"whole model: {fmt_bytes(r['model_bytes_before'])} -> {fmt_bytes(r['model_bytes_after'])} ({r['model_ratio']:.2f}x)")
+
+# %% ../nbs/20_cli.ipynb #8edc26fe
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
              out:str=None # the PNG to write (default: loss.png in the run folder)
             ):
@@ -315,7 +410,7 @@ def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
     from metai.train.monitor import plot_metrics
     print(plot_metrics(run_dir, out))
 
-# %% ../nbs/20_cli.ipynb #a3c31ee0
+# %% ../nbs/20_cli.ipynb #829c14d2
 def _copy_tokenizer(src_dir, out):
     import shutil
     src = os.path.join(src_dir, 'tokenizer.model')
@@ -356,20 +451,22 @@ def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or 
     tok = _copy_tokenizer(hf_dir, out)
     print(f"{out}: metai model, {model.cfg.num_params():,} parameters" + (', tokenizer.model copied' if tok else ' (no tokenizer.model in the checkpoint: add one before generating)'))
 
-# %% ../nbs/20_cli.ipynb #1b13c4b5
+# %% ../nbs/20_cli.ipynb #0b5ad24d
 COMMANDS = {
     'prepare-data': cmd_prepare_data,
     'train-micro':  cmd_train_micro,
     'train-small':  cmd_train_small,
     'train-custom': cmd_train_custom,
     'generate':     cmd_generate,
+    'chat':         cmd_chat,
+    'quantize':     cmd_quantize,
     'plot':         cmd_plot,
     'export-hf':    cmd_export_hf,
     'import-hf':    cmd_import_hf,
     'config':       cmd_config,
 }
 
-# %% ../nbs/20_cli.ipynb #27cdae52
+# %% ../nbs/20_cli.ipynb #a75bb371
 class UsageError(Exception):
     "A bad command line: unknown command, unknown flag or a value of the wrong type (exit code 2)."
 
@@ -391,7 +488,7 @@ def command_parser(name:str # a key of `COMMANDS`
     p.error = error
     return p
 
-# %% ../nbs/20_cli.ipynb #92915a0b
+# %% ../nbs/20_cli.ipynb #8758e75b
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
 USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
 

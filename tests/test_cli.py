@@ -13,11 +13,11 @@ def _script():
 
 METAI = _script()
 
-def metai(*args, env=None, cwd=None, timeout=300):
-    "Run the installed `metai` script; returns (exit code, stdout, stderr)."
+def metai(*args, env=None, cwd=None, timeout=300, input=None):
+    "Run the installed `metai` script (with `input` on its stdin); returns (exit code, stdout, stderr)."
     assert METAI, 'the metai console script is not installed: pip install -e .'
     e = dict(os.environ, OMP_NUM_THREADS='1'); e.pop('METAI_DEBUG', None); e.update(env or {})
-    r = subprocess.run([METAI, *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=timeout)
+    r = subprocess.run([METAI, *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=timeout, input=input)
     return r.returncode, r.stdout, r.stderr
 
 def one_line(err):
@@ -181,3 +181,118 @@ def test_ctrl_c_exits_130(tmp_path):
         for fd in fds: os.close(fd)
     assert p.returncode == 130, (p.returncode, err)
     assert one_line(err) == 'metai prepare-data: interrupted'
+
+# --- generate, chat, quantize on a tiny trained checkpoint ---------------------------------------------------------
+
+PHRASES = ['the cat sat on the mat.', 'a bird in the hand is worth two in the bush.', 'all that glitters is not gold.',
+           'the early bird catches the worm.', 'actions speak louder than words.', 'time and tide wait for no man.']
+POEM = ['床前明月光，疑是地上霜。', '举头望明月，低头思故乡。', '春眠不觉晓，处处闻啼鸟。', '夜来风雨声，花落知多少。']
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    "A 2-layer model of width 64 trained for 30 steps by `metai train-custom` on a generated bilingual corpus."
+    d = tmp_path_factory.mktemp('tiny_run')
+    rng = random.Random(0)
+    for name, lines, n, sep in (('zh', POEM, 200, ''), ('en', PHRASES, 400, ' ')):
+        docs = [sep.join(rng.choice(lines) for _ in range(rng.randint(2, 5))) for _ in range(n)]
+        (d/f'{name}.txt').write_text('\n\n'.join(docs) + '\n', encoding='utf-8')
+    rc, out, err = metai('train-custom', '--chinese-path', d/'zh.txt', '--english-path', d/'en.txt', '--output-dir', d/'run',
+                         '--vocab-size', 512, '--hidden-dim', 64, '--num-layers', 2, '--num-heads', 4, '--num-kv-heads', 2,
+                         '--mlp-dim', 128, '--seq-len', 64, '--max-seq-len', 128, '--batch-size', 8, '--steps', 30, '--warmup', 3,
+                         '--lr', 3e-3, '--eval-interval', 30, '--device', 'cpu', '--sample-prompt', '', env={'METAI_PLAIN': '1'})
+    assert rc == 0, err
+    return d/'run'
+
+def test_generate_streams_a_continuation(tiny_run):
+    args = ('generate', '--model-dir', tiny_run, '--prompt', 'the cat', '--max-new-tokens', 24, '--device', 'cpu')
+    rc, out, err = metai(*args)
+    assert (rc, err) == (0, ''), err
+    assert out.startswith('the cat') and out.endswith('\n') and len(out.strip()) > len('the cat'), repr(out)
+    assert metai(*args)[1] == out                                           # seeded: the same text again
+    rc, greedy, err = metai(*args, '--temperature', 0)
+    from metai.infer.generate import load_model_dir, encode_prompt, generate
+    model, tok = load_model_dir(tiny_run, 'cpu')                            # the library's own greedy output
+    assert greedy == 'the cat' + tok.decode(generate(model, encode_prompt(tok, 'the cat'), 24, temperature=0, eos_id=tok.eos_id)) + '\n'
+
+def test_generate_sampling_flags_and_stop(tiny_run):
+    base = ('generate', '--model-dir', tiny_run, '--prompt', 'the', '--max-new-tokens', 40, '--device', 'cpu')
+    rc, full, err = metai(*base, '--temperature', 0)
+    assert rc == 0, err
+    cont = full[len('the'):-1]
+    stop = next((w for w in ('.', ' ') if w in cont), None)
+    assert stop, repr(full)
+    rc, out, err = metai(*base, '--temperature', 0, '--stop', 'zzz-never', '--stop', f'qqq,{stop}')   # repeated and comma-separated
+    assert rc == 0 and out == 'the' + cont[:cont.index(stop)] + '\n', (out, full)                      # cut before the stop string
+    rc, out, err = metai(*base, '--top-k', 5, '--top-p', 0.8, '--repetition-penalty', 1.3, '--seed', 3)
+    assert rc == 0 and out.startswith('the'), err
+
+def test_generate_bad_input(tiny_run, tmp_path):
+    rc, out, err = metai('generate', '--model-dir', tmp_path/'nowhere', '--prompt', 'hi', '--device', 'cpu')
+    assert rc == 1 and one_line(err) == f'metai generate: error: {tmp_path}/nowhere: no such model directory'
+    rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', ' ', '--device', 'cpu')
+    assert rc == 1 and one_line(err) == 'metai generate: error: prompt: empty'
+    rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'the cat sat on the mat. ' * 40, '--device', 'cpu')
+    assert rc == 1 and 'do not fit the context of 128 tokens' in one_line(err), err
+    rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'hi', '--top-p', 0)
+    assert rc == 2 and '--top-p' in one_line(err)
+    rc, out, err = metai('generate', '--prompt', 'hi')
+    assert rc == 2 and '--model-dir' in one_line(err)
+    d = tmp_path/'notok'; d.mkdir()
+    for f in ('config.json', 'model.safetensors'): shutil.copy(tiny_run/f, d/f)
+    rc, out, err = metai('generate', '--model-dir', d, '--prompt', 'hi', '--device', 'cpu')
+    assert rc == 1 and one_line(err).startswith(f'metai generate: error: {d}/tokenizer.model: missing'), err
+
+def test_generate_from_exported_hf_checkpoint(tiny_run, tmp_path):
+    rc, out, err = metai('export-hf', '--model-dir', tiny_run, '--out', tmp_path/'hf')
+    assert rc == 0, err
+    args = ('--prompt', 'the cat', '--max-new-tokens', 16, '--temperature', 0, '--device', 'cpu')
+    rc, a, err = metai('generate', '--model-dir', tmp_path/'hf', *args)
+    assert rc == 0 and a.startswith('the cat') and len(a) > len('the cat\n'), err
+    assert metai('generate', '--model-dir', tiny_run, *args)[1] == a        # same weights, same greedy text
+
+def test_chat_piped_session(tiny_run):
+    stdin = 'the cat sat\n\nall that glitters\n/reset\nthe cat sat\n/exit\nnever read\n'
+    rc, out, err = metai('chat', '--model-dir', tiny_run, '--system', 'Be brief.', '--max-new-tokens', 12,
+                         '--temperature', 0, '--device', 'cpu', input=stdin)
+    assert (rc, err) == (0, ''), err
+    assert out.startswith(f'metai chat: {tiny_run} (') and '/reset starts over, /exit leaves' in out.splitlines()[0]
+    assert out.count('user> ') == 6 and out.count('assistant> ') == 3   # the blank line gets no reply, nothing after /exit
+    assert '(conversation reset)' in out and 'never read' not in out and out.endswith('user> /exit\n')
+    replies = [seg.split('\nuser> ')[0] for seg in out.split('assistant> ')[1:]]
+    assert replies[0] == replies[2], replies                                # after /reset the first turn comes back
+    from metai.infer.generate import load_model_dir, ChatSession
+    model, tok = load_model_dir(tiny_run, 'cpu')
+    s = ChatSession(model, tok, system='Be brief.', max_new_tokens=12, temperature=0, top_p=0.9, seed=0)
+    assert s.send('the cat sat', stream=None) == replies[0]
+
+def test_chat_errors_and_eof(tiny_run):
+    stdin = ('the cat sat on the mat. ' * 30) + '\nthe cat\n'                # too long for 128 tokens, then a good one, then EOF
+    rc, out, err = metai('chat', '--model-dir', tiny_run, '--max-new-tokens', 4, '--device', 'cpu', input=stdin)
+    assert rc == 0, err
+    assert one_line(err).startswith('metai chat: error: conversation: ') and 'do not fit the context of 128' in err
+    assert out.count('assistant> ') == 2
+    rc, out, err = metai('chat', '--model-dir', tiny_run/'nowhere')
+    assert rc == 1 and 'no such model directory' in one_line(err)
+
+def test_quantize_then_generate(tiny_run, tmp_path):
+    q = tmp_path/'q4'
+    rc, out, err = metai('quantize', '--model-dir', tiny_run, '--group-size', 32, '--out', q)
+    assert (rc, err) == (0, ''), err
+    assert out.startswith(f'{q}: int4, group size 32,') and 'quantized weights: ' in out and 'whole model: ' in out, out
+    ratio = float(out.split('bits/weight, ')[1].split('x smaller')[0])
+    assert ratio > 3.0, out
+    assert json.loads((q/'quant.json').read_text())['group_size'] == 32 and (q/'tokenizer.model').is_file()
+    rc, out, err = metai('generate', '--model-dir', q, '--prompt', 'the cat', '--max-new-tokens', 12, '--device', 'cpu')
+    assert (rc, err) == (0, '') and out.startswith('the cat') and len(out) > len('the cat\n'), err
+    rc, out, err = metai('chat', '--model-dir', q, '--max-new-tokens', 6, '--device', 'cpu', input='hello\n/exit\n')
+    assert rc == 0 and out.count('assistant> ') == 1, err
+
+def test_quantize_bad_input(tiny_run, tmp_path):
+    rc, out, err = metai('quantize', '--model-dir', tiny_run, '--group-size', 48, '--out', tmp_path/'q')
+    assert rc == 2 and '--group-size' in one_line(err) and not (tmp_path/'q').exists()
+    rc, out, err = metai('quantize', '--model-dir', tiny_run, '--method', 'int3', '--out', tmp_path/'q')
+    assert rc == 2 and '--method' in one_line(err)
+    rc, out, err = metai('quantize', '--model-dir', tmp_path/'nowhere', '--out', tmp_path/'q')
+    assert rc == 1 and 'nowhere/config.json' in one_line(err) and not (tmp_path/'q').exists()
+    rc, out, err = metai('quantize', '--model-dir', tiny_run, '--out', tiny_run)
+    assert rc == 1 and 'holds a training run' in one_line(err)

@@ -185,9 +185,9 @@ def test_generate_and_plot(ref, tmp_path):
     rc, o, e = metai('generate', '--model-dir', ref, '--prompt', 'the cat', '--max-new-tokens', 20, '--device', 'cpu')
     assert (rc, e) == (0, '') and o.startswith('the cat') and len(o) > len('the cat\n')
     rc, o, e = metai('generate', '--model-dir', tmp_path/'missing', '--prompt', 'the cat')
-    assert rc == 1 and 'no such directory' in one_line(e)
+    assert rc == 1 and 'no such model directory' in one_line(e)
     rc, o, e = metai('generate', '--model-dir', ref, '--prompt', '')
-    assert rc == 1 and 'empty prompt' in one_line(e)
+    assert rc == 1 and one_line(e) == 'metai generate: error: prompt: empty'
     png = tmp_path/'curves.png'
     rc, o, e = metai('plot', ref, '--out', png)
     assert (rc, o, e) == (0, f'{png}\n', '') and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

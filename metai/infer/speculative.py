@@ -8,7 +8,7 @@ Greedy output identical to plain greedy decoding, sampled output with the same d
 __all__ = ['speculative_accept', 'greedy_accept', 'chisquare_pvalue', 'forward_hidden', 'mtp_step', 'speculative_generate',
            'mtp_speculative_generate', 'load_draft_model', 'format_stats', 'SpeculativeChatSession']
 
-# %% ../../nbs/11_speculative.ipynb #8c889dad
+# %% ../../nbs/11_speculative.ipynb #5de7c1d8
 import os, time, numbers
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .cache import KVCache, make_cache, forward_step
 from .generate import (logits_to_probs, multinomial_no_sync, ChatSession, TextStreamer, load_model_dir,
                                   _rows, _check_sampling, _seeded)
 
-# %% ../../nbs/11_speculative.ipynb #964b92fe
+# %% ../../nbs/11_speculative.ipynb #a985c28c
 def speculative_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals x_1..x_g
                        draft_probs:Tensor, # (B, g, V) q_1..q_g, the distributions they were drawn from
                        target_probs:Tensor # (B, g+1, V) p_1..p_{g+1}, the target's distributions at the same positions
@@ -44,7 +44,7 @@ def greedy_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals
     n = (t[:, :-1] == draft_tokens).long().cumprod(1).sum(1)              # (B,)
     return n, t.gather(1, n[:, None])[:, 0]
 
-# %% ../../nbs/11_speculative.ipynb #366c4e88
+# %% ../../nbs/11_speculative.ipynb #d1843d9d
 def chisquare_pvalue(counts, # (K,) observed counts (any shape; flattened)
                      probs, # (K,) the probabilities they should follow (normalised here)
                      min_expected:float=5.0 # cells expected fewer times than this are pooled into one
@@ -62,7 +62,7 @@ def chisquare_pvalue(counts, # (K,) observed counts (any shape; flattened)
     x2 = ((o - e) ** 2 / e).sum()
     return torch.special.gammaincc(torch.tensor((len(e) - 1) / 2, dtype=torch.float64), x2 / 2).item()
 
-# %% ../../nbs/11_speculative.ipynb #c77e2848
+# %% ../../nbs/11_speculative.ipynb #6f7511e1
 def _block_step(layer, x, cos, sin, cache, mask):
     "One `Block` in static-shape mode, as `forward_step` runs each layer."
     x = x + layer.attn(layer.attn_norm(x), cos, sin, 0, cache, attn_mask=mask)
@@ -101,7 +101,7 @@ def mtp_step(model, # a metai `Transformer` with MTP modules
     cache.input_pos = None
     return model.head(m.norm(x)), x
 
-# %% ../../nbs/11_speculative.ipynb #e47f618a
+# %% ../../nbs/11_speculative.ipynb #74773d1e
 def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, top_k, top_p, eos_id, seed, stream,
                cache, draft_cache, start_pos, draft_start_pos, hidden, compile):
     "The loop behind `speculative_generate` (`draft` a model) and `mtp_speculative_generate` (`draft` None: the MTP modules)."
@@ -168,9 +168,8 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
     ar, br = torch.arange(B, device=device), np.arange(B)
     st = dict(target_forwards=0, draft_forwards=0, drafted=0, accepted=0, tested=0, rounds=0, row_rounds=0,
               accept_counts=[0] * (gamma + 1))
-    dev = lambda a: torch.as_tensor(a, device=device)
     window = lambda lo, hi: torch.arange(int(lo), int(hi) + 1, device=device)
-    def pick(x, pos, lo): return x[ar, dev(np.clip(pos - lo, 0, x.size(1) - 1))]  # (B, ...) each row at its own position
+    def pick(x, pos, lo): return x[ar, (pos - int(lo)).clamp(0, x.size(1) - 1)]  # (B, ...) each row at its own position (a device tensor)
     def draw(lg):  # (B, V) logits -> the (B,) token and the (B, V) distribution it was drawn from (None when greedy)
         if greedy: return lg.argmax(-1), None
         q = logits_to_probs(lg, temperature, top_k, top_p)
@@ -182,13 +181,14 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
             g = max(0, min(gamma, S - n[act].max()))                # fewer drafts only where the context ends
             if mtp and (c[act] < n[act] - 1).any(): g = 0           # no h^0 yet (the prompt): a plain target step first
             drafts, qs = [], []
+            nd = torch.tensor(n, device=device)                     # n on the device: the round's one copy to it (the GPU is idle here)
             if g and not mtp:   # 1. the draft model proposes g tokens, one forward each
                 for j in range(g):
                     pos = n - 1 + j                                  # each row's newest token; its successor is drafted
                     lo, hi = cd[act].min(), pos[act].max()
                     lg = run(f_draft, forward_step, hi - lo + 1)(draft, seq[:, lo:hi + 1], window(lo, hi), draft_cache)
-                    d, q = draw(pick(lg, pos, lo))
-                    seq[ar, dev(pos + 1)] = d
+                    d, q = draw(pick(lg, nd - 1 + j, lo))
+                    seq[ar, nd + j] = d
                     drafts.append(d); qs.append(q)
                     cd[act] = pos[act] + 1
                     st['draft_forwards'] += 1
@@ -199,19 +199,19 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
                 for k in range(D):
                     if k == D - 1: hbuf[:, lo:hi + 1] = h
                     lg, h = run(f_mtp, mtp_step, hi - lo + 1)(target, k, h, seq[:, lo + k + 1:hi + k + 2], window(lo, hi), cache)
-                    d, q = draw(pick(lg, i, lo))
-                    seq[ar, dev(i + k + 2)] = d                      # d_{k+1} sits at position n + k
+                    d, q = draw(pick(lg, nd - 2, lo))
+                    seq[ar, nd + k] = d                              # d_{k+1} sits at position n + k
                     drafts.append(d); qs.append(q)
                     st['draft_forwards'] += 1
-                last = pick(h, i, lo)                                # (B, dim) the last module's output at n-2
+                last = pick(h, nd - 2, lo)                           # (B, dim) the last module's output at n-2
                 for s in range(1, g - D + 1):                        # more drafts: the last module again, one position on
                     pos = i + s
-                    hbuf[ar, dev(np.minimum(pos, hbuf.size(1) - 1))] = last   # its own output stands in for h^{D-1}
+                    hbuf[ar, (nd - 2 + s).clamp(max=hbuf.size(1) - 1)] = last   # its own output stands in for h^{D-1}
                     lo, hi = pos[act].min(), pos[act].max()
                     lg, h = run(f_mtp, mtp_step, hi - lo + 1)(target, D - 1, hbuf[:, lo:hi + 1], seq[:, lo + D:hi + D + 1], window(lo, hi), cache)
-                    d, q = draw(pick(lg, pos, lo))
-                    seq[ar, dev(pos + D + 1)] = d
-                    drafts.append(d); qs.append(q); last = pick(h, pos, lo)
+                    d, q = draw(pick(lg, nd - 2 + s, lo))
+                    seq[ar, nd - 1 + D + s] = d
+                    drafts.append(d); qs.append(q); last = pick(h, nd - 2 + s, lo)
                     st['draft_forwards'] += 1
                 drafts, qs = drafts[:g], qs[:g]
             # 2. the target scores every row's newest token and its g drafts in one forward
@@ -219,14 +219,14 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
             lg, h = run(f_target, forward_hidden, hi - lo + 1)(target, seq[:, lo:hi + 1], window(lo, hi), cache)  # (B, W, V)
             st['target_forwards'] += 1
             if mtp: hidden[:, lo:hi + 1] = h
-            tl = lg[ar[:, None], dev(np.clip((n - 1 - lo)[:, None] + np.arange(g + 1), 0, lg.size(1) - 1))]  # (B, g+1, V)
+            tl = lg[ar[:, None], ((nd - 1 - int(lo))[:, None] + torch.arange(g + 1, device=device)).clamp(0, lg.size(1) - 1)]  # (B, g+1, V)
             dr = torch.stack(drafts, 1) if g else torch.zeros(B, 0, dtype=torch.long, device=device)
             # 3. keep a prefix of the drafts, then one token from the target (the residual's draw or the bonus)
             if greedy: a, nxt = greedy_accept(dr, tl)
             else:
                 q = torch.stack(qs, 1) if g else tl.new_zeros(B, 0, tl.size(-1))
                 a, nxt = speculative_accept(dr, q, logits_to_probs(tl, temperature, top_k, top_p))
-            seq[ar, dev(n) + a] = nxt
+            seq[ar, nd + a] = nxt
             res = torch.cat([a[:, None], nxt[:, None], dr], 1).cpu().numpy()   # the round's one host sync
             a, nxt, dr = np.where(act, res[:, 0], -1), res[:, 1], res[:, 2:]  # finished rows take no part (a = -1)
             # 4. bookkeeping on the host: the new tokens, the caches' extents (the rollback), stops
@@ -271,7 +271,7 @@ def _compiled(f, device:torch.device):
         _COMPILED[key] = torch.compile(f, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True, dynamic=False)
     return _COMPILED[key]
 
-# %% ../../nbs/11_speculative.ipynb #c1124227
+# %% ../../nbs/11_speculative.ipynb #388c534e
 @torch.no_grad()
 def speculative_generate(target, # the model whose distribution the output follows (a metai `Transformer`, eval mode)
                          draft, # a cheaper model with the same tokenizer (same vocab_size) that proposes tokens
@@ -315,7 +315,7 @@ def mtp_speculative_generate(model, # a metai `Transformer` with MTP modules (cf
     return _speculate(model, None, prompt_ids, max_new_tokens, model.cfg.mtp_depth if gamma is None else gamma, temperature,
                       top_k, top_p, eos_id, seed, stream, cache, None, start_pos, mtp_start_pos, hidden, compile)
 
-# %% ../../nbs/11_speculative.ipynb #0777711e
+# %% ../../nbs/11_speculative.ipynb #edb620ac
 def load_draft_model(path, # the draft model's directory (a metai checkpoint or a local Hugging Face one)
                      target, # the target `Transformer` it will draft for
                      target_tok:Tokenizer|None=None, # the target's tokenizer, to compare with the draft's

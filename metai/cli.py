@@ -8,12 +8,12 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'cmd_chat', 'cmd_quantize', 'cmd_plot', 'cmd_export_hf', 'cmd_import_hf', 'UsageError', 'command_parser',
            'usage', 'main']
 
-# %% ../nbs/20_cli.ipynb #aacc0003
+# %% ../nbs/20_cli.ipynb #6cc8501e
 import os, sys, inspect, difflib
 from typing import Annotated
 from fastcore.script import anno_parser, CliError
 
-# %% ../nbs/20_cli.ipynb #3be5f511
+# %% ../nbs/20_cli.ipynb #ac062c2a
 def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
                      out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
@@ -31,7 +31,7 @@ def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file
                  zh_ratio=zh_ratio, val_fraction=val_fraction, workers=workers, seed=seed, skip_bad=skip_bad,
                  tokenizer_path=tokenizer_path)
 
-# %% ../nbs/20_cli.ipynb #9a2909d6
+# %% ../nbs/20_cli.ipynb #b77a393b
 def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, deepseek-v3, deepseek-v3.2), a config.json or a folder holding one
                seq_len:int=None, # context length for the FLOPs figures (default: the smaller of 4096 and the model's max_seq_len)
                json:bool=False # print JSON (exact integers) instead of a table
@@ -67,7 +67,7 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
     w0, w1 = max(len(a) for a,_,_ in rows), max(len(b) for _,b,_ in rows)
     for a, b, c in rows: print(f'  {a:<{w0}}  {b:>{w1}}  {c}'.rstrip())
 
-# %% ../nbs/20_cli.ipynb #0b65ddcf
+# %% ../nbs/20_cli.ipynb #60941a24
 def _check_positive(**kw):
     for k, v in kw.items():
         if v is not None and v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
@@ -140,7 +140,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"next: metai generate --model-dir {out} --prompt '...'  |  metai plot {out}  |  metai export-hf --model-dir {out} --out {out}_hf")
     return 0
 
-# %% ../nbs/20_cli.ipynb #022a24d9
+# %% ../nbs/20_cli.ipynb #f6fbedc0
 def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_micro', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -167,7 +167,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the micro model (6.8M parameters) on the embedded bilingual corpus or your text: minutes on a CPU."
     return run_training('micro', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #04540151
+# %% ../nbs/20_cli.ipynb #2384847e
 def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_small', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -194,7 +194,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the small model (an 8-expert MoE, 2 active) on the embedded corpus or your text: made for one GPU."
     return run_training('small', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #a26c9723
+# %% ../nbs/20_cli.ipynb #3ab312bc
 CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_heads', 'num_kv_heads': 'n_kv_heads',
                 'mlp_dim': 'ffn_dim', 'head_dim': 'head_dim', 'max_seq_len': 'max_seq_len', 'rope_theta': 'rope_theta',
                 'attn_type': 'attn_type', 'q_lora_rank': 'q_lora_rank', 'kv_lora_rank': 'kv_lora_rank',
@@ -266,7 +266,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
     if vocab_size is None: a['vocab_size'] = PRESETS[preset].vocab_size
     return run_training(preset, model, a)
 
-# %% ../nbs/20_cli.ipynb #807b0b16
+# %% ../nbs/20_cli.ipynb #bdb0d628
 def load_run(model_dir:str, # a training output folder (or any folder with config.json, model.safetensors, tokenizer.model)
              device:str='cpu', # where to put the model
              tokenizer:bool=True # also load tokenizer.model (returns None in its place when False)
@@ -288,7 +288,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     load_weights(model, os.path.join(model_dir, 'model.safetensors'))
     return model.to(device).eval(), tok
 
-# %% ../nbs/20_cli.ipynb #58ab5c04
+# %% ../nbs/20_cli.ipynb #06914d80
 def _split_stop(stop) -> list:
     "The `--stop` values: the flag may repeat, and each value may hold several strings separated by commas."
     return [x for v in (stop or []) for x in v.split(',') if x]
@@ -299,6 +299,14 @@ def _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_
     if top_k < 0: raise UsageError(f'argument --top-k: must not be negative, got {top_k}')
     if not 0 < top_p <= 1: raise UsageError(f'argument --top-p: must be in (0, 1], got {top_p}')
     if repetition_penalty <= 0: raise UsageError(f'argument --repetition-penalty: must be positive (1 = off), got {repetition_penalty}')
+
+def _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, stop):
+    "Usage errors for the speculative-decoding flags."
+    if draft_model_dir and mtp_speculate: raise UsageError('arguments --draft-model-dir and --mtp-speculate: choose one drafter')
+    if not (draft_model_dir or mtp_speculate): return
+    if not 0 <= speculate_k <= 16: raise UsageError(f'argument --speculate-k: must be between 1 and 16 (0 = default), got {speculate_k}')
+    if repetition_penalty != 1.0: raise UsageError('argument --repetition-penalty: not supported with speculative decoding')
+    if stop: raise UsageError('argument --stop: not supported with speculative decoding')
 
 def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
                        device:str='auto' # auto, cpu, cuda or mps
@@ -312,7 +320,7 @@ def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face
     if tok is None: raise ValueError(f'{os.path.join(model_dir, "tokenizer.model")}: missing (generating needs the tokenizer the model was trained with)')
     return model, tok, dev
 
-# %% ../nbs/20_cli.ipynb #ab6235d6
+# %% ../nbs/20_cli.ipynb #4c90b909
 def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
                  prompt:str=None, # the text to continue
                  max_new_tokens:int=100, # tokens to generate at most (stops early at end-of-text or a stop string)
@@ -323,23 +331,36 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
                  stop:Annotated[str, {'action': 'append'}]=None, # a string that ends the output (repeat the flag, or separate with commas)
                  seed:int=0, # sampling seed: the same seed gives the same text
                  device:str='auto', # auto, cpu, cuda or mps
-                 compile:bool=False # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+                 compile:bool=False, # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+                 draft_model_dir:str=None, # a smaller model with the same tokenizer: speculative decoding with it as the drafter
+                 speculate_k:int=0, # tokens drafted per target forward, gamma (0: 4 with a draft model, the MTP depth with --mtp-speculate)
+                 mtp_speculate:bool=False # use the model's own MTP modules as the drafter (self-speculation)
                 ):
     "Continue a prompt with a model (KV-cached decoding, streamed to the terminal)."
     from metai.infer.generate import generate, encode_prompt, TextStreamer
     _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, stop)
     model, tok, dev = load_for_inference(model_dir, device)
     ids = encode_prompt(tok, prompt)  # 'prompt: empty'
     L = model.cfg.max_seq_len
     if len(ids) > L: raise ValueError(f'prompt: {len(ids)} tokens do not fit the context of {L} tokens (max_seq_len in {model_dir}/config.json)')
     stop = _split_stop(stop)
+    if draft_model_dir or mtp_speculate:
+        from metai.infer.speculative import speculative_generate, mtp_speculative_generate, load_draft_model, format_stats
+        kw = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, eos_id=tok.eos_id, seed=seed,
+                  stream=TextStreamer(tok), compile=compile and dev.type == 'cuda')
+        print(prompt, end='', flush=True)
+        if draft_model_dir: _, stats = speculative_generate(model, load_draft_model(draft_model_dir, model, tok), ids, max_new_tokens, gamma=speculate_k or 4, **kw)
+        else: _, stats = mtp_speculative_generate(model, ids, max_new_tokens, gamma=speculate_k or None, **kw)
+        print(); print(format_stats(stats), file=sys.stderr)
+        return
     print(prompt, end='', flush=True)
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
              repetition_penalty=repetition_penalty, eos_id=tok.eos_id, stop_strings=stop or None, tokenizer=tok, seed=seed,
              stream=TextStreamer(tok, stop_strings=stop), compile=compile and dev.type == 'cuda')
     print()
 
-# %% ../nbs/20_cli.ipynb #5afc063a
+# %% ../nbs/20_cli.ipynb #70b765bd
 def _read_line(prompt:str) -> str:
     "One line from stdin after `prompt`: `input()` on a terminal (line editing), else read and echoed; EOFError at the end."
     if sys.stdin.isatty(): return input(prompt)
@@ -358,15 +379,26 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
              repetition_penalty:float=1.0, # > 1 discourages repeats (1 = off)
              seed:int=0, # seed of the first reply (then seed+1, ...): a session reproduces
              device:str='auto', # auto, cpu, cuda or mps
-             compile:bool=False # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+             compile:bool=False, # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+             draft_model_dir:str=None, # a smaller model with the same tokenizer: speculative decoding with it as the drafter
+             speculate_k:int=0, # tokens drafted per target forward, gamma (0: 4 with a draft model, the MTP depth with --mtp-speculate)
+             mtp_speculate:bool=False # use the model's own MTP modules as the drafter (self-speculation)
             ):
     "Chat with a model in the terminal (multi-turn, streamed replies; /reset starts over, /exit leaves)."
     from metai.core import fmt_num
     from metai.infer.generate import ChatSession
     _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, None)
     model, tok, dev = load_for_inference(model_dir, device)
-    s = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda')
+    spec = bool(draft_model_dir or mtp_speculate)
+    if spec:
+        from metai.infer.speculative import SpeculativeChatSession, load_draft_model, format_stats
+        draft = load_draft_model(draft_model_dir, model, tok) if draft_model_dir else None
+        s = SpeculativeChatSession(model, tok, draft=draft, gamma=speculate_k or (4 if draft is not None else None), system=system, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed, compile=compile and dev.type == 'cuda')
+    else:
+        s = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda')
     print(f'metai chat: {model_dir} ({fmt_num(model.cfg.num_params())} parameters, {model.cfg.max_seq_len} tokens of context); '
           f'/reset starts over, /exit leaves', flush=True)
     while True:
@@ -379,8 +411,9 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
         try: s.send(line)
         except ValueError as e: print(); print(f'metai chat: error: {_one_line(e)}', file=sys.stderr, flush=True); continue
         print(flush=True)
+        if spec and s.stats: print(format_stats(s.stats[-1]), file=sys.stderr, flush=True)
 
-# %% ../nbs/20_cli.ipynb #d193b5ab
+# %% ../nbs/20_cli.ipynb #dcf1dd80
 def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, model.safetensors, tokenizer.model)
                  out:str=None, # the quantized checkpoint folder to write
                  group_size:int=64, # weights per scale/zero pair (int4) or per absmax block (nf4): 32, 64, 128 or 256
@@ -402,7 +435,7 @@ def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, m
           f"({r['bits_per_quantized_weight']:.2f} bits/weight, {r['quantized_ratio_vs_bf16']:.2f}x smaller than bf16)")
     print(f"whole model: {fmt_bytes(r['model_bytes_before'])} -> {fmt_bytes(r['model_bytes_after'])} ({r['model_ratio']:.2f}x)")
 
-# %% ../nbs/20_cli.ipynb #8edc26fe
+# %% ../nbs/20_cli.ipynb #cdada570
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
              out:str=None # the PNG to write (default: loss.png in the run folder)
             ):
@@ -410,7 +443,7 @@ def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
     from metai.train.monitor import plot_metrics
     print(plot_metrics(run_dir, out))
 
-# %% ../nbs/20_cli.ipynb #829c14d2
+# %% ../nbs/20_cli.ipynb #bad0e36a
 def _copy_tokenizer(src_dir, out):
     import shutil
     src = os.path.join(src_dir, 'tokenizer.model')
@@ -451,7 +484,7 @@ def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or 
     tok = _copy_tokenizer(hf_dir, out)
     print(f"{out}: metai model, {model.cfg.num_params():,} parameters" + (', tokenizer.model copied' if tok else ' (no tokenizer.model in the checkpoint: add one before generating)'))
 
-# %% ../nbs/20_cli.ipynb #0b5ad24d
+# %% ../nbs/20_cli.ipynb #3292c64d
 COMMANDS = {
     'prepare-data': cmd_prepare_data,
     'train-micro':  cmd_train_micro,
@@ -466,7 +499,7 @@ COMMANDS = {
     'config':       cmd_config,
 }
 
-# %% ../nbs/20_cli.ipynb #a75bb371
+# %% ../nbs/20_cli.ipynb #3236aac3
 class UsageError(Exception):
     "A bad command line: unknown command, unknown flag or a value of the wrong type (exit code 2)."
 
@@ -488,7 +521,7 @@ def command_parser(name:str # a key of `COMMANDS`
     p.error = error
     return p
 
-# %% ../nbs/20_cli.ipynb #8758e75b
+# %% ../nbs/20_cli.ipynb #8f5fdaf3
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
 USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
 

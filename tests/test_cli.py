@@ -296,3 +296,37 @@ def test_quantize_bad_input(tiny_run, tmp_path):
     assert rc == 1 and 'nowhere/config.json' in one_line(err) and not (tmp_path/'q').exists()
     rc, out, err = metai('quantize', '--model-dir', tiny_run, '--out', tiny_run)
     assert rc == 1 and 'holds a training run' in one_line(err)
+
+# --- speculative decoding from the command line ---------------------------------------------------------------------
+
+def test_generate_draft_speculation_is_greedy_exact(tiny_run):
+    "Greedy speculative decoding (the model drafting for itself) prints exactly the plain greedy text, plus its stats."
+    base = ('generate', '--model-dir', tiny_run, '--prompt', 'the cat', '--max-new-tokens', 20, '--device', 'cpu', '--temperature', 0)
+    rc, plain, err = metai(*base)
+    assert rc == 0, err
+    rc, spec, err = metai(*base, '--draft-model-dir', tiny_run, '--speculate-k', 3)
+    assert rc == 0, err
+    assert spec == plain, (spec, plain)
+    assert 'accept' in err.lower(), err                     # acceptance rate reported on stderr
+
+def test_generate_mtp_speculation(tmp_path, tiny_run):
+    "A model with an MTP module drafts for itself; greedy output equals plain greedy."
+    d = tmp_path
+    rc, out, err = metai('train-custom', '--chinese-path', tiny_run.parent/'zh.txt', '--english-path', tiny_run.parent/'en.txt',
+                         '--output-dir', d/'run', '--data-dir', tiny_run/'data', '--vocab-size', 512, '--hidden-dim', 64, '--num-layers', 2,
+                         '--num-heads', 4, '--num-kv-heads', 2, '--mlp-dim', 128, '--mtp-depth', 1, '--seq-len', 64, '--max-seq-len', 128,
+                         '--batch-size', 8, '--steps', 10, '--warmup', 2, '--eval-interval', 10, '--device', 'cpu', '--sample-prompt', '',
+                         env={'METAI_PLAIN': '1'})
+    assert rc == 0, err
+    base = ('generate', '--model-dir', d/'run', '--prompt', 'the cat', '--max-new-tokens', 16, '--device', 'cpu', '--temperature', 0)
+    rc, plain, err = metai(*base); assert rc == 0, err
+    rc, spec, err = metai(*base, '--mtp-speculate'); assert rc == 0, err
+    assert spec == plain, (spec, plain)
+
+def test_speculation_flag_errors(tiny_run):
+    for extra in (('--draft-model-dir', tiny_run, '--mtp-speculate'), ('--mtp-speculate', '--speculate-k', 99),
+                  ('--mtp-speculate', '--repetition-penalty', 1.2)):
+        rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'x', '--device', 'cpu', *extra)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (extra, rc, err)
+    rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'x', '--device', 'cpu', '--mtp-speculate')
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and 'mtp' in err.lower(), err   # this model has no MTP module

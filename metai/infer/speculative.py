@@ -8,7 +8,7 @@ Greedy output identical to plain greedy decoding, sampled output with the same d
 __all__ = ['speculative_accept', 'greedy_accept', 'chisquare_pvalue', 'forward_hidden', 'mtp_step', 'speculative_generate',
            'mtp_speculative_generate', 'load_draft_model', 'format_stats', 'SpeculativeChatSession']
 
-# %% ../../nbs/11_speculative.ipynb #5de7c1d8
+# %% ../../nbs/11_speculative.ipynb #22dfa733
 import os, time, numbers
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .cache import KVCache, make_cache, forward_step
 from .generate import (logits_to_probs, multinomial_no_sync, ChatSession, TextStreamer, load_model_dir,
                                   _rows, _check_sampling, _seeded)
 
-# %% ../../nbs/11_speculative.ipynb #a985c28c
+# %% ../../nbs/11_speculative.ipynb #9f36a957
 def speculative_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals x_1..x_g
                        draft_probs:Tensor, # (B, g, V) q_1..q_g, the distributions they were drawn from
                        target_probs:Tensor # (B, g+1, V) p_1..p_{g+1}, the target's distributions at the same positions
@@ -44,7 +44,7 @@ def greedy_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals
     n = (t[:, :-1] == draft_tokens).long().cumprod(1).sum(1)              # (B,)
     return n, t.gather(1, n[:, None])[:, 0]
 
-# %% ../../nbs/11_speculative.ipynb #d1843d9d
+# %% ../../nbs/11_speculative.ipynb #77c7d780
 def chisquare_pvalue(counts, # (K,) observed counts (any shape; flattened)
                      probs, # (K,) the probabilities they should follow (normalised here)
                      min_expected:float=5.0 # cells expected fewer times than this are pooled into one
@@ -62,7 +62,7 @@ def chisquare_pvalue(counts, # (K,) observed counts (any shape; flattened)
     x2 = ((o - e) ** 2 / e).sum()
     return torch.special.gammaincc(torch.tensor((len(e) - 1) / 2, dtype=torch.float64), x2 / 2).item()
 
-# %% ../../nbs/11_speculative.ipynb #6f7511e1
+# %% ../../nbs/11_speculative.ipynb #2941b9f4
 def _block_step(layer, x, cos, sin, cache, mask):
     "One `Block` in static-shape mode, as `forward_step` runs each layer."
     x = x + layer.attn(layer.attn_norm(x), cos, sin, 0, cache, attn_mask=mask)
@@ -101,7 +101,7 @@ def mtp_step(model, # a metai `Transformer` with MTP modules
     cache.input_pos = None
     return model.head(m.norm(x)), x
 
-# %% ../../nbs/11_speculative.ipynb #74773d1e
+# %% ../../nbs/11_speculative.ipynb #c50790dd
 def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, top_k, top_p, eos_id, seed, stream,
                cache, draft_cache, start_pos, draft_start_pos, hidden, compile):
     "The loop behind `speculative_generate` (`draft` a model) and `mtp_speculative_generate` (`draft` None: the MTP modules)."
@@ -271,7 +271,7 @@ def _compiled(f, device:torch.device):
         _COMPILED[key] = torch.compile(f, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True, dynamic=False)
     return _COMPILED[key]
 
-# %% ../../nbs/11_speculative.ipynb #388c534e
+# %% ../../nbs/11_speculative.ipynb #eb583540
 @torch.no_grad()
 def speculative_generate(target, # the model whose distribution the output follows (a metai `Transformer`, eval mode)
                          draft, # a cheaper model with the same tokenizer (same vocab_size) that proposes tokens
@@ -315,7 +315,7 @@ def mtp_speculative_generate(model, # a metai `Transformer` with MTP modules (cf
     return _speculate(model, None, prompt_ids, max_new_tokens, model.cfg.mtp_depth if gamma is None else gamma, temperature,
                       top_k, top_p, eos_id, seed, stream, cache, None, start_pos, mtp_start_pos, hidden, compile)
 
-# %% ../../nbs/11_speculative.ipynb #edb620ac
+# %% ../../nbs/11_speculative.ipynb #0a15900c
 def load_draft_model(path, # the draft model's directory (a metai checkpoint or a local Hugging Face one)
                      target, # the target `Transformer` it will draft for
                      target_tok:Tokenizer|None=None, # the target's tokenizer, to compare with the draft's
@@ -351,7 +351,8 @@ class SpeculativeChatSession(ChatSession):
                  bos:bool=True # start the conversation with `<s>`
                 ):
         if draft is None and model.cfg.mtp_depth < 1: raise ValueError('model: has no MTP modules (mtp_depth=0); give a draft model')
-        super().__init__(model, tok, system, max_new_tokens, temperature, top_k, top_p, seed=seed, bos=bos)
+        super().__init__(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed, bos=bos)
         self.draft, self.gamma = draft, gamma or (4 if draft is not None else model.cfg.mtp_depth)
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
         L = model.cfg.max_seq_len if draft is None else min(model.cfg.max_seq_len, draft.cfg.max_seq_len)

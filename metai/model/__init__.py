@@ -5,5 +5,5 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/07b_model_package.ipynb #a45e5638
+# %% ../../nbs/07b_model_package.ipynb #a5b87659
 from .transformer import Transformer, Block, MTPModule

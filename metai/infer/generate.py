@@ -9,7 +9,7 @@ __all__ = ['logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync',
            'compiled_decode_one_token', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'generate', 'ChatSession',
            'load_model_dir', 'encode_prompt']
 
-# %% ../../nbs/10_generate.ipynb #50ba9142
+# %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, codecs, numbers, contextlib
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
 
-# %% ../../nbs/10_generate.ipynb #fe08c490
+# %% ../../nbs/10_generate.ipynb #f45ad2b2
 def logits_to_probs(logits:Tensor, # (..., V) logits
                     temperature:float=1.0, # > 0; below 1 sharpens, above 1 flattens
                     top_k:int|None=None, # keep the k most likely tokens (ties with the k-th are kept too)
@@ -37,7 +37,7 @@ def logits_to_probs(logits:Tensor, # (..., V) logits
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float('-inf')))
     return logits.softmax(-1)
 
-# %% ../../nbs/10_generate.ipynb #91227e30
+# %% ../../nbs/10_generate.ipynb #f2ca8bb6
 def apply_repetition_penalty(logits:Tensor, # (B, V)
                              seen:Tensor, # (B, V) bool: tokens already in each row's sequence
                              penalty:float # > 1 discourages repeats, 1 changes nothing
@@ -46,7 +46,7 @@ def apply_repetition_penalty(logits:Tensor, # (B, V)
     if penalty == 1.0: return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
-# %% ../../nbs/10_generate.ipynb #2debb1b8
+# %% ../../nbs/10_generate.ipynb #c5cc52b3
 def multinomial_no_sync(probs:Tensor, # (..., V) probabilities
                         generator:torch.Generator|None=None # optional RNG (default: torch's global one)
                        ) -> Tensor: # (..., 1) long
@@ -64,7 +64,7 @@ def sample(logits:Tensor, # (B, V) logits of the next position
     if temperature == 0: return logits.argmax(-1, keepdim=True)
     return multinomial_no_sync(logits_to_probs(logits, temperature, top_k, top_p), generator)
 
-# %% ../../nbs/10_generate.ipynb #91b0153e
+# %% ../../nbs/10_generate.ipynb #fe30ae2f
 def prefill(model, # a metai `Transformer`
             tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`)
             cache:KVCache, # static cache; positions start_pos..start_pos+T-1 get written
@@ -89,7 +89,7 @@ def decode_one_token(model, # a metai `Transformer`
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     return sample(logits, temperature, top_k, top_p), seen
 
-# %% ../../nbs/10_generate.ipynb #05124a8f
+# %% ../../nbs/10_generate.ipynb #be92b355
 _COMPILED = {}
 
 def compiled_decode_one_token(device:torch.device, # where the step runs
@@ -102,7 +102,7 @@ def compiled_decode_one_token(device:torch.device, # where the step runs
         _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)  # shapes are static by design
     return _COMPILED[key]
 
-# %% ../../nbs/10_generate.ipynb #3478483f
+# %% ../../nbs/10_generate.ipynb #d27bc194
 codecs.register_error('metai.byte_replace', lambda e: ('\ufffd' * (e.end - e.start), e.end))  # one U+FFFD per bad byte
 
 class Detokenizer:
@@ -158,7 +158,7 @@ def cut_at_stop(text:str, # decoded text
     hits = [i for i in (text.find(s) for s in (stop_strings or []) if s) if i >= 0]
     return text[:min(hits)] if hits else text
 
-# %% ../../nbs/10_generate.ipynb #2ab98bf5
+# %% ../../nbs/10_generate.ipynb #029e8d7a
 def _rows(prompt_ids, vocab_size:int) -> tuple[list[list[int]], bool]:
     "The prompts as lists of ints (validated), and whether a single prompt was given."
     if isinstance(prompt_ids, Tensor): prompt_ids = prompt_ids.tolist()
@@ -191,7 +191,7 @@ def _seeded(seed:int|None, device:torch.device):
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(seed); yield
 
-# %% ../../nbs/10_generate.ipynb #452c77b8
+# %% ../../nbs/10_generate.ipynb #217ce9d8
 @torch.no_grad()
 def generate(model, # a metai `Transformer` (eval mode)
              prompt_ids, # one prompt (list of ids) or a batch of prompts of different lengths (list of lists)
@@ -283,7 +283,7 @@ def generate(model, # a metai `Transformer` (eval mode)
         if s is not None: s.end()
     return out[0] if single else out
 
-# %% ../../nbs/10_generate.ipynb #2bd8d13d
+# %% ../../nbs/10_generate.ipynb #8814b2b7
 class ChatSession:
     "A multi-turn chat with a model: the chat template, replies streamed until `<|im_end|>`, one KV cache across turns."
     def __init__(self, model, # a metai `Transformer`
@@ -331,7 +331,7 @@ class ChatSession:
         self.turn += 1
         return content
 
-# %% ../../nbs/10_generate.ipynb #76ae4d06
+# %% ../../nbs/10_generate.ipynb #8ca20676
 def load_model_dir(path, # a metai checkpoint directory or a local Hugging Face checkpoint directory
                    device=None, # 'cuda', 'cpu', ... (default: the best available)
                    dtype:torch.dtype|None=None # weights' dtype (default: bf16 on CUDA, fp32 elsewhere)

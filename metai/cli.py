@@ -8,12 +8,12 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'cmd_chat', 'cmd_quantize', 'cmd_plot', 'cmd_export_hf', 'cmd_import_hf', 'UsageError', 'command_parser',
            'usage', 'main']
 
-# %% ../nbs/20_cli.ipynb #6cc8501e
+# %% ../nbs/20_cli.ipynb #1079c0c0
 import os, sys, inspect, difflib
 from typing import Annotated
 from fastcore.script import anno_parser, CliError
 
-# %% ../nbs/20_cli.ipynb #ac062c2a
+# %% ../nbs/20_cli.ipynb #6d1f89fa
 def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes-zh package)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the fortunes package)
                      out_dir:str='data/build', # folder for the tokenizer, the token files and meta.json
@@ -31,7 +31,7 @@ def cmd_prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file
                  zh_ratio=zh_ratio, val_fraction=val_fraction, workers=workers, seed=seed, skip_bad=skip_bad,
                  tokenizer_path=tokenizer_path)
 
-# %% ../nbs/20_cli.ipynb #b77a393b
+# %% ../nbs/20_cli.ipynb #181a4f7f
 def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, deepseek-v3, deepseek-v3.2), a config.json or a folder holding one
                seq_len:int=None, # context length for the FLOPs figures (default: the smaller of 4096 and the model's max_seq_len)
                json:bool=False # print JSON (exact integers) instead of a table
@@ -67,7 +67,7 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
     w0, w1 = max(len(a) for a,_,_ in rows), max(len(b) for _,b,_ in rows)
     for a, b, c in rows: print(f'  {a:<{w0}}  {b:>{w1}}  {c}'.rstrip())
 
-# %% ../nbs/20_cli.ipynb #60941a24
+# %% ../nbs/20_cli.ipynb #04c95ff3
 def _check_positive(**kw):
     for k, v in kw.items():
         if v is not None and v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
@@ -127,8 +127,8 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
 
     # 4. the report
     if s['interrupted']:
-        print(f"interrupted at step {s['step']:,}: checkpoint saved in {out}; continue with the same command plus --resume", file=sys.stderr)
-        return 130
+        print(f"interrupted ({s.get('signal') or 'SIGINT'}) at step {s['step']:,}: checkpoint saved in {out}; continue with the same command plus --resume", file=sys.stderr)
+        return 143 if s.get('signal') == 'SIGTERM' else 130
     H = unigram_entropy(os.path.join(data_dir, 'train.bin'), cfg.vocab_size, meta['dtype'])
     print(f"done: step {s['step']:,} of {steps:,}, {fmt_num(s['tokens'], 2)} tokens; this session {fmt_duration(s['seconds'])} "
           f"at {s['tokens_per_s']:,.0f} tokens/s (evals included) -> {out}")
@@ -140,7 +140,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"next: metai generate --model-dir {out} --prompt '...'  |  metai plot {out}  |  metai export-hf --model-dir {out} --out {out}_hf")
     return 0
 
-# %% ../nbs/20_cli.ipynb #f6fbedc0
+# %% ../nbs/20_cli.ipynb #09310e15
 def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_micro', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -167,7 +167,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the micro model (6.8M parameters) on the embedded bilingual corpus or your text: minutes on a CPU."
     return run_training('micro', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #2384847e
+# %% ../nbs/20_cli.ipynb #dbe62567
 def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                     output_dir:str='output_small', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -194,7 +194,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
     "Train the small model (an 8-expert MoE, 2 active) on the embedded corpus or your text: made for one GPU."
     return run_training('small', {}, dict(locals()))
 
-# %% ../nbs/20_cli.ipynb #3ab312bc
+# %% ../nbs/20_cli.ipynb #7892d461
 CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_heads', 'num_kv_heads': 'n_kv_heads',
                 'mlp_dim': 'ffn_dim', 'head_dim': 'head_dim', 'max_seq_len': 'max_seq_len', 'rope_theta': 'rope_theta',
                 'attn_type': 'attn_type', 'q_lora_rank': 'q_lora_rank', 'kv_lora_rank': 'kv_lora_rank',
@@ -266,7 +266,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
     if vocab_size is None: a['vocab_size'] = PRESETS[preset].vocab_size
     return run_training(preset, model, a)
 
-# %% ../nbs/20_cli.ipynb #bdb0d628
+# %% ../nbs/20_cli.ipynb #d147a1a4
 def load_run(model_dir:str, # a training output folder (or any folder with config.json, model.safetensors, tokenizer.model)
              device:str='cpu', # where to put the model
              tokenizer:bool=True # also load tokenizer.model (returns None in its place when False)
@@ -288,7 +288,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     load_weights(model, os.path.join(model_dir, 'model.safetensors'))
     return model.to(device).eval(), tok
 
-# %% ../nbs/20_cli.ipynb #06914d80
+# %% ../nbs/20_cli.ipynb #382ba9e4
 def _split_stop(stop) -> list:
     "The `--stop` values: the flag may repeat, and each value may hold several strings separated by commas."
     return [x for v in (stop or []) for x in v.split(',') if x]
@@ -320,7 +320,7 @@ def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face
     if tok is None: raise ValueError(f'{os.path.join(model_dir, "tokenizer.model")}: missing (generating needs the tokenizer the model was trained with)')
     return model, tok, dev
 
-# %% ../nbs/20_cli.ipynb #4c90b909
+# %% ../nbs/20_cli.ipynb #e666825e
 def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
                  prompt:str=None, # the text to continue
                  max_new_tokens:int=100, # tokens to generate at most (stops early at end-of-text or a stop string)
@@ -360,7 +360,7 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
              stream=TextStreamer(tok, stop_strings=stop), compile=compile and dev.type == 'cuda')
     print()
 
-# %% ../nbs/20_cli.ipynb #70b765bd
+# %% ../nbs/20_cli.ipynb #53e13818
 def _read_line(prompt:str) -> str:
     "One line from stdin after `prompt`: `input()` on a terminal (line editing), else read and echoed; EOFError at the end."
     if sys.stdin.isatty(): return input(prompt)
@@ -413,7 +413,7 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
         print(flush=True)
         if spec and s.stats: print(format_stats(s.stats[-1]), file=sys.stderr, flush=True)
 
-# %% ../nbs/20_cli.ipynb #dcf1dd80
+# %% ../nbs/20_cli.ipynb #6a4323cc
 def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, model.safetensors, tokenizer.model)
                  out:str=None, # the quantized checkpoint folder to write
                  group_size:int=64, # weights per scale/zero pair (int4) or per absmax block (nf4): 32, 64, 128 or 256
@@ -435,7 +435,7 @@ def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, m
           f"({r['bits_per_quantized_weight']:.2f} bits/weight, {r['quantized_ratio_vs_bf16']:.2f}x smaller than bf16)")
     print(f"whole model: {fmt_bytes(r['model_bytes_before'])} -> {fmt_bytes(r['model_bytes_after'])} ({r['model_ratio']:.2f}x)")
 
-# %% ../nbs/20_cli.ipynb #cdada570
+# %% ../nbs/20_cli.ipynb #ed4eaed2
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
              out:str=None # the PNG to write (default: loss.png in the run folder)
             ):
@@ -443,7 +443,7 @@ def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
     from metai.train.monitor import plot_metrics
     print(plot_metrics(run_dir, out))
 
-# %% ../nbs/20_cli.ipynb #bad0e36a
+# %% ../nbs/20_cli.ipynb #b2651bae
 def _copy_tokenizer(src_dir, out):
     import shutil
     src = os.path.join(src_dir, 'tokenizer.model')
@@ -484,7 +484,7 @@ def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or 
     tok = _copy_tokenizer(hf_dir, out)
     print(f"{out}: metai model, {model.cfg.num_params():,} parameters" + (', tokenizer.model copied' if tok else ' (no tokenizer.model in the checkpoint: add one before generating)'))
 
-# %% ../nbs/20_cli.ipynb #3292c64d
+# %% ../nbs/20_cli.ipynb #0a7146c9
 COMMANDS = {
     'prepare-data': cmd_prepare_data,
     'train-micro':  cmd_train_micro,
@@ -499,7 +499,7 @@ COMMANDS = {
     'config':       cmd_config,
 }
 
-# %% ../nbs/20_cli.ipynb #3236aac3
+# %% ../nbs/20_cli.ipynb #2cc97ba2
 class UsageError(Exception):
     "A bad command line: unknown command, unknown flag or a value of the wrong type (exit code 2)."
 
@@ -521,7 +521,7 @@ def command_parser(name:str # a key of `COMMANDS`
     p.error = error
     return p
 
-# %% ../nbs/20_cli.ipynb #8f5fdaf3
+# %% ../nbs/20_cli.ipynb #889b49e9
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
 USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
 

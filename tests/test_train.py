@@ -108,7 +108,7 @@ def test_sigint_saves_and_resumes(corpus, ref):
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130, (p.returncode, err)
     line = one_line(err)
-    stopped = int(line.split('interrupted at step ')[1].split(':')[0])
+    stopped = int(line.split('interrupted (SIGINT) at step ')[1].split(':')[0])
     assert EVAL < stopped < N and '--resume' in line, line
     assert (out/'checkpoints'/'latest').read_text().strip() == f'step_{stopped:07d}'   # saved where it stopped
     rc, o, e = metai(*train_args(corpus, out, 96, '--resume'))
@@ -116,6 +116,17 @@ def test_sigint_saves_and_resumes(corpus, ref):
     (tr_ref, ev_ref), (tr, ev) = losses(ref), losses(out)
     assert tr == tr_ref                                      # every step's loss, bit for bit
     assert [r for r in ev if r[0] != stopped] == ev_ref      # the evals too; plus the one Ctrl-C made at `stopped`
+
+def test_sigterm_saves_and_exits_143(corpus, ref):
+    "SIGTERM (a scheduler pre-empting the job) saves a checkpoint at the step it arrived and exits with 143."
+    out = corpus[0]/'preempted'
+    p = start_and_wait(train_args(corpus, out), out, EVAL + 3)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143, (p.returncode, err)
+    line = one_line(err)
+    stopped = int(line.split('interrupted (SIGTERM) at step ')[1].split(':')[0])
+    assert (out/'checkpoints'/'latest').read_text().strip() == f'step_{stopped:07d}'
 
 # --- bad input: one line, exit code 1, nothing overwritten ----------------------------------------------------------
 

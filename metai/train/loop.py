@@ -8,7 +8,7 @@ __all__ = ['CKPT_FILES', 'PEAK_FLOPS', 'TrainConfig', 'configure_optimizer', 'lr
            'check_config_matches', 'load_weights', 'load_train_state', 'evaluate', 'bytes_per_token', 'unigram_entropy',
            'sample_text', 'peak_flops', 'train']
 
-# %% ../../nbs/13_train.ipynb #e4967c3d
+# %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
 from dataclasses import dataclass, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -18,7 +18,7 @@ from ..core import get_device, autocast, seed_everything, atomic_path, atomic_wr
 from ..config import ModelConfig
 from ..model.transformer import Transformer
 
-# %% ../../nbs/13_train.ipynb #8a722d4f
+# %% ../../nbs/13_train.ipynb #4be0c099
 @dataclass
 class TrainConfig:
     "Everything about a run that is not the model."
@@ -49,7 +49,7 @@ class TrainConfig:
     sample_prompt: str = ''         # prompt for the sample at each eval ('' = none)
     sample_tokens: int = 48
 
-# %% ../../nbs/13_train.ipynb #2c2bf03d
+# %% ../../nbs/13_train.ipynb #27f4746a
 def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.9, 0.95), device_type:str='cpu'):
     "AdamW over `model`'s trainable parameters: decay for matrices, none for vectors."
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -58,7 +58,7 @@ def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == 'cuda'))
 
-# %% ../../nbs/13_train.ipynb #9949c618
+# %% ../../nbs/13_train.ipynb #45ed6508
 def lr_at(step:int, tc:TrainConfig) -> float:
     "Learning rate for optimizer step `step` (0-based) under `tc`'s schedule."
     lr, min_lr, n = tc.lr, tc.lr * tc.min_lr_ratio, tc.max_steps
@@ -73,7 +73,7 @@ def lr_at(step:int, tc:TrainConfig) -> float:
         return lr - (lr - min_lr) * min(1.0, (step - start + 1) / max(1, n - start))
     raise ValueError(f"schedule: unknown schedule {tc.schedule!r} (use 'cosine', 'wsd' or 'constant')")
 
-# %% ../../nbs/13_train.ipynb #ec8b64a9
+# %% ../../nbs/13_train.ipynb #e30c68e0
 CKPT_FILES = ('config.json', 'model.safetensors', 'train_state.pt', 'train_config.json')
 
 def _link_or_copy(src, dst):
@@ -100,7 +100,7 @@ def save_checkpoint(out_dir:str, model:nn.Module, cfg:ModelConfig, tc:TrainConfi
     for d in old: shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
     return final
 
-# %% ../../nbs/13_train.ipynb #9b37eed9
+# %% ../../nbs/13_train.ipynb #b940e465
 def latest_checkpoint(out_dir:str) -> str|None:
     "Folder of the newest complete checkpoint in `out_dir`, or None."
     ptr = os.path.join(out_dir, 'checkpoints', 'latest')
@@ -134,7 +134,7 @@ def load_train_state(path:str) -> dict:
     except FileNotFoundError: raise FileNotFoundError(f'{path}: no such file') from None
     except Exception as e: raise ValueError(f'{path}: not a plain training state ({type(e).__name__}: {str(e).splitlines()[0][:160]})') from None
 
-# %% ../../nbs/13_train.ipynb #0c93de7f
+# %% ../../nbs/13_train.ipynb #56910052
 @torch.no_grad()
 def evaluate(model:nn.Module, batches:list, device) -> float:
     "Mean next-token loss of `model` over `batches` [(x, y), ...] (MTP and aux terms left out)."
@@ -160,7 +160,7 @@ def unigram_entropy(path:str, vocab_size:int|None=None, dtype:str='uint16') -> f
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())
 
-# %% ../../nbs/13_train.ipynb #e1870c25
+# %% ../../nbs/13_train.ipynb #ff54feea
 @torch.no_grad()
 def sample_text(model:nn.Module, tok, prompt:str, max_new_tokens:int=48, temperature:float=0.8, top_k:int=50, seed:int=0, device='cpu') -> str:
     "Uncached top-k sampling from `prompt`; returns the continuation."
@@ -178,7 +178,7 @@ def sample_text(model:nn.Module, tok, prompt:str, max_new_tokens:int=48, tempera
     model.train(was_training)
     return tok.decode(ids[0, start:].tolist())
 
-# %% ../../nbs/13_train.ipynb #ab7e7ab7
+# %% ../../nbs/13_train.ipynb #6b9150fe
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
 
 def peak_flops(device) -> float|None:
@@ -188,13 +188,13 @@ def peak_flops(device) -> float|None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 class _StopFlag:
-    "Set by the first SIGINT (the loop saves and returns at the end of the step); a second one stops at once."
-    def __init__(self): self.stop = False
+    "Set by the first SIGINT or SIGTERM (the loop saves and returns at the end of the step); a second one stops at once."
+    def __init__(self): self.stop, self.signal = False, None
     def __call__(self, signum, frame):
         if self.stop: raise KeyboardInterrupt
-        self.stop = True
+        self.stop, self.signal = True, signal.Signals(signum).name
 
-# %% ../../nbs/13_train.ipynb #b424cf73
+# %% ../../nbs/13_train.ipynb #e97b4de1
 def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, tokenizer=None) -> dict:
     "Train a `Transformer(cfg)` on `tc.data_dir` into `tc.out_dir`; returns a summary dict."
     from metai.data.datasets import LazyTextDataset
@@ -236,7 +236,8 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     fwd = torch.compile(model) if tc.compile else model
     flops_tok, peak = cfg.flops_per_token(tc.seq_len, training=True), peak_flops(device)
     mon = monitor or Monitor(tc.out_dir, total_steps=tc.max_steps, cfg=cfg, start_step=step)
-    flag = _StopFlag(); old_handler = signal.signal(signal.SIGINT, flag) if _main_thread() else None
+    flag = _StopFlag()
+    old_handlers = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
 
     def checkpoint():
         st = {'step': step, 'optimizer': opt.state_dict(), 'data': train_ds.state_dict(), 'rng_cpu': torch.get_rng_state(),
@@ -289,11 +290,11 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
             if flag.stop:
                 mon.message(f'interrupted: saved checkpoint at step {step}; continue with --resume'); break
     finally:
-        if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
+        for sig, h in old_handlers.items(): signal.signal(sig, h)
         if monitor is None: mon.close()
     secs, tok_step = time.perf_counter() - t_start, tc.batch_size * tc.seq_len * tc.grad_accum
     return {'step': step, 'start_step': start_step, 'val_loss': val_loss,
-            'val_bpb': None if val_loss is None else val_loss / math.log(2) / bpt, 'interrupted': flag.stop,
+            'val_bpb': None if val_loss is None else val_loss / math.log(2) / bpt, 'interrupted': flag.stop, 'signal': flag.signal,
             'out_dir': tc.out_dir, 'bytes_per_token': bpt, 'tokens': step * tok_step, 'seconds': secs,
             'tokens_per_s': (step - start_step) * tok_step / max(secs, 1e-9)}
 

@@ -88,10 +88,10 @@ def wall(fn, device) -> float:
 def round8(n:int) -> int: return -(-n // 8) * 8
 
 
-def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False) -> dict:
-    "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up."
+def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None) -> dict:
+    "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up; `chunk` steps per CUDA graph."
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
-    kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache)
+    kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk)
     t_first = wall(lambda: generate(model, prompt, n_new, **kw), device)  # compiles and records
     generate(model, prompt, n_new, **kw)
     out = []
@@ -181,7 +181,7 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> 
                  expanded_cache_bytes=cache_bytes(cfg, ctx, cache.a[0].dtype, 'mha', mtp=False))
         for mode in ('absorbed', 'naive'):
             set_mla_mode(model, mode)
-            step = compiled_decode_one_token(device) if compile else decode_one_token
+            step = compiled_decode_one_token(device, cudagraphs=True) if compile else decode_one_token
             if compile:
                 for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
             sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile and device.type == 'cuda' else contextlib.nullcontext()
@@ -215,6 +215,7 @@ def main():
     ap.add_argument('--gpt-fast-dir', default=None, help='a gpt-fast checkout to measure beside metai')
     ap.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
+    ap.add_argument('--no-chunk1', action='store_true', help='skip metai compiled with one decode step per CUDA graph')
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
     ap.add_argument('--mla-contexts', default='4096,32768', help='contexts for absorbed vs naive MLA decode ("" to skip)')
@@ -250,6 +251,8 @@ def main():
         prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         print(f'{name}: {r["params"] / 1e6:,.0f}M params, {wb / 1e9:.2f} GB of weights, HBM bound {HBM / wb:,.0f} tokens/s', flush=True)
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device)) if compile else None,
+                ('metai_compiled_chunk1', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=1))
+                if compile and not a.no_chunk1 else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))
                 if compile and not a.no_freeze else None,
                 ('metai_eager', lambda: bench_metai(model, prompt, a.new_tokens, False, a.runs, device)) if not a.no_eager else None,
@@ -260,7 +263,7 @@ def main():
             except Exception as e: r[key] = dict(error=short_error(e))
             print(f'  {key:15s} {r[key].get("tokens_per_s", 0):10,.1f} tokens/s  {r[key].get("error", r[key].get("skipped", ""))}', flush=True)
             if device.type == 'cuda': torch.cuda.empty_cache()
-        best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in ('metai_compiled', 'metai_compiled_frozen', 'metai_eager')])
+        best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in ('metai_compiled', 'metai_compiled_chunk1', 'metai_compiled_frozen', 'metai_eager')])
         if best:
             r['best_metai_tokens_per_s'] = best
             r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']

@@ -191,6 +191,57 @@ def test_compiled_step_traces_once():
     assert len(graphs) == 2
     torch._dynamo.reset()
 
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE'])
+def test_chunked_decode_equals_one_step_at_a_time(name):
+    "Several steps per call of the step function (what one CUDA graph holds) change nothing: tokens, seeds, ragged rows."
+    cfg, mode = CASES[name]
+    m = build(cfg, mode)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in (3, 9, 1)]
+    for kw in [dict(temperature=0), dict(temperature=1.0, top_k=30, seed=5), dict(temperature=0.7, top_p=0.9, repetition_penalty=1.4, seed=2)]:
+        ref = generate(m, prompts, 25, chunk=1, **kw)
+        for chunk in (2, 5, 8, 40):
+            assert generate(m, prompts, 25, chunk=chunk, **kw) == ref, (kw, chunk)
+    one = generate(m, prompts[0], 25, temperature=0)
+    for chunk in (3, 8):  # a stop inside a chunk: the output ends before it, as without chunks
+        assert generate(m, prompts[0], 25, temperature=0, eos_id=one[11], chunk=chunk) == one[:one.index(one[11])]
+    with pytest.raises(ValueError, match='chunk: must be an int >= 1'): generate(m, [1, 2], 5, chunk=0)
+
+def test_decode_n_tokens_equals_n_steps():
+    from metai.infer.generate import decode_n_tokens
+    cfg, _ = CASES['GQA']
+    m, x = build(cfg), torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for n in (None, 6):
+        cache = make_cache(m, 2, 16, mtp=False)
+        tok, pos = sample(prefill(m, x, cache), temperature=0), torch.tensor([5])
+        if n is None:
+            got = []
+            for _ in range(6): tok, _ = decode_one_token(m, tok, pos, cache, None, 0.0); pos += 1; got.append(tok)
+            outs.append((torch.cat(got, 1), pos.item()))
+        else:
+            buf = torch.zeros(2, n, dtype=torch.long)
+            last, _ = decode_n_tokens(m, tok, pos, cache, buf, None, 0.0)
+            assert torch.equal(last, buf[:, -1:])
+            outs.append((buf, pos.item()))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1] == 11
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed'])
+def test_cuda_graph_decode_equals_eager(name):
+    "compile=True on CUDA: inductor step, `chunk` steps per CUDA graph; fp32 greedy tokens equal eager ones, seeds reproduce."
+    cfg, mode = CASES[name]
+    m = build(cfg, mode).cuda()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in (4, 10)]
+    assert generate(m, prompts, 30, temperature=0, compile=True) == generate(m, prompts, 30, temperature=0)
+    assert generate(m, prompts[1], 30, temperature=0, compile=True, chunk=5, repetition_penalty=1.3) == \
+           generate(m, prompts[1], 30, temperature=0, repetition_penalty=1.3)
+    kw = dict(temperature=1.0, top_k=50, compile=True)
+    a = generate(m, prompts[0], 30, seed=11, **kw)
+    assert a == generate(m, prompts[0], 30, seed=11, **kw) and a != generate(m, prompts[0], 30, seed=12, **kw)
+
 # ---------------------------------------------------------------- streaming
 
 def test_streamer_whole_characters(tok):

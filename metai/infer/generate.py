@@ -6,8 +6,8 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 
 # %% auto #0
 __all__ = ['logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample', 'prefill', 'decode_one_token',
-           'compiled_decode_one_token', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'generate', 'ChatSession',
-           'load_model_dir', 'encode_prompt']
+           'compiled_decode_one_token', 'decode_n_tokens', 'GraphDecoder', 'graph_decoder', 'Detokenizer',
+           'TextStreamer', 'cut_at_stop', 'generate', 'ChatSession', 'load_model_dir', 'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, codecs, numbers, contextlib
@@ -93,14 +93,101 @@ def decode_one_token(model, # a metai `Transformer`
 _COMPILED = {}
 
 def compiled_decode_one_token(device:torch.device, # where the step runs
-                              freeze:bool=False # fold the weights into the step as constants (inductor freezing)
+                              freeze:bool=False, # fold the weights into the step as constants (inductor freezing)
+                              cudagraphs:bool=False # CUDA only: also capture each call in a CUDA graph (`mode='reduce-overhead'`)
                              ):
-    "`decode_one_token` compiled once per device type: CUDA graphs on CUDA (`mode='reduce-overhead'`), plain inductor elsewhere."
-    key = (device.type, freeze)
+    "`decode_one_token` compiled with inductor once per setting (fixed shapes, no graph breaks)."
+    key = (device.type, freeze, cudagraphs and device.type == 'cuda')
     if key not in _COMPILED:  # one wrapper per setting: dynamo keeps their graphs apart
-        mode = 'reduce-overhead' if device.type == 'cuda' else None
+        mode = 'reduce-overhead' if key[2] else None
         _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)  # shapes are static by design
     return _COMPILED[key]
+
+def _compile_settings(device:torch.device, freeze:bool=False):
+    "Inductor settings for compiling decode steps: gpt-fast's tuned batch-1 matmuls, and freezing when asked."
+    cfg = dict(coordinate_descent_tuning=device.type == 'cuda')  # M=1 matmuls become tuned reductions (CUDA only)
+    if freeze: cfg['freezing'] = True
+    return torch._inductor.config.patch(**cfg)
+
+# %% ../../nbs/10_generate.ipynb #dff646a4
+def decode_n_tokens(model, # a metai `Transformer`
+                    tok:Tensor, # (B, 1) the newest token of each row, at position `input_pos`
+                    input_pos:Tensor, # (1,) its position; advanced in place by `out.size(1)`
+                    cache:KVCache, # static cache
+                    out:Tensor, # (B, n) long: receives the n sampled tokens (positions input_pos+1 .. input_pos+n)
+                    seen:Tensor|None=None, # (B, V) bool tokens seen so far (only with a repetition penalty)
+                    temperature:float=0.8, top_k:int|None=None, top_p:float|None=None, repetition_penalty:float=1.0,
+                    step=decode_one_token # the one-token step (eager or compiled)
+                   ) -> tuple[Tensor, Tensor|None]:
+    "`out.size(1)` decode steps: `(last token (B, 1), seen)`; fixed shapes, no host sync (a CUDA graph can hold it)."
+    for i in range(out.size(1)):
+        tok, seen = step(model, tok, input_pos, cache, seen, temperature, top_k, top_p, repetition_penalty)
+        out[:, i:i + 1].copy_(tok)
+        input_pos.add_(1)
+    return tok, seen
+
+# %% ../../nbs/10_generate.ipynb #b050a5e3
+class GraphDecoder:
+    "`decode_n_tokens` of `n` steps captured in one CUDA graph: one launch per `n` tokens."
+    def __init__(self, model, # a metai `Transformer` on CUDA
+                 cache:KVCache, # the static cache the graph will read and write (kept alive by the graph)
+                 batch_size:int, # rows of `tok`
+                 n:int, # decode steps per replay
+                 sampling:tuple, # (temperature, top_k, top_p, repetition_penalty): fixed in the graph
+                 freeze:bool=False, # compile with inductor freezing (fused q/k/v and w1/w3)
+                 use_seen:bool=False # the graph keeps a (B, V) `seen` mask (repetition penalty)
+                ):
+        dev = model.embed.weight.device
+        self.model, self.cache, self.n, self.sampling = model, cache, n, sampling
+        self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b  # what the graph reads
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)            # (B, 1) input token
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)                        # (1,) its position
+        self.out = torch.zeros(batch_size, n, dtype=torch.long, device=dev)            # (B, n) sampled tokens
+        self.seen = torch.zeros(batch_size, model.cfg.vocab_size, dtype=torch.bool, device=dev) if use_seen else None
+        self.step, self.freeze, self.graph = compiled_decode_one_token(dev, freeze), freeze, None
+
+    def _body(self, n:int):
+        t, s = decode_n_tokens(self.model, self.tok, self.pos, self.cache, self.out[:, :n], self.seen, *self.sampling, step=self.step)
+        return t, s
+
+    def __call__(self, tok:Tensor, # (B, 1) token at position `input_pos`
+                 input_pos:Tensor, # (1,) advanced in place by n
+                 seen:Tensor|None=None # (B, V) bool, updated in place
+                ) -> tuple[Tensor, Tensor, Tensor|None]:
+        "n steps: `(tokens (B, n), last token (B, 1), seen)` (the returned tensors are the graph's buffers)."
+        self.tok.copy_(tok); self.pos.copy_(input_pos)
+        if self.seen is not None: self.seen.copy_(seen)
+        if self.graph is None: self._capture()
+        self.graph.replay()
+        input_pos.add_(self.n)
+        if seen is not None: seen.copy_(self.seen)
+        return self.out, self.last, self.seen
+
+    def _capture(self):
+        sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
+        saved = [self.tok.clone(), self.pos.clone(), None if self.seen is None else self.seen.clone()]
+        s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), sdpa, _compile_settings(self.tok.device, self.freeze):
+            self._body(1)                                   # compile + autotune; writes the slot the first real step rewrites
+        torch.cuda.current_stream().wait_stream(s)
+        self.tok.copy_(saved[0]); self.pos.copy_(saved[1])
+        if self.seen is not None: self.seen.copy_(saved[2])
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), sdpa:
+            last, seen = self._body(self.n)
+            self.last = last.clone()                        # (B, 1) in the graph's memory
+            if self.seen is not None: self.seen.copy_(seen)
+
+_GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> GraphDecoder; a few recent ones
+
+def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, freeze:bool=False, use_seen:bool=False) -> GraphDecoder:
+    "The `GraphDecoder` for this model, cache and setting: reused while the model's tensors and the cache are the same ones."
+    key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen,
+           tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
+    if key not in _GRAPHS:
+        while len(_GRAPHS) >= 8: _GRAPHS.pop(next(iter(_GRAPHS)))  # oldest first: its graph memory is freed
+        _GRAPHS[key] = GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen)
+    return _GRAPHS[key]
 
 # %% ../../nbs/10_generate.ipynb #d27bc194
 codecs.register_error('metai.byte_replace', lambda e: ('\ufffd' * (e.end - e.start), e.end))  # one U+FFFD per bad byte
@@ -209,7 +296,8 @@ def generate(model, # a metai `Transformer` (eval mode)
              freeze:bool=False, # with compile: fold the weights into the step (fused q/k/v and w1/w3 matmuls; a second copy of them)
              cache:KVCache|None=None, # reuse this static cache (default: a new one just large enough)
              start_pos:int=0, # positions 0..start_pos-1 of every prompt are already in `cache` (a chat's earlier turns)
-             check_every:int=32 # on CUDA without streaming: look for stop tokens every this many steps
+             check_every:int=32, # on CUDA without streaming: look for stop tokens every this many steps
+             chunk:int|None=None # decode steps per call of the step function (default: 8 when compiled on CUDA, one CUDA graph each; else 1)
             ):
     "Generate from one prompt (returns a list of new ids) or a batch of prompts (a list of lists)."
     cfg, device = model.cfg, model.embed.weight.device
@@ -238,12 +326,18 @@ def generate(model, # a metai `Transformer` (eval mode)
     seq = seq.to(device)                                                       # (B, end) prompts, then new tokens
     seen = None
     if repetition_penalty != 1.0: seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device).scatter_(1, seq[:, :p_min], True)
-    step = decode_one_token
     if compile and device.type == 'cuda' and cfg.is_moe and model.embed.weight.dtype != torch.bfloat16:
         raise ValueError('compile: an MoE model compiles on CUDA in bf16 only (in fp32 its expert matmul loops on the host)')
-    if compile:
-        step = compiled_decode_one_token(device, freeze)
-        for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
+    graphs = compile and device.type == 'cuda'
+    chunk = (8 if graphs else 1) if chunk is None else chunk
+    if not isinstance(chunk, int) or chunk < 1: raise ValueError(f'chunk: must be an int >= 1, got {chunk!r}')
+    sampling = (temperature, top_k, top_p, repetition_penalty)
+    def steps(n):  # n decode steps: (tokens (B, n), last token (B, 1), seen)
+        if graphs: return graph_decoder(model, cache, B, n, sampling, freeze, seen is not None)(tok, input_pos, seen)
+        buf = torch.empty(B, n, dtype=torch.long, device=device)
+        t, s = decode_n_tokens(model, tok, input_pos, cache, buf, seen, *sampling,
+                               step=compiled_decode_one_token(device, freeze) if compile else decode_one_token)
+        return buf, t, s
     if device.type != 'cuda' or stop_strings or stream is not None: sync_every = 1   # the host needs every token at once
     else: sync_every = max(1, check_every) if stop_ids else end                       # no stop token: nothing to look at until the end
 
@@ -266,19 +360,19 @@ def generate(model, # a metai `Transformer` (eval mode)
         if seen is not None: logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         tok = sample(logits, temperature, top_k, top_p)                        # (B, 1)
         input_pos = torch.tensor([p_min], device=device)
-        sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile and device.type == 'cuda' else contextlib.nullcontext()
-        frozen = torch._inductor.config.patch(freezing=True) if compile and freeze else contextlib.nullcontext()
-        with sdpa, frozen:  # compiled on CUDA: let inductor generate the attention (as gpt-fast does)
-            t0 = p_min
-            for t in range(p_min, end):                                        # tok holds the token for position t
+        settings = _compile_settings(device, freeze) if compile and not graphs else contextlib.nullcontext()
+        with settings:
+            t = t0 = p_min                                                     # tok holds the token for position t
+            while True:
                 if t < p_max: tok = torch.where(forced[:, t:t+1], seq[:, t:t+1], tok)  # rows still inside their prompt
                 seq[:, t] = tok[:, 0]
                 if t + 1 - t0 >= sync_every or t == end - 1:
                     consume(t0, seq[:, t0:t + 1].tolist()); t0 = t + 1
-                    if all(done): break
-                if t == end - 1: break
-                tok, seen = step(model, tok, input_pos, cache, seen, temperature, top_k, top_p, repetition_penalty)
-                input_pos += 1
+                    if all(done) or t == end - 1: break
+                n = chunk if t >= p_max and t + chunk <= end - 1 else 1            # whole chunks once every row is past its prompt
+                toks, tok, seen = steps(n)                                     # tokens for positions t+1 .. t+n
+                if n > 1: seq[:, t + 1:t + n] = toks[:, :n - 1]                  # the last one is written above, next round
+                t += n
     for s in streams:
         if s is not None: s.end()
     return out[0] if single else out

@@ -20,7 +20,8 @@ warm-up, median of --runs calls, with `torch.cuda.synchronize` around each call;
 transformers architecture) and gpt-fast, when a checkout is given with --gpt-fast-dir (its `model.py` and
 `generate.py` are imported from there and run as its `main()` runs them: `decode_one_token` compiled with
 mode="reduce-overhead", fullgraph=True; Llama-shaped models only). Inductor runs with gpt-fast's settings
-(coordinate-descent tuning) for both. The HBM bound is weight bytes / 3.35e12 B/s (H100 SXM), reported for all
+(coordinate-descent tuning) for both. The HBM bound is weight bytes / the card's datasheet bandwidth (3.35e12 B/s
+for an H100 SXM, 4.8e12 for an H200; a device-to-device copy is also timed, as the measured ceiling), reported for all
 weights (the issue's definition) and for the bytes a decode step actually reads (no input embedding table, only
 the activated experts).
 
@@ -37,9 +38,28 @@ from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.model.moe import MoE
 from metai.infer.cache import make_cache, set_mla_mode, cache_bytes
-from metai.infer.generate import generate, prefill, decode_one_token, compiled_decode_one_token
+from metai.infer.generate import generate, prefill, decode_one_token, decode_n_tokens, graph_decoder
 
-HBM = 3.35e12  # H100 SXM HBM3 bytes/s (datasheet)
+DATASHEET_HBM = {'H100': 3.35e12, 'H200': 4.8e12}  # bytes/s of the SXM parts
+
+
+def hbm_bandwidth(device) -> float:
+    "Datasheet HBM bandwidth of the card (an H100's when it is not known)."
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
+    return next((v for k, v in DATASHEET_HBM.items() if k in name), 3.35e12)
+
+
+def copy_bandwidth(device, nbytes:int=2 << 30) -> float|None:
+    "Measured device-to-device copy bandwidth (bytes read + written per second), median of 10 copies of `nbytes`."
+    if device.type != 'cuda': return None
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(); b = torch.empty_like(a)
+    for _ in range(3): b.copy_(a)
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); e.synchronize(); ts.append(s.elapsed_time(e) / 1e3)
+    del a, b; torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(ts)
 
 
 def configs(tiny:bool) -> dict:
@@ -181,18 +201,15 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> 
                  expanded_cache_bytes=cache_bytes(cfg, ctx, cache.a[0].dtype, 'mha', mtp=False))
         for mode in ('absorbed', 'naive'):
             set_mla_mode(model, mode)
-            step = compiled_decode_one_token(device, cudagraphs=True) if compile else decode_one_token
-            if compile:
-                for t in cache.a + cache.b: torch._dynamo.mark_static_address(t)
-            sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if compile and device.type == 'cuda' else contextlib.nullcontext()
             tok, pos = torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([ctx], device=device)
             try:
-                with torch.no_grad(), sdpa:
-                    for _ in range(3): step(model, tok, pos, cache, None, 0.8, 200, None, 1.0)  # warm-up (compiles), same slot
-                    def run():
-                        nonlocal tok
-                        for _ in range(n_steps): tok, _ = step(model, tok, pos, cache, None, 0.8, 200, None, 1.0); pos.add_(1)
-                    dt = wall(run, device)
+                with torch.no_grad():
+                    if compile:  # metai generate's path: n_steps decode steps captured in one CUDA graph
+                        dec = graph_decoder(model, cache, 1, n_steps, (0.8, 200, None, 1.0))
+                        run = lambda: dec(tok, pos.fill_(ctx))
+                    else: run = lambda: decode_n_tokens(model, tok, pos.fill_(ctx), cache, torch.empty(1, n_steps, dtype=torch.long, device=device), None, 0.8, 200)
+                    run(); run()                                     # warm-up: compiles and captures
+                    dt = statistics.median(wall(run, device) for _ in range(3))
                 r[mode] = dict(tokens_per_s=n_steps / dt, ms_per_token=dt / n_steps * 1e3, peak_mem_gb=peak_mem_gb(device))
             except Exception as e: r[mode] = dict(error=short_error(e))
         if 'tokens_per_s' in r['absorbed'] and 'tokens_per_s' in r['naive']:
@@ -238,7 +255,8 @@ def main():
     torch._inductor.config.fx_graph_cache = True
     gf = load_gpt_fast(a.gpt_fast_dir) if a.gpt_fast_dir else None
     dtype = torch.bfloat16
-    res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype), hbm_bytes_per_s=HBM,
+    HBM = hbm_bandwidth(device)
+    res = dict(card=card_info(device), copy_bytes_per_s=copy_bandwidth(device), settings=dict(vars(a), compile=compile, dtype=str(dtype), hbm_bytes_per_s=HBM,
                                                       sampling='temperature 0.8, top-k 200'), models={}, mla_modes={})
     for name in names:
         cfg = cfgs[name]

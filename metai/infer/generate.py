@@ -183,6 +183,7 @@ _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> Grap
 def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, freeze:bool=False, use_seen:bool=False) -> GraphDecoder:
     "The `GraphDecoder` for this model, cache and setting: reused while the model's tensors and the cache are the same ones."
     key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen,
+           tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
            tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
     if key not in _GRAPHS:
         while len(_GRAPHS) >= 8: _GRAPHS.pop(next(iter(_GRAPHS)))  # oldest first: its graph memory is freed

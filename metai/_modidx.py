@@ -305,6 +305,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                   'metai/infer/speculative.py'),
                                          'metai.infer.speculative._block_step': ( 'speculative.html#_block_step',
                                                                                   'metai/infer/speculative.py'),
+                                         'metai.infer.speculative._clone': ('speculative.html#_clone', 'metai/infer/speculative.py'),
                                          'metai.infer.speculative._compiled': ('speculative.html#_compiled', 'metai/infer/speculative.py'),
                                          'metai.infer.speculative._speculate': ( 'speculative.html#_speculate',
                                                                                  'metai/infer/speculative.py'),

@@ -164,16 +164,16 @@ class GraphDecoder:
         return self.out, self.last, self.seen
 
     def _capture(self):
-        sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
+        sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
         saved = [self.tok.clone(), self.pos.clone(), None if self.seen is None else self.seen.clone()]
         s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), sdpa, _compile_settings(self.tok.device, self.freeze):
+        with torch.cuda.stream(s), sdpa(), _compile_settings(self.tok.device, self.freeze):
             self._body(1)                                   # compile + autotune; writes the slot the first real step rewrites
         torch.cuda.current_stream().wait_stream(s)
         self.tok.copy_(saved[0]); self.pos.copy_(saved[1])
         if self.seen is not None: self.seen.copy_(saved[2])
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), sdpa:
+        with torch.cuda.graph(self.graph), sdpa():
             last, seen = self._body(self.n)
             self.last = last.clone()                        # (B, 1) in the graph's memory
             if self.seen is not None: self.seen.copy_(seen)

@@ -268,8 +268,15 @@ def _compiled(f, device:torch.device):
         cfg = torch._dynamo.config   # one graph per window width: allow more than the default 8
         if hasattr(cfg, 'recompile_limit'): cfg.recompile_limit = max(cfg.recompile_limit, 64)
         if hasattr(cfg, 'cache_size_limit'): cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-        _COMPILED[key] = torch.compile(f, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True, dynamic=False)
+        g = torch.compile(f, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True, dynamic=False)
+        if device.type == 'cuda':  # a graph's outputs live in its own buffers, which its next replay overwrites: copy them out
+            def g(*args, _g=g): return _clone(_g(*args))
+        _COMPILED[key] = g
     return _COMPILED[key]
+
+def _clone(out):
+    "Tensors (or tuples of them) copied out of a CUDA graph's output buffers."
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
 # %% ../../nbs/11_speculative.ipynb #eb583540
 @torch.no_grad()

@@ -84,6 +84,13 @@ def state_bytes(module:nn.Module) -> int:
     return n
 
 
+def _write(path:str, results:dict):
+    "JSON, atomically (temp file + rename)."
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f: json.dump(results, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
 def parse_variant(v:str):
     "'bf16' -> None; 'int4-g64' -> (64, False); 'int4-g64+head' -> (64, True)."
     if v == 'bf16': return None
@@ -184,6 +191,7 @@ def main(argv=None):
         except Exception as e:  # keep the other variants' numbers
             info['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
         results['variants'][name] = info
+        _write(a.out, results)  # after each variant: a run cut short keeps what it measured
         del model
         if device.type == 'cuda': torch.cuda.empty_cache()
         msg = info.get('error') or (f"{info['tokens_per_s']:9.1f} tok/s  {info['ms_per_token']:7.3f} ms/token  "
@@ -199,10 +207,7 @@ def main(argv=None):
             if 'generate_decode_tokens_per_s' in info and 'generate_decode_tokens_per_s' in b:
                 info['generate_speedup_vs_bf16'] = info['generate_decode_tokens_per_s'] / b['generate_decode_tokens_per_s']
         print('speed-up vs bf16: ' + ', '.join(f"{n} {i['speedup_vs_bf16']:.2f}x" for n, i in results['variants'].items() if 'speedup_vs_bf16' in i))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    tmp = a.out + '.tmp'
-    with open(tmp, 'w') as f: json.dump(results, f, indent=1)
-    os.replace(tmp, a.out)
+    _write(a.out, results)
     print('wrote', a.out)
     return 0 if check['greedy_match_fp32'] and not any('error' in i for i in results['variants'].values()) else 1
 

@@ -242,6 +242,17 @@ def test_cuda_graph_decode_equals_eager(name):
     a = generate(m, prompts[0], 30, seed=11, **kw)
     assert a == generate(m, prompts[0], 30, seed=11, **kw) and a != generate(m, prompts[0], 30, seed=12, **kw)
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_graph_decode_moe_bf16():
+    "A DeepSeek-style MLA + MoE model in bf16 through the CUDA-graph path: every greedy token is in the top 2 of a full forward."
+    cfg, mode = CASES['DeepSeek MLA+MoE']
+    m = build(cfg, mode).cuda().to(torch.bfloat16); m.init_freqs()
+    prompt = list(range(5, 17))
+    new = generate(m, prompt, 30, temperature=0, compile=True)
+    top2 = m(torch.tensor([prompt + new], device='cuda'))[0][0, len(prompt) - 1:-1].topk(2).indices.tolist()
+    assert len(new) == 30 and all(t in k for t, k in zip(new, top2)), (new, top2)
+
 # ---------------------------------------------------------------- streaming
 
 def test_streamer_whole_characters(tok):

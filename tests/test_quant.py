@@ -178,6 +178,21 @@ def test_generate_runs_on_a_loaded_quantized_model(tmp_path):
     assert m16.freqs_cos.dtype == torch.float32
     assert len(generate(m16, prompt, max_new_tokens=4, temperature=0)) == 4
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_int4_generate_through_graphs(tmp_path):
+    "An int4 checkpoint on CUDA, bf16, decoded through the CUDA-graph path: the same greedy tokens as its eager decode."
+    from metai.infer.generate import generate
+    from metai.infer.quant import prepare_int4
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro())
+    quantize_dir(src, dst, group_size=64)
+    model = load_quantized(dst, device='cuda', dtype=torch.bfloat16)
+    prepare_int4(model, torch.device('cuda'))
+    prompt = [2, 17, 99, 5, 41]
+    eager = generate(model, prompt, max_new_tokens=24, temperature=0)
+    assert generate(model, prompt, max_new_tokens=24, temperature=0, compile=True) == eager
+
 def test_bad_inputs(tmp_path):
     src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
     write_ckpt(src, micro(), tokenizer=False)

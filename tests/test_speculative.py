@@ -274,3 +274,15 @@ def test_bench_script_tiny(tmp_path):
     assert runs['plain']['tokens_per_s'] > 0 and runs['gamma=3']['tokens_per_s'] > 0
     assert 0 < runs['gamma=3']['acceptance_rate'] <= 1 and runs['gamma=3']['tokens_per_target_forward'] >= 1
     assert 'speedup' in runs['gamma=1'] and 'gamma=1' in res['pairs']['random MTP']['runs']['0.0']
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('gamma', [1, 4])
+def test_cuda_compiled_greedy_identical(gamma):
+    "compile=True on CUDA (short windows in CUDA graphs): greedy output equals plain greedy output, draft model and MTP."
+    target = build(tiny(mtp_depth=1), seed=0).cuda()
+    draft = noisy_copy(target, 0.3).cuda()
+    prompt = list(range(3, 14))
+    ref = generate(target, prompt, 30, temperature=0)
+    assert speculative_generate(target, draft, prompt, 30, gamma=gamma, temperature=0, compile=True)[0] == ref
+    assert mtp_speculative_generate(target, prompt, 30, gamma=gamma, temperature=0, compile=True)[0] == ref

@@ -226,6 +226,25 @@ def test_decode_n_tokens_equals_n_steps():
             outs.append((buf, pos.item()))
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1] == 11
 
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE'])
+def test_padded_prefill_equals_prefill(name):
+    "The bucket-padded prefill (what the compiled path runs) gives the plain prefill's logits, cache and next tokens."
+    from metai.infer.generate import prefill_padded, PREFILL_BUCKETS, decode_n_tokens
+    cfg, mode = CASES[name]
+    m = build(cfg, mode)
+    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(4))
+    c1, c2 = make_cache(m, 2, 48, mtp=False), make_cache(m, 2, 48, mtp=False)
+    l1, l2 = prefill(m, x, c1), prefill_padded(m, x, c2)
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(c1.a + c1.b, c2.a + c2.b): torch.testing.assert_close(b[:, :13], a[:, :13], atol=1e-5, rtol=1e-5)
+    outs = []
+    for c, l in ((c1, l1), (c2, l2)):
+        buf = torch.zeros(2, 10, dtype=torch.long)
+        decode_n_tokens(m, l.argmax(-1, keepdim=True), torch.tensor([13]), c, buf, None, 0.0)
+        outs.append(buf)
+    assert torch.equal(*outs)
+    with pytest.raises(ValueError, match='a padded prefill needs'): prefill_padded(m, x, make_cache(m, 2, 14, mtp=False))
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('name', ['GQA', 'MLA absorbed'])

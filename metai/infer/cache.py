@@ -92,7 +92,8 @@ def forward_step(model, # a metai `Transformer`
                  tokens:Tensor, # (B, T) token ids
                  input_pos:Tensor, # (T,) long, their absolute positions (the same for every row)
                  cache:KVCache, # a static cache with at least B rows; entries written at `input_pos`
-                 last_only:bool=False # return logits of the last position only (a prefill needs no more)
+                 last_only:bool=False, # return logits of the last position only (a prefill needs no more)
+                 at:Tensor|None=None # (1,) long: return logits of this position (index into `tokens`) only; a padded prefill's last real token
                 ) -> Tensor: # (B, T, V) logits, or (B, 1, V)
     "`model`'s forward with tensor positions and the whole cache as keys plus a mask: fixed shapes, capturable in a CUDA graph."
     S = cache.max_seq_len
@@ -106,6 +107,7 @@ def forward_step(model, # a metai `Transformer`
         x = x + (y[0] if layer.is_moe else y)                                    # an MoE layer also returns its aux terms
     cache.input_pos = None
     if last_only: x = x[:, -1:]
+    elif at is not None: x = x.index_select(1, at)                               # (B, 1, dim)
     return model.head(model.norm(x))                                             # (B, T, V)
 
 # %% ../../nbs/09_cache.ipynb #949a4017

@@ -192,7 +192,7 @@ class GraphDecoder:
         saved = [self.tok.clone(), self.pos.clone(), None if self.seen is None else self.seen.clone()]
         s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), sdpa(), _compile_settings(self.tok.device, self.freeze):
-            self._body(1)                                   # compile + autotune; writes the slot the first real step rewrites
+            self._body(min(2, self.n))                      # compile + autotune (2 steps: outputs fed back, as in the graph); writes slots the real steps rewrite
         torch.cuda.current_stream().wait_stream(s)
         self.tok.copy_(saved[0]); self.pos.copy_(saved[1])
         if self.seen is not None: self.seen.copy_(saved[2])

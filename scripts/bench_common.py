@@ -136,6 +136,8 @@ def _jsonable(o):
 def free(device:torch.device):
     "Drop compiled graphs and cached blocks between models, so each model's peak memory is its own."
     import gc
+    from metai.infer.generate import clear_graphs
+    clear_graphs()  # captured decode graphs point at compiled kernels and constants that the reset frees
     torch._dynamo.reset(); gc.collect()
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
 

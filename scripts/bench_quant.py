@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache
-from metai.infer.generate import prefill, decode_one_token, generate, compiled_decode_one_token, _compile_settings
+from metai.infer.generate import prefill, decode_one_token, generate, compiled_decode_one_token, _compile_settings, clear_graphs
 from metai.infer.quant import quantize_model, prepare_int4, Int4Linear
 
 LLAMA_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0,
@@ -141,7 +141,7 @@ def main(argv=None):
     for name, q in variants:
         model = copy.deepcopy(base)
         info = dict(quantized=q is not None)
-        torch._dynamo.reset()  # a fresh compile per variant (no guard-cache overflow back to eager)
+        clear_graphs(); torch._dynamo.reset()  # a fresh compile per variant (no guard-cache overflow back to eager)
         try:
             if q is not None:
                 G, head = q

@@ -7,8 +7,8 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 # %% auto #0
 __all__ = ['PREFILL_BUCKETS', 'logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample', 'prefill',
            'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'compiled_decode_one_token',
-           'decode_n_tokens', 'GraphDecoder', 'graph_decoder', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'generate',
-           'ChatSession', 'load_model_dir', 'encode_prompt']
+           'decode_n_tokens', 'GraphDecoder', 'graph_decoder', 'clear_graphs', 'Detokenizer', 'TextStreamer',
+           'cut_at_stop', 'generate', 'ChatSession', 'load_model_dir', 'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, codecs, numbers, contextlib
@@ -110,7 +110,9 @@ def prefill_padded(model, # a metai `Transformer`
 _PREFILL = {}
 def compiled_forward_step(device:torch.device):
     "`forward_step` compiled with inductor (fixed shapes: one graph per bucket length)."
-    if device.type not in _PREFILL: _PREFILL[device.type] = torch.compile(forward_step, fullgraph=True, dynamic=False)
+    if device.type not in _PREFILL:
+        _allow_recompiles()
+        _PREFILL[device.type] = torch.compile(forward_step, fullgraph=True, dynamic=False)
     return _PREFILL[device.type]
 
 # %% ../../nbs/10_generate.ipynb #be92b355
@@ -123,9 +125,16 @@ def compiled_decode_one_token(device:torch.device, # where the step runs
     "`decode_one_token` compiled with inductor once per setting (fixed shapes, no graph breaks)."
     key = (device.type, freeze, cudagraphs and device.type == 'cuda')
     if key not in _COMPILED:  # one wrapper per setting: dynamo keeps their graphs apart
+        _allow_recompiles()
         mode = 'reduce-overhead' if key[2] else None
         _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)  # shapes are static by design
     return _COMPILED[key]
+
+def _allow_recompiles(n:int=64):
+    "One compiled graph per cache length, batch size and sampling setting: allow more than dynamo's default 8 (with fullgraph the 9th would be an error)."
+    cfg = torch._dynamo.config
+    for name in ('recompile_limit', 'cache_size_limit'):
+        if hasattr(cfg, name): setattr(cfg, name, max(getattr(cfg, name), n))
 
 def _compile_settings(device:torch.device, freeze:bool=False):
     "Inductor settings for compiling decode steps: gpt-fast's tuned batch-1 matmuls, and freezing when asked."
@@ -179,28 +188,31 @@ class GraphDecoder:
                  seen:Tensor|None=None # (B, V) bool, updated in place
                 ) -> tuple[Tensor, Tensor, Tensor|None]:
         "n steps: `(tokens (B, n), last token (B, 1), seen)` (the returned tensors are the graph's buffers)."
-        self.tok.copy_(tok); self.pos.copy_(input_pos)
-        if self.seen is not None: self.seen.copy_(seen)
-        if self.graph is None: self._capture()
-        self.graph.replay()
-        input_pos.add_(self.n)
-        if seen is not None: seen.copy_(self.seen)
+        with torch.cuda.device(self.tok.device):  # the model's GPU, whichever is current
+            self.tok.copy_(tok); self.pos.copy_(input_pos)
+            if self.seen is not None: self.seen.copy_(seen)
+            if self.graph is None: self._capture()
+            self.graph.replay()
+            input_pos.add_(self.n)
+            if seen is not None: seen.copy_(self.seen)
         return self.out, self.last, self.seen
 
     def _capture(self):
+        dev = self.tok.device
         sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
         saved = [self.tok.clone(), self.pos.clone(), None if self.seen is None else self.seen.clone()]
-        s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), sdpa(), _compile_settings(self.tok.device, self.freeze):
-            self._body(min(2, self.n))                      # compile + autotune (2 steps: outputs fed back, as in the graph); writes slots the real steps rewrite
-        torch.cuda.current_stream().wait_stream(s)
+        s = torch.cuda.Stream(dev); s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.random.fork_rng(devices=[dev]), torch.cuda.stream(s), sdpa(), _compile_settings(dev, self.freeze):
+            self._body(min(2, self.n))  # compile + autotune (2 steps: outputs fed back, as in the graph); rewritten slots; draws no RNG of the caller's
+        torch.cuda.current_stream(dev).wait_stream(s)
         self.tok.copy_(saved[0]); self.pos.copy_(saved[1])
         if self.seen is not None: self.seen.copy_(saved[2])
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), sdpa():
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), sdpa():
             last, seen = self._body(self.n)
             self.last = last.clone()                        # (B, 1) in the graph's memory
             if self.seen is not None: self.seen.copy_(seen)
+        self.graph = g                                      # only a complete capture is ever replayed
 
 _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> GraphDecoder; a few recent ones
 
@@ -209,10 +221,15 @@ def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, f
     key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen,
            tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
            tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
-    if key not in _GRAPHS:
-        while len(_GRAPHS) >= 8: _GRAPHS.pop(next(iter(_GRAPHS)))  # oldest first: its graph memory is freed
+    if key in _GRAPHS: _GRAPHS[key] = _GRAPHS.pop(key)             # most recently used last
+    else:
+        while len(_GRAPHS) >= 8: _GRAPHS.pop(next(iter(_GRAPHS)))  # least recently used first: its graph memory is freed
         _GRAPHS[key] = GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen)
     return _GRAPHS[key]
+
+def clear_graphs():
+    "Drop every captured decode graph (and the model, cache and memory each one holds); call before `torch._dynamo.reset()`."
+    _GRAPHS.clear()
 
 # %% ../../nbs/10_generate.ipynb #d27bc194
 codecs.register_error('metai.byte_replace', lambda e: ('\ufffd' * (e.end - e.start), e.end))  # one U+FFFD per bad byte
@@ -339,7 +356,9 @@ def generate(model, # a metai `Transformer` (eval mode)
     end, p_min, p_max = max(p + n for p, n in zip(P, n_new)), min(P), max(P)  # end: length of the longest finished row
     if not 0 <= start_pos < p_min: raise ValueError(f'start_pos: {start_pos} must be below the shortest prompt length {p_min}')
     if start_pos and cache is None: raise ValueError('start_pos: needs the cache that holds those positions')
-    if cache is None: cache = make_cache(model, B, min(L, -(-(end - 1) // 8) * 8), mtp=False)  # rounded up to 8, as gpt-fast
+    if cache is None:  # rounded up to 8, as gpt-fast; compiled on CUDA, to a power of two (fewer shapes to compile for)
+        S = -(-(end - 1) // 8) * 8 if not (compile and device.type == 'cuda') else max(64, 1 << (end - 2).bit_length())
+        cache = make_cache(model, B, min(L, S), mtp=False)
     elif cache.batch_size < B or cache.max_seq_len < end - 1:
         raise ValueError(f'cache: holds {cache.batch_size} rows x {cache.max_seq_len} positions, this call needs {B} x {end - 1}')
     streams = [None] * B if stream is None else list(stream) if isinstance(stream, (list, tuple)) else [stream]
@@ -383,7 +402,7 @@ def generate(model, # a metai `Transformer` (eval mode)
     with _seeded(seed, device):
         T0 = p_min - start_pos                                                 # prompt tokens to prefill (the shortest row's)
         if graphs and T0 <= PREFILL_BUCKETS[-1] and start_pos + next(b for b in PREFILL_BUCKETS if b >= T0) <= cache.max_seq_len:
-            with _compile_settings(device, freeze), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            with _compile_settings(device), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # never frozen: one graph per bucket
                 logits = prefill_padded(model, seq[:, start_pos:p_min], cache, start_pos, compiled_forward_step(device))
         else: logits = prefill(model, seq[:, start_pos:p_min], cache, start_pos)  # (B, V) scores for position p_min
         if seen is not None: logits = apply_repetition_penalty(logits, seen, repetition_penalty)

@@ -260,6 +260,8 @@ def test_cuda_graph_decode_equals_eager(name):
     kw = dict(temperature=1.0, top_k=50, compile=True)
     a = generate(m, prompts[0], 30, seed=11, **kw)
     assert a == generate(m, prompts[0], 30, seed=11, **kw) and a != generate(m, prompts[0], 30, seed=12, **kw)
+    cache = make_cache(m, 1, 64, mtp=False)  # one cache: the first call captures, the second replays; same seed, same tokens
+    assert generate(m, prompts[1], 30, seed=5, cache=cache, **kw) == generate(m, prompts[1], 30, seed=5, cache=cache, **kw)
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The demo trains the micro model on the default corpus (about 6 minutes on 2 CPU cores), then samples from it.
+# The demo trains the micro model on the default corpus (6 to 9 minutes on 2 CPU cores), then samples from it.
 # Its run folder is output_micro/; run again, it resumes that run (a finished one is only evaluated and sampled).
 # torch picks its own thread count for the training (the OMP_NUM_THREADS=1 above is for the test workers).
 DEMO_DIR ?= output_micro

@@ -332,6 +332,7 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
                  seed:int=0, # sampling seed: the same seed gives the same text
                  device:str='auto', # auto, cpu, cuda or mps
                  compile:bool=False, # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+                 freeze:bool=False, # with --compile: fold the weights into the compiled step (fused q/k/v and w1/w3; a second copy of them)
                  draft_model_dir:str=None, # a smaller model with the same tokenizer: speculative decoding with it as the drafter
                  speculate_k:int=0, # tokens drafted per target forward, gamma (0: 4 with a draft model, the MTP depth with --mtp-speculate)
                  mtp_speculate:bool=False # use the model's own MTP modules as the drafter (self-speculation)
@@ -357,7 +358,7 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
     print(prompt, end='', flush=True)
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
              repetition_penalty=repetition_penalty, eos_id=tok.eos_id, stop_strings=stop or None, tokenizer=tok, seed=seed,
-             stream=TextStreamer(tok, stop_strings=stop), compile=compile and dev.type == 'cuda')
+             stream=TextStreamer(tok, stop_strings=stop), compile=compile and dev.type == 'cuda', freeze=freeze)
     print()
 
 # %% ../nbs/20_cli.ipynb #53e13818
@@ -380,6 +381,7 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
              seed:int=0, # seed of the first reply (then seed+1, ...): a session reproduces
              device:str='auto', # auto, cpu, cuda or mps
              compile:bool=False, # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
+             freeze:bool=False, # with --compile: fold the weights into the compiled step (fused q/k/v and w1/w3; a second copy of them)
              draft_model_dir:str=None, # a smaller model with the same tokenizer: speculative decoding with it as the drafter
              speculate_k:int=0, # tokens drafted per target forward, gamma (0: 4 with a draft model, the MTP depth with --mtp-speculate)
              mtp_speculate:bool=False # use the model's own MTP modules as the drafter (self-speculation)
@@ -398,7 +400,8 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
                                    temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed, compile=compile and dev.type == 'cuda')
     else:
         s = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda')
+                        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda',
+                        freeze=freeze)
     print(f'metai chat: {model_dir} ({fmt_num(model.cfg.num_params())} parameters, {model.cfg.max_seq_len} tokens of context); '
           f'/reset starts over, /exit leaves', flush=True)
     while True:

@@ -32,13 +32,14 @@ for step in $STEPS; do
     decode-moe)    # small MoE and the DeepSeek-shaped MLA model; absorbed vs naive MLA at 4K and 32K
       timeout "$(limit $step 480)" python3 scripts/bench_decode.py --out "$OUT/decode_moe_mla_$CARD.json" \
         --models small-moe,deepseek-mla --no-eager --no-hf --no-chunk1 2>&1 | quiet | tee "$OUT/decode_moe.log" ;;
-    speculative)   # a ~600M target with one MTP module and a micro draft, trained on DATA_DIR, then both speculations
+    speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module and the micro draft, trained on DATA_DIR;
+                   # speculation pays when a target step costs many draft steps, so the target is the largest that trains in minutes
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
       D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
       C=(--chinese-path "$D/data/corpus/zh.txt" --english-path "$D/data/corpus/en.txt" --data-dir "$D/data" --seq-len 512
          --batch-size 32 --eval-interval 1000 --sample-prompt "")
-      timeout "$(limit train-target 300)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-custom "${C[@]}" \
-        --hidden-dim 1536 --num-layers 16 --num-heads 12 --num-kv-heads 4 --mlp-dim 6144 --mtp-depth 1 --steps 800 --lr 6e-4 \
+      timeout "$(limit train-target 420)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-custom "${C[@]}" \
+        --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --steps 500 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
       timeout "$(limit train-draft 120)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-micro "${C[@]}" \
         --steps 1000 --compile --output-dir "$D/draft" 2>&1 | tail -3 | tee "$OUT/train_draft.log"

@@ -240,6 +240,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'metai.infer.generate.decode_one_token': ( 'generate.html#decode_one_token',
                                                                                  'metai/infer/generate.py'),
                                       'metai.infer.generate.encode_prompt': ('generate.html#encode_prompt', 'metai/infer/generate.py'),
+                                      'metai.infer.generate.fast_prefill': ('generate.html#fast_prefill', 'metai/infer/generate.py'),
                                       'metai.infer.generate.generate': ('generate.html#generate', 'metai/infer/generate.py'),
                                       'metai.infer.generate.graph_decoder': ('generate.html#graph_decoder', 'metai/infer/generate.py'),
                                       'metai.infer.generate.load_model_dir': ('generate.html#load_model_dir', 'metai/infer/generate.py'),

@@ -15,6 +15,8 @@ Variants (`--variants`): `bf16`; `int4-g{32,64,128}` (block linears int4, head b
 `int4-g{G}+head` (head int4 too, as gpt-fast does). Writes JSON to `--out`.
 """
 import argparse, contextlib, copy, json, os, platform, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import save_json  # atomic JSON
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache
-from metai.infer.generate import prefill, decode_one_token, generate, compiled_decode_one_token, _compile_settings, clear_graphs
+from metai.infer.generate import prefill, fast_prefill, decode_one_token, generate, compiled_decode_one_token, _compile_settings, clear_graphs
 from metai.infer.quant import quantize_model, prepare_int4, Int4Linear
 
 LLAMA_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0,
@@ -82,13 +84,6 @@ def state_bytes(module:nn.Module) -> int:
         key = (t.data_ptr(), t.numel())
         if key not in seen: seen.add(key); n += t.numel() * t.element_size()
     return n
-
-
-def _write(path:str, results:dict):
-    "JSON, atomically (temp file + rename)."
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w') as f: json.dump(results, f, indent=1)
-    os.replace(path + '.tmp', path)
 
 
 def parse_variant(v:str):
@@ -178,8 +173,8 @@ def main(argv=None):
                 for _ in range(2): generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)  # compile, capture
                 got = generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)
                 info['generate_graph_agrees_with_step'] = sum(x == y for x, y in zip(got, toks[0].tolist())) / a.new_tokens
-                with torch.no_grad(): prefill(model, prompt, gcache); torch.cuda.synchronize()
-                t = time.perf_counter(); prefill(model, prompt, gcache); torch.cuda.synchronize(); t_pre = time.perf_counter() - t
+                with torch.no_grad(): fast_prefill(model, prompt, gcache, compile=True); torch.cuda.synchronize()  # as generate runs it
+                t = time.perf_counter(); fast_prefill(model, prompt, gcache, compile=True); torch.cuda.synchronize(); t_pre = time.perf_counter() - t
                 t = time.perf_counter(); generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)
                 torch.cuda.synchronize(); t_all = time.perf_counter() - t
                 info['generate_tokens_per_s'] = a.new_tokens / t_all           # whole call, prefill included
@@ -191,7 +186,7 @@ def main(argv=None):
         except Exception as e:  # keep the other variants' numbers
             info['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
         results['variants'][name] = info
-        _write(a.out, results)  # after each variant: a run cut short keeps what it measured
+        save_json(a.out, results)  # after each variant: a run cut short keeps what it measured
         del model
         if device.type == 'cuda': torch.cuda.empty_cache()
         msg = info.get('error') or (f"{info['tokens_per_s']:9.1f} tok/s  {info['ms_per_token']:7.3f} ms/token  "
@@ -207,7 +202,7 @@ def main(argv=None):
             if 'generate_decode_tokens_per_s' in info and 'generate_decode_tokens_per_s' in b:
                 info['generate_speedup_vs_bf16'] = info['generate_decode_tokens_per_s'] / b['generate_decode_tokens_per_s']
         print('speed-up vs bf16: ' + ', '.join(f"{n} {i['speedup_vs_bf16']:.2f}x" for n, i in results['variants'].items() if 'speedup_vs_bf16' in i))
-    _write(a.out, results)
+    save_json(a.out, results)
     print('wrote', a.out)
     return 0 if check['greedy_match_fp32'] and not any('error' in i for i in results['variants'].values()) else 1
 

@@ -6,7 +6,7 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 
 # %% auto #0
 __all__ = ['PREFILL_BUCKETS', 'logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample', 'prefill',
-           'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'compiled_decode_one_token',
+           'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'fast_prefill', 'compiled_decode_one_token',
            'decode_n_tokens', 'GraphDecoder', 'graph_decoder', 'clear_graphs', 'Detokenizer', 'TextStreamer',
            'cut_at_stop', 'generate', 'ChatSession', 'load_model_dir', 'encode_prompt']
 
@@ -115,6 +115,20 @@ def compiled_forward_step(device:torch.device):
         _PREFILL[device.type] = torch.compile(forward_step, fullgraph=True, dynamic=False)
     return _PREFILL[device.type]
 
+def fast_prefill(model, # a metai `Transformer`
+                 tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`)
+                 cache:KVCache, # static cache
+                 start_pos:int=0, # absolute position of tokens[:, 0]
+                 compile:bool=False # on CUDA: the padded, compiled prefill when the prompt and the cache allow it
+                ) -> Tensor: # (B, V) logits of the position after the prompt
+    "The prefill `generate` runs: padded to a bucket and compiled on CUDA with `compile`, else `prefill`."
+    T = tokens.size(1)
+    Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
+    if not (compile and tokens.device.type == 'cuda' and Tb and start_pos + Tb <= cache.max_seq_len):
+        return prefill(model, tokens, cache, start_pos)
+    with _compile_settings(tokens.device), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # never frozen
+        return prefill_padded(model, tokens, cache, start_pos, compiled_forward_step(tokens.device))
+
 # %% ../../nbs/10_generate.ipynb #be92b355
 _COMPILED = {}
 
@@ -180,8 +194,7 @@ class GraphDecoder:
         self.step, self.freeze, self.graph = compiled_decode_one_token(dev, freeze), freeze, None
 
     def _body(self, n:int):
-        t, s = decode_n_tokens(self.model, self.tok, self.pos, self.cache, self.out[:, :n], self.seen, *self.sampling, step=self.step)
-        return t, s
+        return decode_n_tokens(self.model, self.tok, self.pos, self.cache, self.out[:, :n], self.seen, *self.sampling, step=self.step)
 
     def __call__(self, tok:Tensor, # (B, 1) token at position `input_pos`
                  input_pos:Tensor, # (1,) advanced in place by n
@@ -376,8 +389,11 @@ def generate(model, # a metai `Transformer` (eval mode)
     chunk = (8 if graphs else 1) if chunk is None else chunk
     if not isinstance(chunk, int) or chunk < 1: raise ValueError(f'chunk: must be an int >= 1, got {chunk!r}')
     sampling = (temperature, top_k, top_p, repetition_penalty)
+    decoders = {}  # n -> this call's GraphDecoder (looked up once, not at every chunk)
     def steps(n):  # n decode steps: (tokens (B, n), last token (B, 1), seen)
-        if graphs: return graph_decoder(model, cache, B, n, sampling, freeze, seen is not None)(tok, input_pos, seen)
+        if graphs:
+            if n not in decoders: decoders[n] = graph_decoder(model, cache, B, n, sampling, freeze, seen is not None)
+            return decoders[n](tok, input_pos, seen)
         buf = torch.empty(B, n, dtype=torch.long, device=device)
         t, s = decode_n_tokens(model, tok, input_pos, cache, buf, seen, *sampling,
                                step=compiled_decode_one_token(device, freeze) if compile else decode_one_token)
@@ -400,11 +416,7 @@ def generate(model, # a metai `Transformer` (eval mode)
                 if len(out[b]) == n_new[b]: done[b] = True
 
     with _seeded(seed, device):
-        T0 = p_min - start_pos                                                 # prompt tokens to prefill (the shortest row's)
-        if graphs and T0 <= PREFILL_BUCKETS[-1] and start_pos + next(b for b in PREFILL_BUCKETS if b >= T0) <= cache.max_seq_len:
-            with _compile_settings(device), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # never frozen: one graph per bucket
-                logits = prefill_padded(model, seq[:, start_pos:p_min], cache, start_pos, compiled_forward_step(device))
-        else: logits = prefill(model, seq[:, start_pos:p_min], cache, start_pos)  # (B, V) scores for position p_min
+        logits = fast_prefill(model, seq[:, start_pos:p_min], cache, start_pos, graphs)  # (B, V) scores for position p_min
         if seen is not None: logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         tok = sample(logits, temperature, top_k, top_p)                        # (B, 1)
         input_pos = torch.tensor([p_min], device=device)

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
 from .generate import (logits_to_probs, multinomial_no_sync, ChatSession, TextStreamer, load_model_dir,
-                                  _rows, _check_sampling, _seeded)
+                                  _rows, _check_sampling, _seeded, _allow_recompiles)
 
 # %% ../../nbs/11_speculative.ipynb #9f36a957
 def speculative_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals x_1..x_g
@@ -265,9 +265,7 @@ def _compiled(f, device:torch.device):
     "`f` compiled once per device type: CUDA graphs on CUDA (`mode='reduce-overhead'`), plain inductor elsewhere."
     key = (f.__name__, device.type)
     if key not in _COMPILED:
-        cfg = torch._dynamo.config   # one graph per window width: allow more than the default 8
-        if hasattr(cfg, 'recompile_limit'): cfg.recompile_limit = max(cfg.recompile_limit, 64)
-        if hasattr(cfg, 'cache_size_limit'): cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
+        _allow_recompiles()  # one graph per window width: more than dynamo's default 8
         g = torch.compile(f, mode='reduce-overhead' if device.type == 'cuda' else None, fullgraph=True, dynamic=False)
         if device.type == 'cuda':  # a graph's outputs live in its own buffers, which its next replay overwrites: copy them out
             def g(*args, _g=g): return _clone(_g(*args))

@@ -16,7 +16,7 @@ Variants (`--variants`): `bf16`; `int4-g{32,64,128}` (block linears int4, head b
 """
 import argparse, contextlib, copy, json, os, platform, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import save_json  # atomic JSON
+from bench_common import save_json, profile_fn  # atomic JSON; kernel time by category
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,6 +107,7 @@ def main(argv=None):
     ap.add_argument('--no-compile', dest='compile', action='store_false')
     ap.add_argument('--check-tokens', type=int, default=8, help='greedy tokens compared with the uncached forward')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--no-graphs', action='store_true', help="skip the timing through generate's CUDA-graph path")
     ap.add_argument('--out', required=True, help='JSON results file')
     a = ap.parse_args(argv)
 
@@ -167,7 +168,14 @@ def main(argv=None):
             info['tokens_per_s'] = (a.new_tokens - 1) / secs
             info['ms_per_token'] = 1e3 * secs / (a.new_tokens - 1)
             info['achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['tokens_per_s'] / 1e9
-            if compile_ and device.type == 'cuda':  # metai generate's own path: 8 decode steps per CUDA graph
+            if compile_ and device.type == 'cuda':  # where a step's time goes: the kernels of 32 compiled steps
+                def steps32():
+                    tok, pos = toks[:, -1:].clone(), torch.tensor([a.prompt_len], device=device)
+                    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                        for _ in range(32): tok, _ = step(model, tok, pos, cache, None, 0.0); pos += 1
+                try: info['profile_32_steps'] = profile_fn(steps32, device, steps=1, top=12)
+                except Exception as e: info['profile_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+            if compile_ and device.type == 'cuda' and not a.no_graphs:  # metai generate's own path: 8 decode steps per CUDA graph
                 gcache = make_cache(model, 1, -(-(a.prompt_len + a.new_tokens) // 8) * 8, mtp=False)
                 pl = prompt[0].tolist()
                 for _ in range(2): generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)  # compile, capture

@@ -138,10 +138,11 @@ def compiled_decode_one_token(device:torch.device, # where the step runs
                              ):
     "`decode_one_token` compiled with inductor once per setting (fixed shapes, no graph breaks)."
     key = (device.type, freeze, cudagraphs and device.type == 'cuda')
-    if key not in _COMPILED:  # one wrapper per setting: dynamo keeps their graphs apart
+    if key not in _COMPILED:  # the setting goes into torch.compile's options: dynamo reuses a graph only for an equal backend
         _allow_recompiles()
-        mode = 'reduce-overhead' if key[2] else None
-        _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)  # shapes are static by design
+        opts = {'freezing': True} if freeze else {}  # (a config patch around the call would not tell the graphs apart)
+        if key[2]: opts['triton.cudagraphs'] = True   # what mode='reduce-overhead' turns on
+        _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=opts or None)  # shapes are static by design
     return _COMPILED[key]
 
 def _allow_recompiles(n:int=64):

@@ -32,7 +32,7 @@ for step in $STEPS; do
     decode-moe)    # small MoE and the DeepSeek-shaped MLA model; absorbed vs naive MLA at 4K and 32K
       timeout "$(limit $step 480)" python3 scripts/bench_decode.py --out "$OUT/decode_moe_mla_$CARD.json" \
         --models small-moe,deepseek-mla --no-eager --no-hf --no-chunk1 2>&1 | quiet | tee "$OUT/decode_moe.log" ;;
-    speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module and the micro draft, trained on DATA_DIR;
+    speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module and the micro draft (its context raised to 512), trained on DATA_DIR;
                    # speculation pays when a target step costs many draft steps, so the target is the largest that trains in minutes
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
       D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
@@ -41,8 +41,8 @@ for step in $STEPS; do
       timeout "$(limit train-target 420)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-custom "${C[@]}" \
         --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --steps 500 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
-      timeout "$(limit train-draft 120)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-micro "${C[@]}" \
-        --steps 1000 --compile --output-dir "$D/draft" 2>&1 | tail -3 | tee "$OUT/train_draft.log"
+      timeout "$(limit train-draft 120)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-custom --preset micro "${C[@]}" \
+        --steps 1000 --lr 2e-3 --compile --output-dir "$D/draft" 2>&1 | tail -3 | tee "$OUT/train_draft.log"
       timeout "$(limit $step 480)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/draft" \
         --mtp-dir "$D/target" --gammas 2,4,6 --mtp-gammas 1,2 --temperatures 0,0.8 --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;

@@ -131,7 +131,8 @@ def main():
             from metai.infer.speculative import load_draft_model
             pairs['trained draft'] = (tgt, load_draft_model(a.draft_dir, tgt), f'{a.target_dir} with draft {a.draft_dir}')
     if a.mtp_dir:
-        mm, _ = load_model_dir(a.mtp_dir, device=device, dtype=dtype)
+        same = a.target_dir and os.path.realpath(a.mtp_dir) == os.path.realpath(a.target_dir)
+        mm = tgt if same else load_model_dir(a.mtp_dir, device=device, dtype=dtype)[0]  # one model: its compiled graphs serve both
         pairs['trained MTP'] = (mm, None, f'{a.mtp_dir} with its {mm.cfg.mtp_depth} MTP module(s)')
     if not pairs:
         tgt = build_random(random_target(a.tiny, mtp_depth=1), device, dtype)

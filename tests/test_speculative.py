@@ -286,3 +286,19 @@ def test_cuda_compiled_greedy_identical(gamma):
     ref = generate(target, prompt, 30, temperature=0)
     assert speculative_generate(target, draft, prompt, 30, gamma=gamma, temperature=0, compile=True)[0] == ref
     assert mtp_speculative_generate(target, prompt, 30, gamma=gamma, temperature=0, compile=True)[0] == ref
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_static_rounds():
+    "The batch-1 rounds in CUDA graphs: greedy equals plain greedy and the general loop; a seed reproduces a sample on reused caches."
+    target = build(tiny(), seed=0).cuda()
+    draft = noisy_copy(target, 0.3).cuda()
+    prompt = list(range(3, 14))
+    ref = generate(target, prompt, 40, temperature=0)
+    out, st = speculative_generate(target, draft, prompt, 40, gamma=3, temperature=0, compile=True)
+    slow, st_slow = speculative_generate(target, draft, prompt, 40, gamma=3, temperature=0, compile=True, static_rounds=False)
+    assert out == ref == slow and st['accept_counts'] == st_slow['accept_counts']
+    tc, dc = make_cache(target, 1, 64, mtp=False), make_cache(draft, 1, 64, mtp=False)
+    runs = [speculative_generate(target, draft, prompt, 40, gamma=3, temperature=0.8, seed=5, compile=True, cache=tc, draft_cache=dc)[0]
+            for _ in range(3)]  # the first captures the graphs, the others replay them
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 40

@@ -328,6 +328,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'metai.infer.speculative._compiled': ('speculative.html#_compiled', 'metai/infer/speculative.py'),
                                          'metai.infer.speculative._compiled_round': ( 'speculative.html#_compiled_round',
                                                                                       'metai/infer/speculative.py'),
+                                         'metai.infer.speculative._mtp_round': ( 'speculative.html#_mtp_round',
+                                                                                 'metai/infer/speculative.py'),
                                          'metai.infer.speculative._spec_round': ( 'speculative.html#_spec_round',
                                                                                   'metai/infer/speculative.py'),
                                          'metai.infer.speculative._spec_rounds': ( 'speculative.html#_spec_rounds',

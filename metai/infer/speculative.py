@@ -176,18 +176,26 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
         q = logits_to_probs(lg, temperature, top_k, top_p)
         return multinomial_no_sync(q)[:, 0], q
 
-    if static_rounds and (mtp or B != 1): raise ValueError('static_rounds: only for one prompt with a draft model')
-    fast = not mtp and B == 1 and (compile and device.type == 'cuda' if static_rounds is None else static_rounds)
+    if static_rounds and (B != 1 or D > 1): raise ValueError('static_rounds: only for one prompt, with a draft model or one MTP module')
+    fast = B == 1 and D <= 1 and (compile and device.type == 'cuda' if static_rounds is None else static_rounds)
 
     t_start = time.perf_counter()
     with _seeded(seed, device):
-        if fast and act[0]:  # batch 1: whole rounds with fixed shapes (R per CUDA graph replay); the loop below finishes
-            for m_, cc, k in ((target, cache, c), (draft, draft_cache, cd)):  # both caches up to the newest token
-                if k[0] < n[0] - 1: prefill(m_, seq[:, k[0]:n[0] - 1], cc, int(k[0])); k[0] = n[0] - 1
+        if fast and act[0] and n[0] - 2 >= (gamma if mtp else 0):  # batch 1: whole rounds of fixed shapes, R per CUDA graph
+            if mtp:  # the MTP window reaches γ+1 positions back: h^0 and the MTP slots up to the newest token first
+                if c[0] < n[0] - 1:
+                    hidden[:, c[0]:n[0] - 1] = forward_hidden(target, seq[:, c[0]:n[0] - 1], window(c[0], n[0] - 2), cache)[1]
+                    c[0] = n[0] - 1
+                if cd[0] < n[0] - 1:
+                    mtp_step(target, 0, hidden[:, cd[0]:n[0] - 1], seq[:, cd[0] + 1:n[0]], window(cd[0], n[0] - 2), cache)
+                    cd[0] = n[0] - 1
+            else:
+                for m_, cc, k in ((target, cache, c), (draft, draft_cache, cd)):  # both caches up to the newest token
+                    if k[0] < n[0] - 1: prefill(m_, seq[:, k[0]:n[0] - 1], cc, int(k[0])); k[0] = n[0] - 1
             sr = _spec_rounds(target, draft, cache, draft_cache, gamma, (float(temperature), top_k, top_p), Wmax,
-                              graphs=compile and device.type == 'cuda')
+                              graphs=compile and device.type == 'cuda', hidden=hidden)
             p0 = p = int(n[0] - 1)
-            sr.start(seq, p)
+            sr.start(seq, p, hidden)
             while act[0]:
                 left = n_new_[0] - out_len[0]                        # R rounds emit at most R(γ+1): never more than needed
                 R = next((r for r in (ROUNDS_PER_GRAPH, 1) if p + r * (gamma + 1) <= S and (r == 1 or left > r * (gamma + 1))), 0)
@@ -202,9 +210,11 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
                 if out_len[0] == n_new_[0]: act[0] = False
                 p = p_new
             seq[:, p0 + 1:p + 1] = sr.seq[:, p0 + 1:p + 1]
-            n[0], c[0], cd[0] = p + 1, p, p                          # both caches hold every position below p
+            if mtp: hidden.copy_(sr.hidden)
+            n[0], c[0] = p + 1, p                                    # the target's cache holds every position below p,
+            cd[0] = int(sr.p0) if mtp else p                         # the draft's too; the MTP slots those below the last round's start
             h = sr.hist.tolist(); r_ = sum(h)
-            st['rounds'] += r_; st['row_rounds'] += r_; st['target_forwards'] += r_; st['draft_forwards'] += r_ * (gamma + 1)
+            st['rounds'] += r_; st['row_rounds'] += r_; st['target_forwards'] += r_; st['draft_forwards'] += r_ * (gamma if mtp else gamma + 1)
             st['drafted'] += gamma * r_; st['accepted'] += sum(a * x for a, x in enumerate(h))
             st['tested'] += sum(min(a + 1, gamma) * x for a, x in enumerate(h))
             st['accept_counts'] = [u + v for u, v in zip(st['accept_counts'], h)]
@@ -307,7 +317,7 @@ def _clone(out):
     "Tensors (or tuples of them) copied out of a CUDA graph's output buffers."
     return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
-# %% ../../nbs/11_speculative.ipynb #34d06f7c
+# %% ../../nbs/11_speculative.ipynb #d7f7cc09
 ROUNDS_PER_GRAPH = 4  # speculative rounds per CUDA graph replay (one host sync each)
 
 def _spec_round(target, draft, # the two models
@@ -335,25 +345,59 @@ def _spec_round(target, draft, # the two models
     hist.index_add_(0, a, torch.ones_like(a))
     p.add_(a + 1)
 
+def _mtp_round(model, # a metai `Transformer` with one MTP module
+               seq:Tensor, # (1, W) long: the tokens by position
+               p:Tensor, # (1,) long: position of the newest token; advanced in place
+               hidden:Tensor, # (1, S, dim) h^0 by position, valid below p; written at p .. p+γ
+               cache:KVCache, # static cache with the MTP slot: main layers valid below p, the MTP slot below p0
+               hist:Tensor, # (gamma+1,) long: rounds by drafts accepted
+               p0:Tensor, # (1,) long: set to this round's p (the MTP slot is valid below it afterwards)
+               gamma:int, temperature:float, top_k:int|None, top_p:float|None):
+    "One round of MTP self-speculation for one row: fixed shapes, no host sync."
+    j = torch.arange(gamma + 1, device=seq.device)                           # (γ+1,)
+    win = p - 1 - gamma + j                                                  # (γ+1,) p-1-γ .. p-1: every MTP slot that may be stale
+    lg, hk = mtp_step(model, 0, hidden.index_select(1, win), seq.index_select(1, win + 1), win, cache)  # (1, γ+1, V), (1, γ+1, dim)
+    drafts, qs = [], []
+    for s in range(gamma):  # draft s+1 (position p+1+s); after the first, the module again with its own output as h^0
+        if s: lg, hk = mtp_step(model, 0, hk[:, -1:], drafts[-1][:, None], p - 1 + s, cache)
+        if temperature == 0: d, q = lg[:, -1].argmax(-1), None
+        else: q = logits_to_probs(lg[:, -1], temperature, top_k, top_p); d = multinomial_no_sync(q)[:, 0]
+        drafts.append(d); qs.append(q)
+    dr = torch.stack(drafts, 1)                                              # (1, γ)
+    tl, hh = forward_hidden(model, torch.cat([seq.index_select(1, p), dr], 1), p + j, cache)  # (1, γ+1, V), (1, γ+1, dim)
+    hidden.index_copy_(1, p + j, hh)
+    if temperature == 0: a, nxt = greedy_accept(dr, tl)
+    else: a, nxt = speculative_accept(dr, torch.stack(qs, 1), logits_to_probs(tl, temperature, top_k, top_p))
+    seq.index_copy_(1, p + 1 + j[:-1], dr)
+    seq.index_copy_(1, p + 1 + a, nxt[:, None])
+    hist.index_add_(0, a, torch.ones_like(a))
+    p0.copy_(p); p.add_(a + 1)
+
 class _SpecRounds:
-    "`_spec_round` on its own state buffers: eagerly, or `R` rounds per replay of a captured CUDA graph."
-    def __init__(self, target, draft, cache, draft_cache, gamma:int, sampling:tuple, W:int, graphs:bool):
+    "`_spec_round` (or `_mtp_round`, `draft` None) on its own state buffers: eagerly, or `R` rounds per replay of a captured CUDA graph."
+    def __init__(self, target, draft, cache, draft_cache, gamma:int, sampling:tuple, W:int, graphs:bool, hidden:Tensor|None=None):
         dev = target.embed.weight.device
         self.args, self.gamma, self.sampling = (target, draft, cache, draft_cache), gamma, sampling
-        self.keep = list(target.parameters()) + list(draft.parameters()) + cache.a + cache.b + draft_cache.a + draft_cache.b
+        self.keep = (list(target.parameters()) + cache.a + cache.b +
+                     ([] if draft is None else list(draft.parameters()) + draft_cache.a + draft_cache.b))
         self.seq = torch.zeros(1, W, dtype=torch.long, device=dev)            # (1, W) tokens by position
         self.p = torch.zeros(1, dtype=torch.long, device=dev)                 # (1,) the newest token's position
+        self.p0 = torch.zeros(1, dtype=torch.long, device=dev)                # (1,) MTP: the last round's start
         self.hist = torch.zeros(gamma + 1, dtype=torch.long, device=dev)      # (γ+1,) rounds by drafts accepted
+        self.hidden = None if draft is not None else torch.zeros_like(hidden) # (1, S, dim) MTP: h^0 by position
         self.graphs, self.use_graphs = {}, graphs
-        self.fn = _compiled_round() if graphs else _spec_round
+        self.fn = _compiled_round(draft is None) if graphs else (_mtp_round if draft is None else _spec_round)
 
     def _body(self, R:int):
         t, d, c, dc = self.args
-        for _ in range(R): self.fn(t, d, self.seq, self.p, c, dc, self.hist, self.gamma, *self.sampling)
+        for _ in range(R):
+            if d is None: self.fn(t, self.seq, self.p, self.hidden, c, self.hist, self.p0, self.gamma, *self.sampling)
+            else: self.fn(t, d, self.seq, self.p, c, dc, self.hist, self.gamma, *self.sampling)
 
-    def start(self, seq:Tensor, p:int):
-        "Load the tokens (a (1, W) tensor) and the newest token's position; zero the counts."
-        self.seq.copy_(seq); self.p.fill_(p); self.hist.zero_()
+    def start(self, seq:Tensor, p:int, hidden:Tensor|None=None):
+        "Load the tokens (a (1, W) tensor), the newest token's position (and MTP's h^0); zero the counts."
+        self.seq.copy_(seq); self.p.fill_(p); self.p0.fill_(p); self.hist.zero_()
+        if self.hidden is not None: self.hidden.copy_(hidden)
 
     def run(self, R:int) -> int:
         "R rounds; the new position of the newest token (a host sync)."
@@ -366,32 +410,34 @@ class _SpecRounds:
     def _capture(self, R:int):
         dev = self.seq.device
         sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # as GraphDecoder
-        saved = [t.clone() for t in (self.seq, self.p, self.hist)]
+        state = [t for t in (self.seq, self.p, self.p0, self.hist, self.hidden) if t is not None]
+        saved = [t.clone() for t in state]
         s = torch.cuda.Stream(dev); s.wait_stream(torch.cuda.current_stream(dev))
         with torch.random.fork_rng(devices=[dev]), torch.cuda.stream(s), sdpa(), _compile_settings(dev):
             self._body(2)  # compile and tune; the entries it writes lie at or above p: rewritten before they are read
         torch.cuda.current_stream(dev).wait_stream(s)
-        for t, v in zip((self.seq, self.p, self.hist), saved): t.copy_(v)
+        for t, v in zip(state, saved): t.copy_(v)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g), sdpa(): self._body(R)
         self.graphs[R] = g                                                   # only a complete capture is replayed
 
-_ROUND_FN, _SPEC = [], {}
-def _compiled_round():
-    "`_spec_round` compiled once (fixed shapes: one graph per pair of models and setting)."
-    if not _ROUND_FN:
+_ROUND_FN, _SPEC = {}, {}
+def _compiled_round(mtp:bool):
+    "`_spec_round` (or `_mtp_round`) compiled once (fixed shapes: one graph per model pair and setting)."
+    if mtp not in _ROUND_FN:
         _allow_recompiles()
-        _ROUND_FN.append(torch.compile(_spec_round, fullgraph=True, dynamic=False))
-    return _ROUND_FN[0]
+        _ROUND_FN[mtp] = torch.compile(_mtp_round if mtp else _spec_round, fullgraph=True, dynamic=False)
+    return _ROUND_FN[mtp]
 
-def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs) -> _SpecRounds:
+def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden=None) -> _SpecRounds:
     "The `_SpecRounds` for these models, caches and setting, reused while they are the same (a few recent ones)."
+    models = [target] + ([] if draft is None else [draft])
     key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs,
-           tuple(t.data_ptr() for t in list(target.parameters()) + list(draft.parameters())))
+           None if hidden is None else tuple(hidden.shape), tuple(t.data_ptr() for m in models for t in m.parameters()))
     if key in _SPEC: _SPEC[key] = _SPEC.pop(key)
     else:
         while len(_SPEC) >= 4: _SPEC.pop(next(iter(_SPEC)))
-        _SPEC[key] = _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs)
+        _SPEC[key] = _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden)
     return _SPEC[key]
 
 # %% ../../nbs/11_speculative.ipynb #eb583540
@@ -433,11 +479,12 @@ def mtp_speculative_generate(model, # a metai `Transformer` with MTP modules (cf
                              hidden:Tensor|None=None, # (B, S, dim) buffer of h^0 per position (kept across a chat's turns)
                              start_pos:int=0, # positions < start_pos are already in `cache`'s main layers
                              mtp_start_pos:int=0, # positions < mtp_start_pos are in the MTP slots, and their h^0 in `hidden`
-                             compile:bool=False # compile the short forwards (CUDA graphs on CUDA)
+                             compile:bool=False, # compile the short forwards (CUDA graphs on CUDA)
+                             static_rounds:bool|None=None # one prompt, one MTP module: fixed-shape rounds in CUDA graphs (None: on CUDA with compile)
                             ) -> tuple[list, dict]:
     "Self-speculative decoding with the model's own MTP modules as the drafter: `(new ids, stats)`."
     return _speculate(model, None, prompt_ids, max_new_tokens, model.cfg.mtp_depth if gamma is None else gamma, temperature,
-                      top_k, top_p, eos_id, seed, stream, cache, None, start_pos, mtp_start_pos, hidden, compile)
+                      top_k, top_p, eos_id, seed, stream, cache, None, start_pos, mtp_start_pos, hidden, compile, static_rounds)
 
 # %% ../../nbs/11_speculative.ipynb #0a15900c
 def load_draft_model(path, # the draft model's directory (a metai checkpoint or a local Hugging Face one)

@@ -21,8 +21,8 @@ limit() { local v="LIMIT_${1//-/_}"; echo "${!v:-$2}"; }
 for step in $STEPS; do
   echo "== $step ($(date -u +%H:%M:%S))"
   case $step in
-    cuda-tests)    # every CUDA-only test first: a broken CUDA path shows here in a minute, not inside a benchmark
-      timeout "$(limit $step 240)" python3 -m pytest -q -m cuda tests/ 2>&1 | tail -15 | tee "$OUT/cuda_tests.log" ;;
+    cuda-tests)    # every CUDA-only test first: a broken CUDA path shows here, not inside a benchmark (compiling takes minutes)
+      timeout "$(limit $step 400)" python3 -m pytest -q -m cuda tests/ 2>&1 | tail -15 | tee "$OUT/cuda_tests.log" ;;
     decode-dense)  # 125M and 1B Llama shapes: metai (8 steps / CUDA graph, 1 step / graph, frozen) vs gpt-fast and transformers
       timeout "$(limit $step 540)" python3 scripts/bench_decode.py --out "$OUT/decode_$CARD.json" --models llama-125m,llama-1b \
         --no-eager ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
@@ -32,7 +32,7 @@ for step in $STEPS; do
     decode-moe)    # small MoE and the DeepSeek-shaped MLA model; absorbed vs naive MLA at 4K and 32K
       timeout "$(limit $step 480)" python3 scripts/bench_decode.py --out "$OUT/decode_moe_mla_$CARD.json" \
         --models small-moe,deepseek-mla --no-eager --no-hf --no-chunk1 2>&1 | quiet | tee "$OUT/decode_moe.log" ;;
-    speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module and the micro draft (its context raised to 512), trained on DATA_DIR;
+    speculative)   # (each gamma and temperature compiles and captures its own rounds: a minute or more each) a ~1B target (the 1B shape, 8K vocab) with one MTP module and the micro draft (its context raised to 512), trained on DATA_DIR;
                    # speculation pays when a target step costs many draft steps, so the target is the largest that trains in minutes
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
       D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
@@ -43,8 +43,8 @@ for step in $STEPS; do
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
       timeout "$(limit train-draft 120)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-custom --preset micro "${C[@]}" \
         --steps 1000 --lr 2e-3 --compile --output-dir "$D/draft" 2>&1 | tail -3 | tee "$OUT/train_draft.log"
-      timeout "$(limit $step 480)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/draft" \
-        --mtp-dir "$D/target" --gammas 2,4,6 --mtp-gammas 1,2 --temperatures 0,0.8 --out "$OUT/speculative_$CARD.json" 2>&1 \
+      timeout "$(limit $step 540)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/draft" \
+        --mtp-dir "$D/target" --gammas 4 --mtp-gammas 1 --temperatures 0,0.8 --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;
     model)         # forward + backward: ds-mla against transformers DeepseekV3, gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" \

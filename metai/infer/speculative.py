@@ -414,7 +414,8 @@ class _SpecRounds:
         saved = [t.clone() for t in state]
         s = torch.cuda.Stream(dev); s.wait_stream(torch.cuda.current_stream(dev))
         with torch.random.fork_rng(devices=[dev]), torch.cuda.stream(s), sdpa(), _compile_settings(dev):
-            self._body(2)  # compile and tune; the entries it writes lie at or above p: rewritten before they are read
+            self._body(min(2, R))  # compile and tune (only as many rounds as the caches have room for); the entries
+                                   # it writes lie at or above p: rewritten before they are read
         torch.cuda.current_stream(dev).wait_stream(s)
         for t, v in zip(state, saved): t.copy_(v)
         g = torch.cuda.CUDAGraph()

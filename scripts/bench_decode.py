@@ -108,6 +108,16 @@ def wall(fn, device) -> float:
 def round8(n:int) -> int: return -(-n // 8) * 8
 
 
+def add_ratios(r:dict, compile:bool):
+    "The best metai row of model result `r`, its fraction of the HBM bound and its ratios to the baselines (in place)."
+    best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in ('metai_compiled', 'metai_compiled_chunk1', 'metai_compiled_frozen', 'metai_eager')])
+    if not best: return
+    r['best_metai_tokens_per_s'] = best
+    r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
+    for k in ('transformers', 'gpt_fast', 'metai_eager' if compile else None):
+        if k and r.get(k, {}).get('tokens_per_s'): r[f'speedup_vs_{k}'] = best / r[k]['tokens_per_s']
+
+
 def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None) -> dict:
     "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up; `chunk` steps per CUDA graph."
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
@@ -268,25 +278,23 @@ def main():
                  hbm_bound_tokens_per_s=HBM / wb, hbm_bound_read_tokens_per_s=HBM / rb)
         prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         print(f'{name}: {r["params"] / 1e6:,.0f}M params, {wb / 1e9:.2f} GB of weights, HBM bound {HBM / wb:,.0f} tokens/s', flush=True)
+        # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device)) if compile else None,
-                ('metai_compiled_chunk1', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=1))
-                if compile and not a.no_chunk1 else None,
+                ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))
                 if compile and not a.no_freeze else None,
+                ('metai_compiled_chunk1', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=1))
+                if compile and not a.no_chunk1 else None,
                 ('metai_eager', lambda: bench_metai(model, prompt, a.new_tokens, False, a.runs, device)) if not a.no_eager else None,
-                ('transformers', lambda: bench_hf(model, prompt, a.new_tokens, a.runs, device)) if not a.no_hf else None,
-                ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None]
+                ('transformers', lambda: bench_hf(model, prompt, a.new_tokens, a.runs, device)) if not a.no_hf else None]
         for key, fn in filter(None, runs):
             try: r[key] = fn()
             except Exception as e: r[key] = dict(error=short_error(e))
             print(f'  {key:15s} {r[key].get("tokens_per_s", 0):10,.1f} tokens/s  {r[key].get("error", r[key].get("skipped", ""))}', flush=True)
             if device.type == 'cuda': torch.cuda.empty_cache()
-        best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in ('metai_compiled', 'metai_compiled_chunk1', 'metai_compiled_frozen', 'metai_eager')])
-        if best:
-            r['best_metai_tokens_per_s'] = best
-            r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
-            for k in ('transformers', 'gpt_fast', 'metai_eager' if compile else None):
-                if k and r.get(k, {}).get('tokens_per_s'): r[f'speedup_vs_{k}'] = best / r[k]['tokens_per_s']
+            add_ratios(r, compile)
+            res['models'][name] = r
+            save_json(a.out, res)  # after every row: a run cut short keeps what it measured
         res['models'][name] = r
         save_json(a.out, res)
         if cfg.attn_type == 'mla' and contexts:

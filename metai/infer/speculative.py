@@ -181,7 +181,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
 
     t_start = time.perf_counter()
     with _seeded(seed, device):
-        if fast and act[0] and n[0] - 2 >= (gamma if mtp else 0):  # batch 1: whole rounds of fixed shapes, R per CUDA graph
+        if fast and act[0] and n[0] - 1 >= (gamma + 1 if mtp else 0):  # batch 1: whole rounds of fixed shapes, R per CUDA graph
             if mtp:  # the MTP window reaches γ+1 positions back: h^0 and the MTP slots up to the newest token first
                 if c[0] < n[0] - 1:
                     hidden[:, c[0]:n[0] - 1] = forward_hidden(target, seq[:, c[0]:n[0] - 1], window(c[0], n[0] - 2), cache)[1]

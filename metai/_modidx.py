@@ -6,6 +6,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'metai.cli._check_positive': ('cli.html#_check_positive', 'metai/cli.py'),
                            'metai.cli._check_sampling_flags': ('cli.html#_check_sampling_flags', 'metai/cli.py'),
                            'metai.cli._check_speculation_flags': ('cli.html#_check_speculation_flags', 'metai/cli.py'),
+                           'metai.cli._compile_notice': ('cli.html#_compile_notice', 'metai/cli.py'),
                            'metai.cli._copy_tokenizer': ('cli.html#_copy_tokenizer', 'metai/cli.py'),
                            'metai.cli._did_you_mean': ('cli.html#_did_you_mean', 'metai/cli.py'),
                            'metai.cli._one_line': ('cli.html#_one_line', 'metai/cli.py'),

@@ -321,6 +321,10 @@ def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face
     return model, tok, dev
 
 # %% ../nbs/20_cli.ipynb #e666825e
+def _compile_notice(cmd:str):
+    "Say on stderr that the first compiled call is slow (compiling and tuning the kernels, then capturing CUDA graphs)."
+    print(f'metai {cmd}: compiling the decode step; the first reply can take a minute or more', file=sys.stderr, flush=True)
+
 def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
                  prompt:str=None, # the text to continue
                  max_new_tokens:int=100, # tokens to generate at most (stops early at end-of-text or a stop string)
@@ -346,6 +350,7 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
     L = model.cfg.max_seq_len
     if len(ids) > L: raise ValueError(f'prompt: {len(ids)} tokens do not fit the context of {L} tokens (max_seq_len in {model_dir}/config.json)')
     stop = _split_stop(stop)
+    if compile and dev.type == 'cuda': _compile_notice('generate')
     if draft_model_dir or mtp_speculate:
         from metai.infer.speculative import speculative_generate, mtp_speculative_generate, load_draft_model, format_stats
         kw = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, eos_id=tok.eos_id, seed=seed,
@@ -393,6 +398,7 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
     _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, None)
     model, tok, dev = load_for_inference(model_dir, device)
     spec = bool(draft_model_dir or mtp_speculate)
+    if compile and dev.type == 'cuda': _compile_notice('chat')
     if spec:
         from metai.infer.speculative import SpeculativeChatSession, load_draft_model, format_stats
         draft = load_draft_model(draft_model_dir, model, tok) if draft_model_dir else None

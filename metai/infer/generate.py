@@ -7,8 +7,8 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 # %% auto #0
 __all__ = ['PREFILL_BUCKETS', 'logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample', 'prefill',
            'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'fast_prefill', 'compiled_decode_one_token',
-           'decode_n_tokens', 'GraphDecoder', 'graph_decoder', 'clear_graphs', 'Detokenizer', 'TextStreamer',
-           'cut_at_stop', 'generate', 'ChatSession', 'load_model_dir', 'encode_prompt']
+           'decode_n_tokens', 'GraphDecoder', 'capture_graph', 'graph_decoder', 'lru_get', 'clear_graphs',
+           'Detokenizer', 'TextStreamer', 'cut_at_stop', 'generate', 'ChatSession', 'load_model_dir', 'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, codecs, numbers, contextlib
@@ -212,21 +212,30 @@ class GraphDecoder:
         return self.out, self.last, self.seen
 
     def _capture(self):
-        dev = self.tok.device
-        sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
-        saved = [self.tok.clone(), self.pos.clone(), None if self.seen is None else self.seen.clone()]
-        s = torch.cuda.Stream(dev); s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.random.fork_rng(devices=[dev]), torch.cuda.stream(s), sdpa(), _compile_settings(dev, self.freeze):
-            self._body(min(2, self.n))  # compile + autotune (2 steps: outputs fed back, as in the graph); rewritten slots; draws no RNG of the caller's
-        torch.cuda.current_stream(dev).wait_stream(s)
-        self.tok.copy_(saved[0]); self.pos.copy_(saved[1])
-        if self.seen is not None: self.seen.copy_(saved[2])
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), sdpa():
+        def record():
             last, seen = self._body(self.n)
             self.last = last.clone()                        # (B, 1) in the graph's memory
             if self.seen is not None: self.seen.copy_(seen)
-        self.graph = g                                      # only a complete capture is ever replayed
+        state = [t for t in (self.tok, self.pos, self.seen) if t is not None]
+        # warm-up: 2 steps (outputs fed back, as in the graph); the cache slots it writes are rewritten by the replay
+        self.graph = capture_graph(self.tok.device, lambda: self._body(min(2, self.n)), record, state, self.freeze)
+
+def capture_graph(device:torch.device, # the GPU
+                  warm, # () -> None: compiles and tunes the compiled functions `record` calls (runs for real)
+                  record, # () -> None: the work to capture
+                  state:list, # tensors `warm` changes that must hold their values again before the capture
+                  freeze:bool=False # compile settings for `warm` (see `_compile_settings`)
+                 ) -> torch.cuda.CUDAGraph:
+    "Warm up on a side stream (under `fork_rng`: no RNG draw of the caller's), put `state` back, then capture `record` in a CUDA graph."
+    sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
+    saved = [t.clone() for t in state]
+    s = torch.cuda.Stream(device); s.wait_stream(torch.cuda.current_stream(device))
+    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(s), sdpa(), _compile_settings(device, freeze): warm()
+    torch.cuda.current_stream(device).wait_stream(s)
+    for t, v in zip(state, saved): t.copy_(v)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), sdpa(): record()
+    return g                                                # only a complete capture is ever replayed
 
 _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> GraphDecoder; a few recent ones
 
@@ -235,11 +244,15 @@ def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, f
     key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen,
            tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
            tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
-    if key in _GRAPHS: _GRAPHS[key] = _GRAPHS.pop(key)             # most recently used last
+    return lru_get(_GRAPHS, key, lambda: GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen), 8)
+
+def lru_get(registry:dict, key, make, size:int):
+    "`registry[key]`, made by `make()` if missing; keeps the `size` most recently used (dropping one frees its graph memory)."
+    if key in registry: registry[key] = registry.pop(key)                      # most recently used last
     else:
-        while len(_GRAPHS) >= 8: _GRAPHS.pop(next(iter(_GRAPHS)))  # least recently used first: its graph memory is freed
-        _GRAPHS[key] = GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen)
-    return _GRAPHS[key]
+        while len(registry) >= size: registry.pop(next(iter(registry)))         # least recently used first
+        registry[key] = make()
+    return registry[key]
 
 def clear_graphs():
     "Drop every captured decode graph (and the model, cache and memory each one holds); call before `torch._dynamo.reset()`."

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, ChatSession, TextStreamer, load_model_dir,
-                                  _rows, _check_sampling, _seeded, _allow_recompiles, _compile_settings)
+                                  capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles)
 
 # %% ../../nbs/11_speculative.ipynb #9f36a957
 def speculative_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals x_1..x_g
@@ -171,10 +171,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
               accept_counts=[0] * (gamma + 1))
     window = lambda lo, hi: torch.arange(int(lo), int(hi) + 1, device=device)
     def pick(x, pos, lo): return x[ar, (pos - int(lo)).clamp(0, x.size(1) - 1)]  # (B, ...) each row at its own position (a device tensor)
-    def draw(lg):  # (B, V) logits -> the (B,) token and the (B, V) distribution it was drawn from (None when greedy)
-        if greedy: return lg.argmax(-1), None
-        q = logits_to_probs(lg, temperature, top_k, top_p)
-        return multinomial_no_sync(q)[:, 0], q
+    def draw(lg): return _draw(lg, temperature, top_k, top_p)
 
     if static_rounds and (B != 1 or D > 1): raise ValueError('static_rounds: only for one prompt, with a draft model or one MTP module')
     fast = B == 1 and D <= 1 and (compile and device.type == 'cuda' if static_rounds is None else static_rounds)
@@ -200,8 +197,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
                 left = n_new_[0] - out_len[0]                        # R rounds emit at most R(γ+1): never more than needed
                 R = next((r for r in (ROUNDS_PER_GRAPH, 1) if p + r * (gamma + 1) <= S and (r == 1 or left > r * (gamma + 1))), 0)
                 if R == 0: break
-                p_new = sr.run(R)                                    # the one host sync per R rounds
-                toks = sr.seq[0, p + 1:p_new + 1].tolist()
+                p_new, toks = sr.run(R, p)                           # the one host sync per R rounds
                 seq_h[0, p + 1:p_new + 1] = toks
                 for tk in toks:                                      # emit: up to a stop token or the row's limit
                     if tk in stop_ids or out_len[0] == n_new_[0]: act[0] = False; break
@@ -320,6 +316,22 @@ def _clone(out):
 # %% ../../nbs/11_speculative.ipynb #d7f7cc09
 ROUNDS_PER_GRAPH = 4  # speculative rounds per CUDA graph replay (one host sync each)
 
+def _draw(lg:Tensor, temperature:float, top_k:int|None, top_p:float|None):
+    "(B, V) logits -> the (B,) drafted token and the (B, V) distribution it was drawn from (None when greedy)."
+    if temperature == 0: return lg.argmax(-1), None
+    q = logits_to_probs(lg, temperature, top_k, top_p)
+    return multinomial_no_sync(q)[:, 0], q
+
+def _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top_p):
+    "The end of a static round: accept a prefix of the drafts `dr` (1, γ), write the tokens at p+1.., count, advance p; -> p before."
+    j = torch.arange(gamma, device=seq.device)
+    if temperature == 0: a, nxt = greedy_accept(dr, tl)
+    else: a, nxt = speculative_accept(dr, torch.stack(qs, 1), logits_to_probs(tl, temperature, top_k, top_p))
+    seq.index_copy_(1, p + 1 + j, dr)                                        # the drafts at p+1 .. p+γ
+    seq.index_copy_(1, p + 1 + a, nxt[:, None])                              # the target's token after the a accepted
+    hist.index_add_(0, a, torch.ones_like(a))
+    p.add_(a + 1)
+
 def _spec_round(target, draft, # the two models
                 seq:Tensor, # (1, W) long: the tokens by position
                 p:Tensor, # (1,) long: position of the newest token (in neither cache yet); advanced in place
@@ -333,17 +345,11 @@ def _spec_round(target, draft, # the two models
     for i in range(gamma + 1):                                               # step γ+1 only writes d_γ into the draft's cache
         lg = forward_step(draft, tok, p + i, draft_cache)[:, -1]             # (1, V)
         if i == gamma: break
-        if temperature == 0: d, q = lg.argmax(-1), None
-        else: q = logits_to_probs(lg, temperature, top_k, top_p); d = multinomial_no_sync(q)[:, 0]
+        d, q = _draw(lg, temperature, top_k, top_p)
         drafts.append(d); qs.append(q); tok = d[:, None]
     dr = torch.stack(drafts, 1)                                              # (1, γ)
     tl = forward_step(target, torch.cat([seq.index_select(1, p), dr], 1), p + j, cache)  # (1, γ+1, V)
-    if temperature == 0: a, nxt = greedy_accept(dr, tl)
-    else: a, nxt = speculative_accept(dr, torch.stack(qs, 1), logits_to_probs(tl, temperature, top_k, top_p))
-    seq.index_copy_(1, p + 1 + j[:-1], dr)                                   # the drafts at p+1 .. p+γ
-    seq.index_copy_(1, p + 1 + a, nxt[:, None])                              # the target's token after the a accepted
-    hist.index_add_(0, a, torch.ones_like(a))
-    p.add_(a + 1)
+    _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top_p)
 
 def _mtp_round(model, # a metai `Transformer` with one MTP module
                seq:Tensor, # (1, W) long: the tokens by position
@@ -360,18 +366,13 @@ def _mtp_round(model, # a metai `Transformer` with one MTP module
     drafts, qs = [], []
     for s in range(gamma):  # draft s+1 (position p+1+s); after the first, the module again with its own output as h^0
         if s: lg, hk = mtp_step(model, 0, hk[:, -1:], drafts[-1][:, None], p - 1 + s, cache)
-        if temperature == 0: d, q = lg[:, -1].argmax(-1), None
-        else: q = logits_to_probs(lg[:, -1], temperature, top_k, top_p); d = multinomial_no_sync(q)[:, 0]
+        d, q = _draw(lg[:, -1], temperature, top_k, top_p)
         drafts.append(d); qs.append(q)
     dr = torch.stack(drafts, 1)                                              # (1, γ)
     tl, hh = forward_hidden(model, torch.cat([seq.index_select(1, p), dr], 1), p + j, cache)  # (1, γ+1, V), (1, γ+1, dim)
     hidden.index_copy_(1, p + j, hh)
-    if temperature == 0: a, nxt = greedy_accept(dr, tl)
-    else: a, nxt = speculative_accept(dr, torch.stack(qs, 1), logits_to_probs(tl, temperature, top_k, top_p))
-    seq.index_copy_(1, p + 1 + j[:-1], dr)
-    seq.index_copy_(1, p + 1 + a, nxt[:, None])
-    hist.index_add_(0, a, torch.ones_like(a))
-    p0.copy_(p); p.add_(a + 1)
+    p0.copy_(p)
+    _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top_p)
 
 class _SpecRounds:
     "`_spec_round` (or `_mtp_round`, `draft` None) on its own state buffers: eagerly, or `R` rounds per replay of a captured CUDA graph."
@@ -399,28 +400,16 @@ class _SpecRounds:
         self.seq.copy_(seq); self.p.fill_(p); self.p0.fill_(p); self.hist.zero_()
         if self.hidden is not None: self.hidden.copy_(hidden)
 
-    def run(self, R:int) -> int:
-        "R rounds; the new position of the newest token (a host sync)."
+    def run(self, R:int, p:int) -> tuple[int, list]:
+        "R rounds from position `p`: the new position and the tokens after `p` (read together: one host sync)."
         if not self.use_graphs: self._body(R)
         else:
-            if R not in self.graphs: self._capture(R)
+            if R not in self.graphs:  # warm-up: no more rounds than the caches have room for; the entries it writes lie
+                state = [t for t in (self.seq, self.p, self.p0, self.hist, self.hidden) if t is not None]  # at or above p
+                self.graphs[R] = capture_graph(self.seq.device, lambda: self._body(min(2, R)), lambda: self._body(R), state)
             self.graphs[R].replay()
-        return int(self.p)
-
-    def _capture(self, R:int):
-        dev = self.seq.device
-        sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # as GraphDecoder
-        state = [t for t in (self.seq, self.p, self.p0, self.hist, self.hidden) if t is not None]
-        saved = [t.clone() for t in state]
-        s = torch.cuda.Stream(dev); s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.random.fork_rng(devices=[dev]), torch.cuda.stream(s), sdpa(), _compile_settings(dev):
-            self._body(min(2, R))  # compile and tune (only as many rounds as the caches have room for); the entries
-                                   # it writes lie at or above p: rewritten before they are read
-        torch.cuda.current_stream(dev).wait_stream(s)
-        for t, v in zip(state, saved): t.copy_(v)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), sdpa(): self._body(R)
-        self.graphs[R] = g                                                   # only a complete capture is replayed
+        out = torch.cat([self.p, self.seq[0, p + 1:p + 1 + R * (self.gamma + 1)]]).tolist()  # at most R(γ+1) new tokens
+        return out[0], out[1:out[0] - p + 1]
 
 _ROUND_FN, _SPEC = {}, {}
 def _compiled_round(mtp:bool):
@@ -435,11 +424,7 @@ def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, 
     models = [target] + ([] if draft is None else [draft])
     key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs,
            None if hidden is None else tuple(hidden.shape), tuple(t.data_ptr() for m in models for t in m.parameters()))
-    if key in _SPEC: _SPEC[key] = _SPEC.pop(key)
-    else:
-        while len(_SPEC) >= 4: _SPEC.pop(next(iter(_SPEC)))
-        _SPEC[key] = _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden)
-    return _SPEC[key]
+    return lru_get(_SPEC, key, lambda: _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden), 4)
 
 # %% ../../nbs/11_speculative.ipynb #eb583540
 @torch.no_grad()

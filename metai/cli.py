@@ -84,13 +84,16 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     from metai.config import ModelConfig
     from metai.core import fmt_num, get_device
     from metai.data.corpus import prepare_data
-    from metai.train.loop import TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text
+    from metai.train.loop import TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text, COMPILE_MODES
     from metai.train.monitor import plot_metrics, fmt_duration
     _check_positive(steps=a['steps'], tokens=a['tokens'], batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
                     lr=a['lr'], eval_interval=a['eval_interval'], eval_batches=a['eval_batches'], log_interval=a['log_interval'],
                     vocab_size=a['vocab_size'])
     if a['warmup'] < 0: raise UsageError(f"argument --warmup: must not be negative, got {a['warmup']}")
     _check_choice('schedule', a['schedule'], ('cosine', 'wsd', 'constant'))
+    _check_choice('compile-mode', a['compile_mode'], COMPILE_MODES)
+    if a['compile'] and a['compile_mode'] in ('reduce-overhead', 'max-autotune') and a['grad_accum'] > 1:
+        raise UsageError(f"argument --compile-mode: {a['compile_mode']} records CUDA graphs, which gradient accumulation would corrupt: use --grad-accum 1 or --compile-mode default")
     dev = a['device']
     if dev not in ('auto', 'cpu', 'mps') and not dev.startswith('cuda'): _check_choice('device', dev, ('auto', 'cpu', 'cuda', 'mps'))
     if dev.startswith('cuda') and not torch.cuda.is_available(): raise ValueError(f'--device {dev}: CUDA is not available on this machine')
@@ -114,7 +117,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     tc = TrainConfig(out_dir=out, data_dir=data_dir, batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
                      max_steps=steps, lr=a['lr'], warmup_steps=a['warmup'], schedule=a['schedule'], eval_interval=a['eval_interval'],
                      eval_batches=a['eval_batches'], log_interval=a['log_interval'], seed=a['seed'], device=dev,
-                     compile=a['compile'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'])
+                     compile=a['compile'], compile_mode=a['compile_mode'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'])
     where, n = get_device(dev).type, torch.get_num_threads()
     if where == 'cpu': where += f" ({n} thread{'s' * (n > 1)})"
     changed = ''.join(f', {k}={v}' for k, v in model.items())
@@ -160,6 +163,7 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
                     seed:int=0, # seed for the initialisation, the data order and the samples
                     device:str='auto', # auto, cpu, cuda or mps
                     compile:bool=False, # torch.compile the model (needs a C++ compiler on the CPU)
+                    compile_mode:str='default', # with --compile: default, reduce-overhead (the step as CUDA graphs: small and MoE models on a GPU; needs --grad-accum 1), max-autotune
                     deterministic:bool=False, # deterministic algorithms: a resumed CPU run is bitwise equal to an uninterrupted one
                     resume:bool=False, # continue the checkpoint in --output-dir
                     sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)
@@ -187,6 +191,7 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
                     seed:int=0, # seed for the initialisation, the data order and the samples
                     device:str='auto', # auto, cpu, cuda or mps
                     compile:bool=False, # torch.compile the model (needs a C++ compiler on the CPU)
+                    compile_mode:str='default', # with --compile: default, reduce-overhead (the step as CUDA graphs: small and MoE models on a GPU; needs --grad-accum 1), max-autotune
                     deterministic:bool=False, # deterministic algorithms: a resumed CPU run is bitwise equal to an uninterrupted one
                     resume:bool=False, # continue the checkpoint in --output-dir
                     sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)
@@ -251,6 +256,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
                      seed:int=0, # seed for the initialisation, the data order and the samples
                      device:str='auto', # auto, cpu, cuda or mps
                      compile:bool=False, # torch.compile the model (needs a C++ compiler on the CPU)
+                     compile_mode:str='default', # with --compile: default, reduce-overhead (the step as CUDA graphs: small and MoE models on a GPU; needs --grad-accum 1), max-autotune
                      deterministic:bool=False, # deterministic algorithms: a resumed CPU run is bitwise equal to an uninterrupted one
                      resume:bool=False, # continue the checkpoint in --output-dir
                      sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)

@@ -148,3 +148,8 @@ def peak_mem_gb(device:torch.device):
 
 def short_error(e:BaseException) -> str:
     return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
+
+
+def compile_mode(mode:str):
+    "`torch.compile`'s mode argument for a mode name ('default' is None)."
+    return None if mode in ('', 'default', None) else mode

@@ -16,7 +16,7 @@ MFU = `cfg.flops_per_token(T, training=True)` * tokens/s / 989 TFLOP/s.
 """
 import os, sys, time, argparse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (PEAK_BF16, card_info, set_matmul_precision, time_fn, profile_fn, Budget, save_json, free,
+from bench_common import (PEAK_BF16, compile_mode, card_info, set_matmul_precision, time_fn, profile_fn, Budget, save_json, free,
                           peak_mem_gb, short_error, sync)
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,8 @@ def main(argv=None):
     p.add_argument('--seq-len', type=int, default=1024, help='tokens per sequence')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps (the first compiles)')
     p.add_argument('--iters', type=int, default=10, help='timed steps')
+    p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to also time ds-mla in (metai and transformers), e.g. reduce-overhead")
+    p.add_argument('--skip-eager', action='store_true', help='leave out the eager ds-mla rows')
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--time-budget', type=float, default=1e9, help='seconds; items that would not fit are skipped')
     args = p.parse_args(argv)
@@ -151,6 +153,7 @@ def main(argv=None):
     T = 64 if args.tiny else args.seq_len
     B_ds, B = (2, 2) if args.tiny else (args.ds_batch, args.batch)
     compile_ = (lambda f: f) if args.no_compile else torch.compile
+    modes = [m for m in args.extra_modes.split(',') if m]
     res = dict(benchmark='model', what='forward + backward, bf16 autocast (fp32 weights)', peak_flops=PEAK_BF16,
                info=card_info(device), settings=dict(vars(args), seq_len=T, ds_batch=B_ds, batch=B, tf32=True),
                results=[], skipped=[], errors=[])
@@ -179,7 +182,27 @@ def main(argv=None):
             except Exception as e: res['errors'].append(f'metai ds-mla compiled: {short_error(e)}')
             save()
         torch._dynamo.reset()
-        if not skip('metai ds-mla eager', 20):
+        if not skip('metai ds-mla compiled bf16', 100):  # pure bf16 weights, transformers' fastest setting below
+            try:
+                mb = Transformer(cfg).to(device).train(); mb.load_state_dict(model.state_dict()); mb.to(torch.bfloat16); mb.init_freqs()
+                res['results'].append(measure('metai ds-mla (compiled, bf16 weights)', metai_loss(compile_(mb)), mb, cfg, x, y,
+                                              device, args, not args.no_compile, profile,
+                                              dict(impl='metai', model='ds-mla', weights='bfloat16')))
+            except Exception as e: res['errors'].append(f'metai ds-mla compiled bf16: {short_error(e)}')
+            mb = None; free(device); save()
+        for mode in modes:  # the same two in another torch.compile mode (reduce-overhead: the step as CUDA graphs)
+            for label, dtype in ((f'metai ds-mla (compiled {mode})', torch.float32), (f'metai ds-mla (compiled {mode}, bf16 weights)', torch.bfloat16)):
+                torch._dynamo.reset()
+                if skip(label, 100): continue
+                try:
+                    mb = Transformer(cfg).to(device).train(); mb.load_state_dict(model.state_dict()); mb.to(dtype); mb.init_freqs()
+                    res['results'].append(measure(label, metai_loss(torch.compile(mb, mode=compile_mode(mode))), mb, cfg, x, y, device, args,
+                                                  True, profile, dict(impl='metai', model='ds-mla', weights=str(dtype).removeprefix('torch.'),
+                                                                      compile_mode=mode)))
+                except Exception as e: res['errors'].append(f'{label}: {short_error(e)}')
+                mb = None; free(device); save()
+        torch._dynamo.reset()
+        if not args.skip_eager and not skip('metai ds-mla eager', 20):
             try: res['results'].append(measure('metai ds-mla (eager)', metai_loss(model), model, cfg, x, y, device, args, False,
                                                False, dict(impl='metai', model='ds-mla', weights='float32')))
             except Exception as e: res['errors'].append(f'metai ds-mla eager: {short_error(e)}')
@@ -209,10 +232,14 @@ def main(argv=None):
                 variants = [('transformers DeepseekV3 (eager)', False, torch.float32, 20),
                             ('transformers DeepseekV3 (eager, bf16 weights)', False, torch.bfloat16, 20),
                             ('transformers DeepseekV3 (compiled, bf16 weights)', True, torch.bfloat16, 130)]
+                if args.skip_eager: variants = variants[2:]
+                variants += [(f'transformers DeepseekV3 (compiled {mode}, bf16 weights)', mode, torch.bfloat16, 130) for mode in modes]
                 for label, comp, dtype, need in variants:
                     if skip(label, need): continue
                     hf.to(dtype)
-                    try: res['results'].append(measure(label, compile_(hf_loss(hf)) if comp else hf_loss(hf), hf, cfg, x, y, device,
+                    torch._dynamo.reset()
+                    cmp = (lambda f: torch.compile(f, mode=compile_mode(comp))) if isinstance(comp, str) else compile_
+                    try: res['results'].append(measure(label, cmp(hf_loss(hf)) if comp else hf_loss(hf), hf, cfg, x, y, device,
                                                        args, comp and not args.no_compile, comp and profile,
                                                        dict(impl='transformers', model='ds-mla', hf_impl=impl,
                                                             weights=str(dtype).removeprefix('torch.'))))
@@ -251,6 +278,12 @@ def main(argv=None):
     # ratios against transformers on the same config, batch and weights
     by = {r['name']: r for r in res['results']}
     m = by.get('metai ds-mla (compiled)')
+    hfc = by.get('transformers DeepseekV3 (compiled, bf16 weights)')
+    for r in res['results']:  # every other compiled metai ds-mla row against transformers compiled (default mode) and in its own mode
+        if r['impl'] != 'metai' or r['model'] != 'ds-mla' or not r['compiled'] or r is m: continue
+        if hfc: res.setdefault('ratios', {})[f"{r['name']} vs {hfc['name']}"] = round(r['tokens_per_s'] / hfc['tokens_per_s'], 3)
+        same = by.get(f"transformers DeepseekV3 (compiled {r.get('compile_mode')}, bf16 weights)")
+        if same: res.setdefault('ratios', {})[f"{r['name']} vs {same['name']}"] = round(r['tokens_per_s'] / same['tokens_per_s'], 3)
     for k, key in (('transformers DeepseekV3 (compiled, bf16 weights)', 'metai_vs_transformers_compiled'),
                    ('transformers DeepseekV3 (eager)', 'metai_vs_transformers_eager'),
                    ('transformers DeepseekV3 (eager, bf16 weights)', 'metai_vs_transformers_eager_bf16')):

@@ -17,7 +17,7 @@ of metai and not in this repository. Pass the folder holding its `model.py` with
 """
 import os, sys, math, time, argparse, itertools, importlib.util
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (PEAK_BF16, card_info, set_matmul_precision, time_fn, profile_fn, Budget, save_json, free,
+from bench_common import (PEAK_BF16, compile_mode, card_info, set_matmul_precision, time_fn, profile_fn, Budget, save_json, free,
                           peak_mem_gb, short_error, sync)
 import numpy as np
 import torch
@@ -205,6 +205,7 @@ def main(argv=None):
     p.add_argument('--seq-len', type=int, default=1024, help='tokens per sequence')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps (the first compiles)')
     p.add_argument('--iters', type=int, default=10, help='timed steps')
+    p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's per-step .item() reads")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
@@ -243,18 +244,28 @@ def main(argv=None):
         opt = m.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
         c = compile_(m)
         return m, (lambda x, y: c(x, y)[1]), opt
-    def build_metai(name):
+    def build_metai(name, mode='default'):
         def build():
             torch.manual_seed(0)
             cfg = metai_config(name, args.tiny)
             m = Transformer(cfg).to(device).train()
             opt = configure_optimizer(m, 6e-4, 0.1, (0.9, 0.95), device.type)
-            c = compile_(m)  # as metai.train.loop does: the whole model, called with targets
+            c = m if args.no_compile else torch.compile(m, mode=compile_mode(mode))  # as metai.train.loop does: the whole model, called with targets
+            return m, (lambda x, y: c(x, y)[1]), opt
+        return build
+    def build_nanogpt_mode(mode):
+        def build():
+            m, _, opt = build_nanogpt()
+            c = m if args.no_compile else torch.compile(m, mode=compile_mode(mode))
             return m, (lambda x, y: c(x, y)[1]), opt
         return build
     items = [('nanoGPT gpt2-124M', build_nanogpt, lambda m: nanogpt_flops_per_token(m, args.T), dict(impl='nanoGPT', model='gpt2')),
              ('metai gpt2', build_metai('gpt2'), lambda m: m.cfg.flops_per_token(args.T, training=True), dict(impl='metai', model='gpt2')),
              ('metai small', build_metai('small'), lambda m: m.cfg.flops_per_token(args.T, training=True), dict(impl='metai', model='small'))]
+    for mode in [m for m in args.extra_modes.split(',') if m]:  # the same steps compiled in another torch.compile mode
+        items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
+                  (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
+                  (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         try: res['results'].append(throughput(name, build, device, args, flops_fn, extra, profile))
@@ -263,6 +274,9 @@ def main(argv=None):
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
+        for mode in [m for m in args.extra_modes.split(',') if m]:
+            for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):
+                if a in by and b in by: res['ratios'][f'{a} vs {b}'] = round(by[a]['tokens_per_s'] / by[b]['tokens_per_s'], 3)
     res['targets'] = dict(metai_gpt2_vs_nanogpt=1.2, metai_small_mfu=0.30)
     save()
 

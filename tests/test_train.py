@@ -188,6 +188,10 @@ def test_bad_training_flags(corpus, tmp_path):
     assert rc == 1 and 'n_heads=5' in one_line(e)
     rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--resume'))
     assert rc == 1 and 'no checkpoint to resume' in one_line(e)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--compile', '--compile-mode', 'fastest'))
+    assert rc == 2 and '--compile-mode' in one_line(e) and 'fastest' in e
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--compile', '--compile-mode', 'reduce-overhead', '--grad-accum', 2))
+    assert rc == 2 and '--compile-mode' in one_line(e) and '--grad-accum 1' in e
     assert not (tmp_path/'x').exists()   # nothing was written for a run that never started
 
 # --- using the run ----------------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def test_train_micro_help_lists_the_flags():
     assert rc == 0 and e == ''
     for flag in ['--chinese-path', '--english-path', '--output-dir', '--data-dir', '--vocab-size', '--steps', '--tokens',
                  '--batch-size', '--seq-len', '--grad-accum', '--lr', '--warmup', '--schedule', '--eval-interval', '--seed',
-                 '--device', '--compile', '--deterministic', '--resume', '--sample-prompt']:
+                 '--device', '--compile', '--compile-mode', '--deterministic', '--resume', '--sample-prompt']:
         assert flag in o, flag
     assert '(default: output_micro)' in o
     rc, o, e = metai('train-custom', '--help')
@@ -216,3 +220,43 @@ def test_train_micro_help_lists_the_flags():
                  '--q-lora-rank', '--n-routed-experts', '--n-activated-experts', '--n-shared-experts', '--moe-ffn-dim',
                  '--n-dense-layers', '--score-func', '--mtp-depth', '--max-seq-len', '--preset']:
         assert flag in o, flag
+
+# --- CUDA: the training step as CUDA graphs -------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_reduce_overhead_steps_match(mode='reduce-overhead', device='cuda'):
+    """AdamW steps of a DeepSeek-style MoE (MLA, sigmoid router with bias updates, MTP) through `compile_model` in
+    reduce-overhead mode (the step as CUDA graphs, replayed on new batches and updated weights): at every step the loss
+    and gradients equal those of the same compiled step run without graphs on the same weights and batch."""
+    from metai.config import ModelConfig
+    from metai.model.transformer import Transformer
+    from metai.model.moe import moe_update_bias
+    from metai.train.loop import TrainConfig, configure_optimizer, compile_model
+    cfg = ModelConfig.preset('ds-tiny', vocab_size=512, max_seq_len=128)
+    torch.manual_seed(0)
+    m, check = Transformer(cfg).to(device).train(), Transformer(cfg).to(device).train()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, cfg.vocab_size, (4, 129), generator=g).to(device) for _ in range(2)]
+    torch._dynamo.reset()
+    fwd = compile_model(m, TrainConfig(compile=True, compile_mode=mode))
+    fwd_check = compile_model(check, TrainConfig(compile=True))
+    opt = configure_optimizer(m, 3e-3, 0.1, device_type=device)
+    losses = []
+    for step in range(8):
+        t = batches[step % 2]
+        check.load_state_dict(m.state_dict())  # the reference: the same weights and batch, no graphs
+        out = []
+        for model, f in ((m, fwd), (check, fwd_check)):
+            with torch.autocast(device, dtype=torch.bfloat16): _, loss, aux = f(t[:, :-1], t[:, 1:])
+            loss.backward()
+            out.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), aux['load'].clone()))
+        (l, gm, load), (lc, gc, _) = out
+        assert abs(l - lc) <= 1e-3, (step, l, lc)
+        assert (gm - gc).norm() <= 1e-2 * gc.norm(), (step, ((gm - gc).norm() / gc.norm()).item())
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step(); opt.zero_grad(set_to_none=True); check.zero_grad(set_to_none=True)
+        moe_update_bias(m, load)
+        losses.append(l)
+    torch._dynamo.reset()
+    assert losses[-1] < losses[0] - 0.5, losses  # it trains

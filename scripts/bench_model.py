@@ -143,6 +143,7 @@ def main(argv=None):
     p.add_argument('--iters', type=int, default=10, help='timed steps')
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to also time ds-mla in (metai and transformers), e.g. reduce-overhead")
     p.add_argument('--skip-eager', action='store_true', help='leave out the eager ds-mla rows')
+    p.add_argument('--skip-bf16-default', action='store_true', help='leave out metai ds-mla with bf16 weights in the default compile mode')
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--time-budget', type=float, default=1e9, help='seconds; items that would not fit are skipped')
     args = p.parse_args(argv)
@@ -182,7 +183,7 @@ def main(argv=None):
             except Exception as e: res['errors'].append(f'metai ds-mla compiled: {short_error(e)}')
             save()
         torch._dynamo.reset()
-        if not skip('metai ds-mla compiled bf16', 100):  # pure bf16 weights, transformers' fastest setting below
+        if not args.skip_bf16_default and not skip('metai ds-mla compiled bf16', 100):  # pure bf16 weights, transformers' fastest setting below
             try:
                 mb = Transformer(cfg).to(device).train(); mb.load_state_dict(model.state_dict()); mb.to(torch.bfloat16); mb.init_freqs()
                 res['results'].append(measure('metai ds-mla (compiled, bf16 weights)', metai_loss(compile_(mb)), mb, cfg, x, y,

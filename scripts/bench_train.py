@@ -205,6 +205,7 @@ def main(argv=None):
     p.add_argument('--seq-len', type=int, default=1024, help='tokens per sequence')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps (the first compiles)')
     p.add_argument('--iters', type=int, default=10, help='timed steps')
+    p.add_argument('--only', default='', help="comma list of row names to time (e.g. 'metai small,metai small (reduce-overhead)'); default all")
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's per-step .item() reads")
@@ -266,6 +267,7 @@ def main(argv=None):
         items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
                   (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
                   (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
+    if args.only: items = [it for it in items if it[0] in args.only.split(',')]
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         try: res['results'].append(throughput(name, build, device, args, flops_fn, extra, profile))

@@ -371,6 +371,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'metai.model.attention.RMSNorm.forward': ( 'attention.html#rmsnorm.forward',
                                                                                   'metai/model/attention.py'),
                                        'metai.model.attention.causal_mask': ('attention.html#causal_mask', 'metai/model/attention.py'),
+                                       'metai.model.attention.fused_linear': ('attention.html#fused_linear', 'metai/model/attention.py'),
                                        'metai.model.attention.sdpa_mask': ('attention.html#sdpa_mask', 'metai/model/attention.py')},
             'metai.model.hf': { 'metai.model.hf._Checkpoint': ('hf.html#_checkpoint', 'metai/model/hf.py'),
                                 'metai.model.hf._Checkpoint.__contains__': ('hf.html#_checkpoint.__contains__', 'metai/model/hf.py'),

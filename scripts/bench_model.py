@@ -144,6 +144,7 @@ def main(argv=None):
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to also time ds-mla in (metai and transformers), e.g. reduce-overhead")
     p.add_argument('--skip-eager', action='store_true', help='leave out the eager ds-mla rows')
     p.add_argument('--skip-bf16-default', action='store_true', help='leave out metai ds-mla with bf16 weights in the default compile mode')
+    p.add_argument('--skip-default', action='store_true', help='leave out both metai ds-mla rows in the default compile mode')
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--time-budget', type=float, default=1e9, help='seconds; items that would not fit are skipped')
     args = p.parse_args(argv)
@@ -177,13 +178,13 @@ def main(argv=None):
         x, y = batch(cfg, B_ds, T, device)
         torch.manual_seed(0)
         model = Transformer(cfg).to(device).train()
-        if not skip('metai ds-mla compiled', 100):
+        if not args.skip_default and not skip('metai ds-mla compiled', 100):
             try: res['results'].append(measure('metai ds-mla (compiled)', metai_loss(compile_(model)), model, cfg, x, y, device,
                                                args, not args.no_compile, profile, dict(impl='metai', model='ds-mla', weights='float32')))
             except Exception as e: res['errors'].append(f'metai ds-mla compiled: {short_error(e)}')
             save()
         torch._dynamo.reset()
-        if not args.skip_bf16_default and not skip('metai ds-mla compiled bf16', 100):  # pure bf16 weights, transformers' fastest setting below
+        if not (args.skip_bf16_default or args.skip_default) and not skip('metai ds-mla compiled bf16', 100):  # pure bf16 weights, transformers' fastest setting below
             try:
                 mb = Transformer(cfg).to(device).train(); mb.load_state_dict(model.state_dict()); mb.to(torch.bfloat16); mb.init_freqs()
                 res['results'].append(measure('metai ds-mla (compiled, bf16 weights)', metai_loss(compile_(mb)), mb, cfg, x, y,

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from ..config import ModelConfig, ConfigError
+from .attention import fused_linear
 
 # %% ../../nbs/06_moe.ipynb #f827a544
 class FFN(nn.Module):
@@ -28,7 +29,8 @@ class FFN(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up projection
 
     def forward(self, x:Tensor) -> Tensor:  # (..., dim) -> (..., dim)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = fused_linear(x, self.w1, self.w3)  # one matmul while training (notebook 05)
+        return self.w2(F.silu(h1) * h3)
 
 # %% ../../nbs/06_moe.ipynb #3efcbd4a
 def _no_autocast(device:torch.device):
@@ -190,7 +192,8 @@ def moe_experts(x:Tensor,        # (N, dim) tokens
                 w3:Tensor,       # (E, hidden, dim) up projections
                 weights:Tensor,  # (N, k) routing weights
                 indices:Tensor,  # (N, k) expert ids
-                counts:Tensor    # (E,) token-slots per expert (the router's load)
+                counts:Tensor,   # (E,) token-slots per expert (the router's load)
+                fuse:bool=False  # one grouped product against [w1; w3] instead of two (training: see below)
                ) -> Tensor:      # (N, dim)
     "Routed SwiGLU experts: `sum_j weights[t, j] * expert[indices[t, j]](x[t])` for every token t, vectorised."
     N, k = indices.shape
@@ -200,7 +203,9 @@ def moe_experts(x:Tensor,        # (N, dim) tokens
     offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert
     dt = torch.get_autocast_dtype(x.device.type) if x.device.type in ('cuda', 'cpu') and torch.is_autocast_enabled(x.device.type) else x.dtype
     xs = gather_rows(x, order // k, inv, k).to(dt)  # (N*k, dim) token copies grouped by expert
-    h = F.silu(_gmm(xs, w1.to(dt).mT, offs)) * _gmm(xs, w3.to(dt).mT, offs)  # (N*k, hidden)
+    if fuse: h1, h3 = _gmm(xs, torch.cat([w1, w3], dim=1).to(dt).mT, offs).chunk(2, dim=-1)  # (N*k, hidden) each
+    else: h1, h3 = _gmm(xs, w1.to(dt).mT, offs), _gmm(xs, w3.to(dt).mT, offs)
+    h = F.silu(h1) * h3  # (N*k, hidden)
     ys = gather_rows(_gmm(h, w2.to(dt).mT, offs), inv, order)  # (N*k, dim) back in (token, slot) order
     return (ys.unflatten(0, (N, k)).float() * weights.unsqueeze(-1).float()).sum(1).to(x.dtype)  # (N, dim) fp32 k-sum
 
@@ -223,7 +228,7 @@ class MoE(nn.Module):
         "-> y (B, T, dim), {'aux_loss': scalar, 'load': (E,) long}"
         weights, indices, aux_loss, load = self.gate(x)  # (N, k), (N, k), (), (E,)
         xf = x.reshape(-1, self.dim)  # (N, dim)
-        y = moe_experts(xf, self.w1, self.w2, self.w3, weights, indices, load)  # (N, dim)
+        y = moe_experts(xf, self.w1, self.w2, self.w3, weights, indices, load, fuse=self.training)  # (N, dim)
         if self.shared_experts is not None: y = y + self.shared_experts(xf)
         return y.view(x.shape), {'aux_loss': aux_loss, 'load': load.detach()}
 

@@ -46,12 +46,12 @@ for step in $STEPS; do
       timeout "$(limit $step 540)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/draft" \
         --mtp-dir "$D/target" --gammas 4 --mtp-gammas 1 --temperatures 0,0.8 --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;
-    model)         # forward + backward: ds-mla against transformers DeepseekV3, gpt2, small
-      timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" \
+    model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
+      timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \
         --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 | quiet | tail -20 | tee "$OUT/model.log" ;;
-    train)         # training step against nanoGPT's GPT-2 124M, and the quality check at equal tokens
+    train)         # training step against nanoGPT's GPT-2 124M (metai also as CUDA graphs), and the quality check at equal tokens
       [ -n "${NANOGPT_DIR:-}" ] || { echo "train: needs NANOGPT_DIR"; continue; }
-      timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" \
+      timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" --extra-modes reduce-overhead \
         ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$OUT/train_$CARD.json" --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 \
         | quiet | tail -20 | tee "$OUT/train.log" ;;
     *) echo "unknown step: $step (cuda-tests decode-dense quant decode-moe speculative model train)"; exit 2 ;;

@@ -198,8 +198,8 @@ def main(argv=None):
                 if skip(label, 100): continue
                 try:
                     mb = Transformer(cfg).to(device).train(); mb.load_state_dict(model.state_dict()); mb.to(dtype); mb.init_freqs()
-                    res['results'].append(measure(label, metai_loss(torch.compile(mb, mode=compile_mode(mode))), mb, cfg, x, y, device, args,
-                                                  True, profile, dict(impl='metai', model='ds-mla', weights=str(dtype).removeprefix('torch.'),
+                    res['results'].append(measure(label, metai_loss(mb if args.no_compile else torch.compile(mb, mode=compile_mode(mode))), mb, cfg, x, y, device, args,
+                                                  not args.no_compile, profile, dict(impl='metai', model='ds-mla', weights=str(dtype).removeprefix('torch.'),
                                                                       compile_mode=mode)))
                 except Exception as e: res['errors'].append(f'{label}: {short_error(e)}')
                 mb = None; free(device); save()
@@ -240,11 +240,12 @@ def main(argv=None):
                     if skip(label, need): continue
                     hf.to(dtype)
                     torch._dynamo.reset()
-                    cmp = (lambda f: torch.compile(f, mode=compile_mode(comp))) if isinstance(comp, str) else compile_
+                    cmp = (lambda f: torch.compile(f, mode=compile_mode(comp))) if isinstance(comp, str) and not args.no_compile else compile_
                     try: res['results'].append(measure(label, cmp(hf_loss(hf)) if comp else hf_loss(hf), hf, cfg, x, y, device,
                                                        args, comp and not args.no_compile, comp and profile,
                                                        dict(impl='transformers', model='ds-mla', hf_impl=impl,
-                                                            weights=str(dtype).removeprefix('torch.'))))
+                                                            weights=str(dtype).removeprefix('torch.'),
+                                                            **({'compile_mode': comp} if isinstance(comp, str) else {}))))
                     except Exception as e: res['errors'].append(f'{label}: {short_error(e)}')
                     save()
             except Exception as e: res['errors'].append(f'transformers: {short_error(e)}'); save()

@@ -96,6 +96,8 @@ def throughput(name:str, build, device, args, flops_fn, extra:dict, profile:bool
     B, accum = args.batch, args.grad_accum
     while True:
         model = opt = None
+        if accum > 1 and extra.get('compile_mode') in ('reduce-overhead', 'max-autotune'):  # CUDA graphs corrupt accumulated grads
+            raise RuntimeError(f"{extra['compile_mode']} needs grad_accum=1 (pytorch/pytorch#169545); batch {B} x {accum} would not fit otherwise")
         try:
             if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
             model, loss_fn, opt = build()

@@ -203,7 +203,7 @@ def moe_experts(x:Tensor,        # (N, dim) tokens
     offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert
     dt = torch.get_autocast_dtype(x.device.type) if x.device.type in ('cuda', 'cpu') and torch.is_autocast_enabled(x.device.type) else x.dtype
     xs = gather_rows(x, order // k, inv, k).to(dt)  # (N*k, dim) token copies grouped by expert
-    if fuse: h1, h3 = _gmm(xs, torch.cat([w1, w3], dim=1).to(dt).mT, offs).chunk(2, dim=-1)  # (N*k, hidden) each
+    if fuse: h1, h3 = _gmm(xs, torch.cat([w1.to(dt), w3.to(dt)], dim=1).mT, offs).chunk(2, dim=-1)  # (N*k, hidden) each
     else: h1, h3 = _gmm(xs, w1.to(dt).mT, offs), _gmm(xs, w3.to(dt).mT, offs)
     h = F.silu(h1) * h3  # (N*k, hidden)
     ys = gather_rows(_gmm(h, w2.to(dt).mT, offs), inv, order)  # (N*k, dim) back in (token, slot) order

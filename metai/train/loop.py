@@ -11,7 +11,7 @@ __all__ = ['CKPT_FILES', 'PEAK_FLOPS', 'COMPILE_MODES', 'TrainConfig', 'configur
 
 # %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, fields, replace
 import torch, torch.nn as nn, torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_model, load_model
@@ -193,8 +193,8 @@ def check_compile_mode(tc:TrainConfig):
                          f".grad buffers that the next micro-batch's replay overwrites; use grad_accum=1 or compile_mode='default'")
 
 def compile_model(model:nn.Module, tc:TrainConfig) -> nn.Module:
-    "`torch.compile(model)` in `tc.compile_mode` (the loop calls it when `tc.compile`); CUDA-graph modes need `grad_accum=1`."
-    check_compile_mode(tc)
+    "`torch.compile(model)` in `tc.compile_mode`; CUDA-graph modes need `grad_accum=1`."
+    check_compile_mode(replace(tc, compile=True))
     return torch.compile(model, mode=None if tc.compile_mode == 'default' else tc.compile_mode)
 
 def peak_flops(device) -> float|None:

@@ -75,8 +75,8 @@ def random_batches(vocab:int, B:int, T:int, device, n:int=4, seed:int=0) -> list
     return out
 
 
-def make_train_step(loss_fn, model, opt, batches:list, accum:int, device, clip:float=1.0, host_sync:bool=False):
-    "One optimizer step over `accum` micro-batches; `host_sync` adds the two `.item()` reads metai.train.loop does."
+def make_train_step(loss_fn, model, opt, batches:list, accum:int, device, clip:float=1.0, loop_checks:bool=False):
+    "One optimizer step over `accum` micro-batches; `loop_checks` adds what metai.train.loop adds: the finite test on the device."
     it = itertools.cycle(batches)
     def step():
         loss_sum = 0.0
@@ -86,7 +86,7 @@ def make_train_step(loss_fn, model, opt, batches:list, accum:int, device, clip:f
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach() / accum
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if host_sync: loss_sum.item(); gnorm.item()
+        if loop_checks: opt.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))).float()  # a skipped update if not
         opt.step(); opt.zero_grad(set_to_none=True)
     return step
 
@@ -117,8 +117,8 @@ def throughput(name:str, build, device, args, flops_fn, extra:dict, profile:bool
              peak_mem_gb=peak_mem_gb(device), compile_and_first_step_s=t['first_call_s'], median_ms=round(t['median_ms'], 3),
              min_ms=round(t['min_ms'], 3), max_ms=round(t['max_ms'], 3), step_ms=t['ms'],
              params=sum(p.numel() for p in model.parameters()), **extra)
-    if args.loop_style and extra.get('impl') == 'metai':  # the same compiled graph, plus metai.train.loop's two host syncs
-        s2 = make_train_step(loss_fn, model, opt, batches, accum, device, host_sync=True)
+    if args.loop_style and extra.get('impl') == 'metai':  # the same compiled graph, plus metai.train.loop's finite test
+        s2 = make_train_step(loss_fn, model, opt, batches, accum, device, loop_checks=True)
         t2 = time_fn(s2, device, 1, args.iters)
         r['loop_style_tokens_per_s'] = round(tokens / (t2['median_ms'] / 1e3))
     if profile:
@@ -210,7 +210,7 @@ def main(argv=None):
     p.add_argument('--only', default='', help="comma list of row names to time (e.g. 'metai small,metai small (reduce-overhead)'); default all")
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
-    p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's per-step .item() reads")
+    p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
     p.add_argument('--q-lr', type=float, default=6e-4, help="quality check: peak learning rate (nanoGPT's GPT-2 default)")

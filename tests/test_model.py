@@ -225,3 +225,22 @@ def test_compiled_backward_matches_eager():
     torch._dynamo.reset()
     assert torch.allclose(lc.detach(), le.detach(), atol=1e-5)
     for n, p in m.named_parameters(): assert torch.allclose(p.grad, ge[n], rtol=1e-3, atol=1e-6), n
+
+def test_bench_model_script_runs(tmp_path):
+    "scripts/bench_model.py end to end on the CPU at toy sizes: every row it is asked for, and the ratios between them."
+    import json, os, subprocess, sys
+    from pathlib import Path
+    root, out = Path(__file__).resolve().parent.parent, tmp_path / 'model.json'
+    r = subprocess.run([sys.executable, 'scripts/bench_model.py', '--device', 'cpu', '--tiny', '--no-compile', '--models', 'ds-mla,hf',
+                        '--extra-modes', 'reduce-overhead', '--skip-eager', '--no-profile', '--iters', '2', '--warmup', '1',
+                        '--out', str(out)], cwd=root, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert not res['errors'], res['errors']
+    names = {x['name'] for x in res['results']}
+    assert names == {'metai ds-mla (compiled)', 'metai ds-mla (compiled, bf16 weights)', 'metai ds-mla (compiled reduce-overhead)',
+                     'metai ds-mla (compiled reduce-overhead, bf16 weights)', 'transformers DeepseekV3 (compiled, bf16 weights)',
+                     'transformers DeepseekV3 (compiled reduce-overhead, bf16 weights)'}, names
+    assert all(x['tokens_per_s'] > 0 for x in res['results'])
+    assert abs(res['parity']['abs_diff']) < 1e-2  # the same weights give the same loss in both
+    assert res['ratios']['metai_vs_transformers_compiled'] > 0

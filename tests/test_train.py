@@ -1,7 +1,7 @@
 """Training from the command line, end to end in subprocesses: a run killed with SIGKILL and resumed matches an
 uninterrupted one bit for bit, Ctrl-C saves and exits cleanly, bad checkpoints and bad flags get one-line errors and
 leave every file as it was, and `generate` and `plot` work on the result."""
-import json, os, random, shutil, signal, subprocess, sys, time
+import json, math, os, random, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 
@@ -260,3 +260,55 @@ def test_cuda_reduce_overhead_steps_match(mode='reduce-overhead', device='cuda')
         losses.append(l)
     torch._dynamo.reset()
     assert losses[-1] < losses[0] - 0.5, losses  # it trains
+
+# --- non-finite losses: skipped on the device, reported, and a run of them stops training ----------------------------
+
+class Recorder:
+    "A monitor that keeps what the loop reports."
+    def __init__(self): self.records, self.messages = [], []
+    def log(self, rec): self.records.append(rec)
+    def message(self, text): self.messages.append(text)
+    def close(self): pass
+
+def poisoned(bad_steps:set):
+    "A Transformer whose training loss is NaN on the given (0-based) forward calls."
+    from metai.model.transformer import Transformer
+    class Poisoned(Transformer):
+        calls = 0
+        def forward(self, tokens, targets=None, **kw):
+            logits, loss, aux = super().forward(tokens, targets, **kw)
+            if targets is not None and self.training:
+                if Poisoned.calls in bad_steps: loss = loss * float('nan')
+                Poisoned.calls += 1
+            return logits, loss, aux
+    return Poisoned
+
+def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
+    import metai.train.loop as loop
+    from metai.config import ModelConfig
+    from metai.data.corpus import prepare_data
+    from metai.model.transformer import Transformer
+    d, zh, en = corpus
+    data = tmp_path/'data'
+    prepare_data(chinese_path=str(zh), english_path=str(en), out_dir=str(data), vocab_size=512)
+    cfg = ModelConfig.preset('micro', vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+    tc = lambda out, steps: loop.TrainConfig(out_dir=str(tmp_path/out), data_dir=str(data), batch_size=4, seq_len=64, max_steps=steps,
+                                             warmup_steps=2, eval_interval=100, log_interval=4, max_bad_steps=3, device='cpu')
+    # two bad steps (calls 2 and 5): both updates skipped, reported, the run finishes with finite weights and losses
+    monkeypatch.setattr(loop, 'Transformer', poisoned({2, 5}))
+    mon = Recorder()
+    r = loop.train(cfg, tc('a', 8), monitor=mon)
+    assert r['step'] == 8 and math.isfinite(r['val_loss'])
+    assert any('non-finite' in m for m in mon.messages), mon.messages
+    assert sum(int(m.split(': ')[1].split()[0]) for m in mon.messages if 'non-finite' in m) == 2, mon.messages
+    assert all(math.isfinite(x['loss']) for x in mon.records if 'loss' in x)
+    ck = loop.latest_checkpoint(str(tmp_path/'a'))
+    m = Transformer(cfg); loop.load_weights(m, os.path.join(ck, 'model.safetensors'))
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    # a skipped update leaves the optimizer's step count behind the loop's by the number of bad steps
+    st = loop.load_train_state(os.path.join(ck, 'train_state.pt'))
+    assert st['step'] == 8 and all(s['step'] == 6 for s in st['optimizer']['state'].values())
+    # three in a row (max_bad_steps=3) stop the run with a one-line error
+    monkeypatch.setattr(loop, 'Transformer', poisoned(set(range(3, 100))))
+    with pytest.raises(FloatingPointError, match='3 non-finite losses in a row'):
+        loop.train(cfg, tc('b', 20), monitor=Recorder())

@@ -58,7 +58,7 @@ def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.
     decay    = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == 'cuda'))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ('cuda', 'cpu'))
 
 # %% ../../nbs/13_train.ipynb #45ed6508
 def lr_at(step:int, tc:TrainConfig) -> float:
@@ -232,7 +232,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     if ck and not resume: raise ValueError(f'{tc.out_dir}: already holds a checkpoint ({ck}); pass --resume to continue it, or choose another --output-dir')
     if resume and not ck: raise ValueError(f'{tc.out_dir}: --resume given but there is no checkpoint to resume')
     model = Transformer(cfg)
-    step, bad, state = 0, 0, None
+    step, state = 0, None
     if ck:
         check_config_matches(os.path.join(ck, 'config.json'), cfg)
         old_tok = os.path.join(tc.out_dir, 'tokenizer.model')
@@ -262,6 +262,9 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
         save_checkpoint(tc.out_dir, model, cfg, tc, st, tc.keep_last)
 
     val_loss, t_last, start_step, t_start = None, time.perf_counter(), step, time.perf_counter()
+    fused = bool(opt.param_groups[0].get('fused'))
+    bad_run = n_bad = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps: in a row, in all (on the device)
+    bad_seen, bad_checked = 0, step
     try:
         if step >= tc.max_steps: val_loss = evaluate(model, val_batches, device)   # resuming a finished run: just report
         while step < tc.max_steps:
@@ -275,22 +278,27 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float() / tc.grad_accum; ce_sum += aux['ce'].float() / tc.grad_accum
                 if aux.get('load') is not None: load = aux['load'] if load is None else load + aux['load']
-            loss_v = loss_sum.item()
-            if not math.isfinite(loss_v):
-                opt.zero_grad(set_to_none=True); bad += 1; step += 1
-                mon.message(f'step {step}: non-finite loss ({loss_v}); update skipped ({bad} in a row)')
-                if bad >= tc.max_bad_steps: raise FloatingPointError(f'{bad} non-finite losses in a row at step {step}; stopping (lower --lr?)')
-                continue
-            bad = 0
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf')).item()
-            opt.step(); opt.zero_grad(set_to_none=True)
-            if load is not None and cfg.score_func == 'sigmoid' and cfg.bias_update_speed > 0: moe_update_bias(model, load)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf'))
+            bad_now = ~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))  # () bool, decided on the device: no host sync
+            if fused: opt.found_inf = bad_now.float(); opt.step()          # the fused AdamW skips a flagged update entirely
+            elif not bad_now.item(): opt.step()
+            opt.zero_grad(set_to_none=True)
+            if load is not None and cfg.score_func == 'sigmoid' and cfg.bias_update_speed > 0: moe_update_bias(model, load * ~bad_now)
+            bad_run = torch.where(bad_now, bad_run + 1, 0); n_bad = n_bad + bad_now
             step += 1
+            if step % tc.log_interval == 0 or step % tc.max_bad_steps == 0 or step == tc.max_steps:  # the only host reads
+                loss_v, ce_v, gnorm_v, run_v, n_bad_v = torch.stack([loss_sum, ce_sum, gnorm.float(), bad_run.float(), n_bad.float()]).tolist()
+                if n_bad_v > bad_seen:
+                    mon.message(f'step {step}: {int(n_bad_v - bad_seen)} non-finite loss(es) since step {bad_checked}; '
+                                f'updates skipped ({int(run_v)} in a row)')
+                    bad_seen = n_bad_v
+                bad_checked = step
+                if run_v >= tc.max_bad_steps: raise FloatingPointError(f'{int(run_v)} non-finite losses in a row at step {step}; stopping (lower --lr?)')
             if step % tc.log_interval == 0 or step == tc.max_steps:
                 if device.type == 'cuda': torch.cuda.synchronize()
                 dt = time.perf_counter() - t_last; t_last = time.perf_counter()
                 tps = tc.log_interval * tc.batch_size * tc.seq_len * tc.grad_accum / max(dt, 1e-9) if step % tc.log_interval == 0 else None
-                rec = {'step': step, 'loss': loss_v, 'ce': ce_sum.item(), 'lr': lr, 'grad_norm': gnorm, 'tokens_per_s': tps}
+                rec = {'step': step, 'loss': loss_v, 'ce': ce_v, 'lr': lr, 'grad_norm': gnorm_v, 'tokens_per_s': tps}
                 if tps and peak: rec['mfu'] = flops_tok * tps / peak
                 if device.type == 'cuda': rec['mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
                 if load is not None: rec['expert_load'] = (load.float().sum(0) / load.float().sum()).tolist()

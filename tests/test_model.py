@@ -244,3 +244,17 @@ def test_bench_model_script_runs(tmp_path):
     assert all(x['tokens_per_s'] > 0 for x in res['results'])
     assert abs(res['parity']['abs_diff']) < 1e-2  # the same weights give the same loss in both
     assert res['ratios']['metai_vs_transformers_compiled'] > 0
+
+def test_bench_fp8_script_checks_the_arithmetic(tmp_path):
+    "scripts/bench_fp8.py on the CPU: its per-tensor fp8 products match an fp32 product to fp8's precision, bf16 to bf16's."
+    import json, os, subprocess, sys
+    from pathlib import Path
+    root, out = Path(__file__).resolve().parent.parent, tmp_path / 'fp8.json'
+    r = subprocess.run([sys.executable, 'scripts/bench_fp8.py', '--device', 'cpu', '--tiny', '--iters', '2', '--out', str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert not res['errors'] and len(res['shapes']) == 2, res['errors']
+    for s in res['shapes']:
+        assert max(s['bf16_rel_err']) < 1e-2 and max(s['fp8_rel_err']) < 0.1, s  # e5m2 gradients: about 6%
+        assert min(s['fp8_rel_err']) > 1e-3, s  # it really went through 8 bits

@@ -84,7 +84,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     from metai.config import ModelConfig
     from metai.core import fmt_num, get_device
     from metai.data.corpus import prepare_data
-    from metai.train.loop import TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text, COMPILE_MODES
+    from metai.train.loop import TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text, COMPILE_MODES, CUDA_GRAPH_MODES
     from metai.train.monitor import plot_metrics, fmt_duration
     _check_positive(steps=a['steps'], tokens=a['tokens'], batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
                     lr=a['lr'], eval_interval=a['eval_interval'], eval_batches=a['eval_batches'], log_interval=a['log_interval'],
@@ -92,7 +92,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     if a['warmup'] < 0: raise UsageError(f"argument --warmup: must not be negative, got {a['warmup']}")
     _check_choice('schedule', a['schedule'], ('cosine', 'wsd', 'constant'))
     _check_choice('compile-mode', a['compile_mode'], COMPILE_MODES)
-    if a['compile'] and a['compile_mode'] in ('reduce-overhead', 'max-autotune') and a['grad_accum'] > 1:
+    if a['compile'] and a['compile_mode'] in CUDA_GRAPH_MODES and a['grad_accum'] > 1:
         raise UsageError(f"argument --compile-mode: {a['compile_mode']} records CUDA graphs, which gradient accumulation would corrupt: use --grad-accum 1 or --compile-mode default")
     dev = a['device']
     if dev not in ('auto', 'cpu', 'mps') and not dev.startswith('cuda'): _check_choice('device', dev, ('auto', 'cpu', 'cuda', 'mps'))

@@ -24,7 +24,7 @@ import torch
 from metai.core import get_device, autocast, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
-from metai.train.loop import configure_optimizer
+from metai.train.loop import configure_optimizer, CUDA_GRAPH_MODES
 from metai.data.datasets import LazyTextDataset, read_meta
 
 TINY = dict(dim=64, n_layers=2, ffn_dim=128, max_seq_len=64)
@@ -96,7 +96,7 @@ def throughput(name:str, build, device, args, flops_fn, extra:dict, profile:bool
     B, accum = args.batch, args.grad_accum
     while True:
         model = opt = None
-        if accum > 1 and extra.get('compile_mode') in ('reduce-overhead', 'max-autotune'):  # CUDA graphs corrupt accumulated grads
+        if accum > 1 and extra.get('compile_mode') in CUDA_GRAPH_MODES:  # CUDA graphs corrupt accumulated grads
             raise RuntimeError(f"{extra['compile_mode']} needs grad_accum=1 (pytorch/pytorch#169545); batch {B} x {accum} would not fit otherwise")
         try:
             if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)

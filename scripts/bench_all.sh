@@ -44,7 +44,7 @@ for step in $STEPS; do
       timeout "$(limit train-draft 120)" python3 -c 'import sys; from metai.cli import main; sys.exit(main())' train-custom --preset micro "${C[@]}" \
         --steps 1000 --lr 2e-3 --compile --output-dir "$D/draft" 2>&1 | tail -3 | tee "$OUT/train_draft.log"
       timeout "$(limit $step 540)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/draft" \
-        --mtp-dir "$D/target" --gammas 4 --mtp-gammas 1 --temperatures 0,0.8 --out "$OUT/speculative_$CARD.json" 2>&1 \
+        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 2,4 --mtp-gammas 1 --temperatures 0,0.8 --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;
     model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \

@@ -142,6 +142,7 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed steps (the first compiles)')
     p.add_argument('--iters', type=int, default=10, help='timed steps')
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to also time ds-mla in (metai and transformers), e.g. reduce-overhead")
+    p.add_argument('--extra-weights', default='float32,bfloat16', help="weight dtypes of metai's ds-mla rows in --extra-modes (comma list)")
     p.add_argument('--skip-eager', action='store_true', help='leave out the eager ds-mla rows')
     p.add_argument('--skip-bf16-default', action='store_true', help='leave out metai ds-mla with bf16 weights in the default compile mode')
     p.add_argument('--skip-default', action='store_true', help='leave out both metai ds-mla rows in the default compile mode')
@@ -193,7 +194,8 @@ def main(argv=None):
             except Exception as e: res['errors'].append(f'metai ds-mla compiled bf16: {short_error(e)}')
             mb = None; free(device); save()
         for mode in modes:  # the same two in another torch.compile mode (reduce-overhead: the step as CUDA graphs)
-            for label, dtype in ((f'metai ds-mla (compiled {mode})', torch.float32), (f'metai ds-mla (compiled {mode}, bf16 weights)', torch.bfloat16)):
+            rows = ((f'metai ds-mla (compiled {mode})', torch.float32), (f'metai ds-mla (compiled {mode}, bf16 weights)', torch.bfloat16))
+            for label, dtype in [r for r in rows if str(r[1]).removeprefix('torch.') in args.extra_weights.split(',')]:
                 torch._dynamo.reset()
                 if skip(label, 100): continue
                 try:

@@ -12,6 +12,10 @@ or, without them, random bf16 weights (a check of the machinery and its overhead
             target far more often than a trained small model would)
   mtp       the target with one random MTP module (its acceptance is near zero: only the overhead is measured)
 
+The prompt: random token ids, or with --prompt-data the start of the first validation document of a prepared data
+folder (held-out text in the models' own tokenizer; acceptance on real text is what a user sees, and it is higher
+than on random ids, where the two models have nothing to agree on).
+
 Each measurement: a --prompt-len token prompt, --new-tokens new tokens, no stop token, at each --temperatures
 (0 = greedy); tokens/s = new tokens / wall time of the whole call (prefill included), the median of --runs calls
 after two warm-up calls, `torch.cuda.synchronize` around each. Plain decoding is `metai.infer.generate.generate`;
@@ -24,6 +28,7 @@ same target in the same mode. Acceptance is Leviathan's alpha (accepted drafts p
     python scripts/bench_speculative.py --device cpu --tiny --out /tmp/spec_cpu.json      # a quick check of the script
 """
 import os, sys, time, argparse, statistics, dataclasses
+import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync
 import torch
@@ -34,6 +39,7 @@ from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache
 from metai.infer.generate import generate, load_model_dir
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
+from metai.data.datasets import read_meta
 
 
 def round8(n:int) -> int: return -(-n // 8) * 8
@@ -56,6 +62,17 @@ def early_exit_draft(target:Transformer, k:int) -> Transformer:
     return d.eval()
 
 
+def held_out_prompt(data_dir:str, n:int, vocab_size:int) -> list:
+    "The first `n` tokens of the validation split of a `metai prepare-data` folder (it starts with a document's bos)."
+    meta = read_meta(data_dir)
+    path = os.path.join(data_dir, 'val.bin')
+    if not meta or not os.path.isfile(path): raise SystemExit(f'--prompt-data: {data_dir} is not a prepared data folder (no meta.json or val.bin)')
+    toks = np.memmap(path, dtype=meta.get('dtype', 'uint16'), mode='r')[:n].tolist()
+    if len(toks) < n: raise SystemExit(f'{path}: {len(toks)} tokens, fewer than --prompt-len {n}')
+    if max(toks) >= vocab_size: raise SystemExit(f'{path}: token ids up to {max(toks)}, the model has {vocab_size} (another tokenizer?)')
+    return toks
+
+
 def build_random(cfg:ModelConfig, device, dtype) -> Transformer:
     seed_everything(0)
     with torch.device(device): m = Transformer(cfg)
@@ -76,7 +93,8 @@ def bench_plain(model, prompt, n_new, temperature, compile, runs, device) -> dic
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)
     t, ts, out = timed(lambda: generate(model, prompt, n_new, temperature=temperature, compile=compile, cache=cache, seed=0), device, runs)
     assert len(out) == n_new, len(out)
-    return dict(tokens_per_s=n_new / t, runs_s=ts)
+    # how varied the output is: greedy decoding of a small model often falls into a loop, which a draft predicts easily
+    return dict(tokens_per_s=n_new / t, runs_s=ts, distinct_new_tokens=len(set(out)), first_new_tokens=out[:32])
 
 
 def bench_spec(target, draft, prompt, n_new, gamma, temperature, compile, runs, device) -> dict:
@@ -110,6 +128,8 @@ def main():
     ap.add_argument('--gammas', default='1,2,4,6', help='drafts per round to measure (draft model)')
     ap.add_argument('--mtp-gammas', default='1,2', help='drafts per round to measure (MTP)')
     ap.add_argument('--temperatures', default='0,0.8', help='sampling temperatures (0 = greedy)')
+    ap.add_argument('--prompt-data', default=None, help='a prepared data folder (`metai prepare-data`): the prompt is the start of '
+                    'its first validation document, text the models never trained on (default: random token ids)')
     ap.add_argument('--prompt-len', type=int, default=64)
     ap.add_argument('--new-tokens', type=int, default=256)
     ap.add_argument('--runs', type=int, default=3, help='timed calls per measurement (the median is reported)')
@@ -142,8 +162,9 @@ def main():
     res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype)), pairs={})
     for name, (target, draft, desc) in pairs.items():
         cfg = target.cfg
-        prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-        r = dict(description=desc, target_params=target.num_params(),
+        prompt = (held_out_prompt(a.prompt_data, a.prompt_len, cfg.vocab_size) if a.prompt_data else
+                  torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist())
+        r = dict(description=desc, prompt='validation text' if a.prompt_data else 'random token ids', target_params=target.num_params(),
                  draft_params=None if draft is None else draft.num_params(), runs={})
         print(f'{name}: {desc}', flush=True)
         for T in temps:
@@ -151,7 +172,8 @@ def main():
             try: rt['plain'] = bench_plain(target, prompt, a.new_tokens, T, compile, a.runs, device)
             except Exception as e: rt['plain'] = dict(error=short_error(e))
             base = rt['plain'].get('tokens_per_s')
-            print(f'  T={T}: plain {base or 0:10,.1f} tokens/s {rt["plain"].get("error", "")}', flush=True)
+            print(f'  T={T}: plain {base or 0:10,.1f} tokens/s  {rt["plain"].get("distinct_new_tokens", 0)} distinct of {a.new_tokens} new tokens '
+                  f'{rt["plain"].get("error", "")}', flush=True)
             for g in (gammas if draft is not None else mtp_gammas):
                 try:
                     s = bench_spec(target, draft, prompt, a.new_tokens, g, T, compile, a.runs, device)

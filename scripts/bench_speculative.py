@@ -3,7 +3,7 @@
 (`metai.infer.speculative`), on the same weights, in one run on one device; written as JSON.
 
 Models, either trained checkpoints (metai model directories, e.g. from `metai train-*`):
-  --target-dir DIR   the target; --draft-dir DIR a smaller model trained on the same tokenizer
+  --target-dir DIR   the target; --draft-dir DIR a smaller model trained on the same tokenizer (or several, comma-separated)
   --mtp-dir DIR      a model trained with MTP (mtp_depth >= 1): drafts with its own MTP modules
 or, without them, random bf16 weights (a check of the machinery and its overheads, not of a real draft):
   target    Llama-shaped: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 32000 (about 1.2B parameters)
@@ -122,7 +122,7 @@ def main():
     ap.add_argument('--device', default=None, help='cuda (default when available) or cpu')
     ap.add_argument('--tiny', action='store_true', help='toy random models and few tokens: a quick check that the script runs')
     ap.add_argument('--target-dir', default=None, help='trained target (metai model directory)')
-    ap.add_argument('--draft-dir', default=None, help='trained draft for --target-dir (same tokenizer)')
+    ap.add_argument('--draft-dir', default=None, help='trained draft(s) for --target-dir (same tokenizer; a comma list: each is measured)')
     ap.add_argument('--mtp-dir', default=None, help='trained model with MTP modules')
     ap.add_argument('--exit-layers', type=int, default=2, help='layers of the random early-exit draft')
     ap.add_argument('--gammas', default='1,2,4,6', help='drafts per round to measure (draft model)')
@@ -149,7 +149,10 @@ def main():
         tgt, _ = load_model_dir(a.target_dir, device=device, dtype=dtype)
         if a.draft_dir:
             from metai.infer.speculative import load_draft_model
-            pairs['trained draft'] = (tgt, load_draft_model(a.draft_dir, tgt), f'{a.target_dir} with draft {a.draft_dir}')
+            dirs = [d for d in a.draft_dir.split(',') if d]
+            for d in dirs:
+                name = 'trained draft' if len(dirs) == 1 else f'trained draft {os.path.basename(os.path.normpath(d))}'
+                pairs[name] = (tgt, load_draft_model(d, tgt), f'{a.target_dir} with draft {d}')
     if a.mtp_dir:
         same = a.target_dir and os.path.realpath(a.mtp_dir) == os.path.realpath(a.target_dir)
         mm = tgt if same else load_model_dir(a.mtp_dir, device=device, dtype=dtype)[0]  # one model: its compiled graphs serve both
@@ -159,6 +162,8 @@ def main():
         k = min(a.exit_layers, tgt.cfg.n_layers - 1)
         pairs['random early-exit draft'] = (tgt, early_exit_draft(tgt, k), f'random target, draft = its first {k} of {tgt.cfg.n_layers} layers')
         pairs['random MTP'] = (tgt, None, 'random target with one random MTP module (overhead only: its drafts are random)')
+    if 'trained MTP' in pairs and len(pairs) > 2:  # the first draft, then MTP, then the other drafts (a run cut short keeps one of each)
+        names = list(pairs); names.insert(1, names.pop(names.index('trained MTP'))); pairs = {n: pairs[n] for n in names}
     res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype)), pairs={})
     for name, (target, draft, desc) in pairs.items():
         cfg = target.cfg

@@ -5,8 +5,10 @@ import os, re, sys, json, time, math, platform, datetime, statistics, subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path: sys.path.insert(0, ROOT)  # run from a checkout without installing metai
 
+import numpy as np
 import torch
 from metai.core import atomic_write_text
+from metai.data.datasets import read_meta
 
 PEAK_BF16 = 989e12  # dense bf16 datasheet peak of an H100 SXM (an H200 has the same); MFU is quoted against it
 
@@ -153,3 +155,14 @@ def short_error(e:BaseException) -> str:
 def compile_mode(mode:str):
     "`torch.compile`'s mode argument for a mode name ('default' is None)."
     return None if mode in ('', 'default', None) else mode
+
+
+def held_out_prompt(data_dir:str, n:int, vocab_size:int) -> list:
+    "The first `n` tokens of the validation split of a `metai prepare-data` folder (it starts with a document's bos)."
+    meta = read_meta(data_dir)
+    path = os.path.join(data_dir, 'val.bin')
+    if not meta or not os.path.isfile(path): raise SystemExit(f'--prompt-data: {data_dir} is not a prepared data folder (no meta.json or val.bin)')
+    toks = np.memmap(path, dtype=meta.get('dtype', 'uint16'), mode='r')[:n].tolist()
+    if len(toks) < n: raise SystemExit(f'{path}: {len(toks)} tokens, fewer than --prompt-len {n}')
+    if max(toks) >= vocab_size: raise SystemExit(f'{path}: token ids up to {max(toks)}, the model has {vocab_size} (another tokenizer?)')
+    return toks

@@ -16,7 +16,7 @@ Variants (`--variants`): `bf16`; `int4-g{32,64,128}` (block linears int4, head b
 """
 import argparse, contextlib, copy, json, os, platform, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import save_json, profile_fn  # atomic JSON; kernel time by category
+from bench_common import save_json, profile_fn, held_out_prompt  # atomic JSON; kernel time by category; a prompt from held-out text
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache
-from metai.infer.generate import prefill, fast_prefill, decode_one_token, generate, compiled_decode_one_token, _compile_settings, clear_graphs
+from metai.infer.generate import load_model_dir, prefill, fast_prefill, decode_one_token, generate, compiled_decode_one_token, _compile_settings, clear_graphs
 from metai.infer.quant import quantize_model, prepare_int4, Int4Linear
 
 LLAMA_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0,
@@ -108,6 +108,9 @@ def main(argv=None):
     ap.add_argument('--check-tokens', type=int, default=8, help='greedy tokens compared with the uncached forward')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--no-graphs', action='store_true', help="skip the timing through generate's CUDA-graph path")
+    ap.add_argument('--graphs-only', action='store_true', help="time only generate's CUDA-graph path (one compile per variant; no per-step timing or profile)")
+    ap.add_argument('--model-dir', default=None, help='a trained metai model directory instead of the random ~1B model')
+    ap.add_argument('--prompt-data', default=None, help='a prepared data folder: the prompt is the start of its validation split (default: random ids)')
     ap.add_argument('--out', required=True, help='JSON results file')
     a = ap.parse_args(argv)
 
@@ -116,11 +119,15 @@ def main(argv=None):
     variants = [(v, parse_variant(v)) for v in a.variants.split(',')]
     compile_ = device.type == 'cuda' if a.compile is None else a.compile
     if a.tiny and a.new_tokens == 256: a.prompt_len, a.new_tokens = 16, 32
-    cfg = ModelConfig(**(TINY if a.tiny else LLAMA_1B)).validate()
     torch.manual_seed(a.seed)
-    with torch.device(device): base = Transformer(cfg)          # random weights, fp32 master
+    if a.model_dir:
+        base = load_model_dir(a.model_dir, device=device, dtype=torch.float32)[0]; cfg = base.cfg
+    else:
+        cfg = ModelConfig(**(TINY if a.tiny else LLAMA_1B)).validate()
+        with torch.device(device): base = Transformer(cfg)      # random weights, fp32 master
     base.eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, a.prompt_len), device=device)
+    prompt = (torch.tensor([held_out_prompt(a.prompt_data, a.prompt_len, cfg.vocab_size)], device=device) if a.prompt_data
+              else torch.randint(0, cfg.vocab_size, (1, a.prompt_len), device=device))
 
     # correctness of metai's cached decode itself: fp32, eager, against the uncached forward
     n_chk = min(a.check_tokens, a.new_tokens)
@@ -130,7 +137,8 @@ def main(argv=None):
 
     base = base.to(torch.bfloat16)
     results = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu'),
-                   torch=torch.__version__, model='tiny' if a.tiny else 'llama-1b-shaped', config=cfg.to_dict(),
+                   torch=torch.__version__, model=a.model_dir or ('tiny' if a.tiny else 'llama-1b-shaped'), config=cfg.to_dict(),
+                   prompt='validation text' if a.prompt_data else 'random token ids',
                    batch=1, prompt_len=a.prompt_len, new_tokens=a.new_tokens, compile=compile_, dtype='bfloat16',
                    engine='metai.infer.cache.make_cache + metai.infer.generate.prefill/decode_one_token, greedy',
                    timing='decode only (tokens 2..N, prefill excluded), after a warm-up run', check=check, variants={})
@@ -157,18 +165,20 @@ def main(argv=None):
             # bytes a decode step reads: all weights but the embedding table (one row of it)
             info['weight_bytes_read_per_token'] = info['weight_bytes'] - state_bytes(model.embed) + cfg.dim * 2
             if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
-            cache = new_cache(model, a.prompt_len + a.new_tokens, compile_)  # one cache and one compiled step per variant
-            step = compiled_decode_one_token(device) if compile_ else decode_one_token  # inductor, one step per call
-            t = time.perf_counter()
-            with _compile_settings(device): greedy_decode(model, prompt, min(a.new_tokens, 16), step, cache)  # warm-up: compiles
-            info['warmup_s'] = time.perf_counter() - t
-            toks, secs = greedy_decode(model, prompt, a.new_tokens, step, cache)
-            info['compiled_vs_eager_first_tokens_agree'] = (toks[:, :n_chk] == eager).float().mean().item()
-            info['decode_s'] = secs
-            info['tokens_per_s'] = (a.new_tokens - 1) / secs
-            info['ms_per_token'] = 1e3 * secs / (a.new_tokens - 1)
-            info['achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['tokens_per_s'] / 1e9
-            if compile_ and device.type == 'cuda':  # where a step's time goes: the kernels of 32 compiled steps
+            if a.graphs_only: toks = eager  # the graph path's tokens are compared with the eager cached decode
+            else:
+                cache = new_cache(model, a.prompt_len + a.new_tokens, compile_)  # one cache and one compiled step per variant
+                step = compiled_decode_one_token(device) if compile_ else decode_one_token  # inductor, one step per call
+                t = time.perf_counter()
+                with _compile_settings(device): greedy_decode(model, prompt, min(a.new_tokens, 16), step, cache)  # warm-up: compiles
+                info['warmup_s'] = time.perf_counter() - t
+                toks, secs = greedy_decode(model, prompt, a.new_tokens, step, cache)
+                info['compiled_vs_eager_first_tokens_agree'] = (toks[:, :n_chk] == eager).float().mean().item()
+                info['decode_s'] = secs
+                info['tokens_per_s'] = (a.new_tokens - 1) / secs
+                info['ms_per_token'] = 1e3 * secs / (a.new_tokens - 1)
+                info['achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['tokens_per_s'] / 1e9
+            if compile_ and device.type == 'cuda' and not a.graphs_only:  # where a step's time goes: the kernels of 32 compiled steps
                 def steps32():
                     tok, pos = toks[:, -1:].clone(), torch.tensor([a.prompt_len], device=device)
                     with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
@@ -178,11 +188,16 @@ def main(argv=None):
             if compile_ and device.type == 'cuda' and not a.no_graphs:  # metai generate's own path: 8 decode steps per CUDA graph
                 gcache = make_cache(model, 1, -(-(a.prompt_len + a.new_tokens) // 8) * 8, mtp=False)
                 pl = prompt[0].tolist()
+                t = time.perf_counter()
                 for _ in range(2): generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)  # compile, capture
+                info['generate_warmup_s'] = time.perf_counter() - t
                 got = generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)
-                info['generate_graph_agrees_with_step'] = sum(x == y for x, y in zip(got, toks[0].tolist())) / a.new_tokens
-                with torch.no_grad(): fast_prefill(model, prompt, gcache, compile=True); torch.cuda.synchronize()  # as generate runs it
-                t = time.perf_counter(); fast_prefill(model, prompt, gcache, compile=True); torch.cuda.synchronize(); t_pre = time.perf_counter() - t
+                info['generate_graph_agrees_with_step'] = sum(x == y for x, y in zip(got, toks[0].tolist())) / toks.shape[1]  # first tokens: same
+                info['generate_first_tokens'] = got[:32]
+                with torch.no_grad():  # grad mode as generate runs it (another mode would recompile the prefill inside the timing)
+                    fast_prefill(model, prompt, gcache, compile=True); torch.cuda.synchronize()
+                    t = time.perf_counter(); fast_prefill(model, prompt, gcache, compile=True); torch.cuda.synchronize(); t_pre = time.perf_counter() - t
+                info['prefill_s'] = t_pre
                 t = time.perf_counter(); generate(model, pl, a.new_tokens, temperature=0, compile=True, cache=gcache)
                 torch.cuda.synchronize(); t_all = time.perf_counter() - t
                 info['generate_tokens_per_s'] = a.new_tokens / t_all           # whole call, prefill included
@@ -190,26 +205,28 @@ def main(argv=None):
                 info['generate_achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['generate_decode_tokens_per_s'] / 1e9
                 del gcache
             if device.type == 'cuda': info['peak_mem_GiB'] = torch.cuda.max_memory_allocated(device) / 2**30
-            del step, cache
+            step = cache = None
         except Exception as e:  # keep the other variants' numbers
             info['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
         results['variants'][name] = info
         save_json(a.out, results)  # after each variant: a run cut short keeps what it measured
         del model
         if device.type == 'cuda': torch.cuda.empty_cache()
-        msg = info.get('error') or (f"{info['tokens_per_s']:9.1f} tok/s  {info['ms_per_token']:7.3f} ms/token  "
-                                    f"{info['weight_bytes'] / 2**30:6.3f} GiB weights  {info['achieved_GB_per_s']:7.1f} GB/s"
+        msg = info.get('error') or ((f"{info['tokens_per_s']:9.1f} tok/s  {info['ms_per_token']:7.3f} ms/token  "
+                                     f"{info['achieved_GB_per_s']:7.1f} GB/s" if 'tokens_per_s' in info else '')
+                                    + f"  {info['weight_bytes'] / 2**30:6.3f} GiB weights"
+                                    + (f"  | generate (graphs): {info['generate_tokens_per_s']:9.1f} tok/s with prefill" if 'generate_tokens_per_s' in info else '')
                                     + (f"  | generate (graphs): {info['generate_decode_tokens_per_s']:9.1f} tok/s decode, "
                                        f"{info['generate_achieved_GB_per_s']:7.1f} GB/s" if 'generate_decode_tokens_per_s' in info else ''))
         print(f'{name:16s} {msg}', flush=True)
 
     b = results['variants'].get('bf16', {})
-    if 'tokens_per_s' in b:
-        for name, info in results['variants'].items():
-            if 'tokens_per_s' in info: info['speedup_vs_bf16'] = info['tokens_per_s'] / b['tokens_per_s']
-            if 'generate_decode_tokens_per_s' in info and 'generate_decode_tokens_per_s' in b:
-                info['generate_speedup_vs_bf16'] = info['generate_decode_tokens_per_s'] / b['generate_decode_tokens_per_s']
-        print('speed-up vs bf16: ' + ', '.join(f"{n} {i['speedup_vs_bf16']:.2f}x" for n, i in results['variants'].items() if 'speedup_vs_bf16' in i))
+    for name, info in results['variants'].items():
+        if 'tokens_per_s' in info and 'tokens_per_s' in b: info['speedup_vs_bf16'] = info['tokens_per_s'] / b['tokens_per_s']
+        if 'generate_decode_tokens_per_s' in info and 'generate_decode_tokens_per_s' in b:
+            info['generate_speedup_vs_bf16'] = info['generate_decode_tokens_per_s'] / b['generate_decode_tokens_per_s']
+    if b: print('speed-up vs bf16: ' + ', '.join(f"{n} {i['speedup_vs_bf16']:.2f}x (step)" + (f", {i['generate_speedup_vs_bf16']:.2f}x (generate)" if 'generate_speedup_vs_bf16' in i else '')
+                                          for n, i in results['variants'].items() if 'speedup_vs_bf16' in i))
     save_json(a.out, results)
     print('wrote', a.out)
     return 0 if check['greedy_match_fp32'] and not any('error' in i for i in results['variants'].values()) else 1

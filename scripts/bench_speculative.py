@@ -28,9 +28,8 @@ same target in the same mode. Acceptance is Leviathan's alpha (accepted drafts p
     python scripts/bench_speculative.py --device cpu --tiny --out /tmp/spec_cpu.json      # a quick check of the script
 """
 import os, sys, time, argparse, statistics, dataclasses
-import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync
+from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync, held_out_prompt
 import torch
 from torch import nn
 from metai.core import get_device, seed_everything
@@ -39,7 +38,6 @@ from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache
 from metai.infer.generate import generate, load_model_dir
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
-from metai.data.datasets import read_meta
 
 
 def round8(n:int) -> int: return -(-n // 8) * 8
@@ -60,17 +58,6 @@ def early_exit_draft(target:Transformer, k:int) -> Transformer:
     d.mtp = nn.ModuleList()
     d.freqs_cos, d.freqs_sin = target.freqs_cos, target.freqs_sin
     return d.eval()
-
-
-def held_out_prompt(data_dir:str, n:int, vocab_size:int) -> list:
-    "The first `n` tokens of the validation split of a `metai prepare-data` folder (it starts with a document's bos)."
-    meta = read_meta(data_dir)
-    path = os.path.join(data_dir, 'val.bin')
-    if not meta or not os.path.isfile(path): raise SystemExit(f'--prompt-data: {data_dir} is not a prepared data folder (no meta.json or val.bin)')
-    toks = np.memmap(path, dtype=meta.get('dtype', 'uint16'), mode='r')[:n].tolist()
-    if len(toks) < n: raise SystemExit(f'{path}: {len(toks)} tokens, fewer than --prompt-len {n}')
-    if max(toks) >= vocab_size: raise SystemExit(f'{path}: token ids up to {max(toks)}, the model has {vocab_size} (another tokenizer?)')
-    return toks
 
 
 def build_random(cfg:ModelConfig, device, dtype) -> Transformer:

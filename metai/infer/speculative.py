@@ -178,7 +178,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
 
     t_start = time.perf_counter()
     with _seeded(seed, device):
-        if fast and act[0] and n[0] - 1 >= (gamma + 1 if mtp else 0):  # batch 1: whole rounds of fixed shapes, R per CUDA graph
+        if fast and act[0] and n[0] - 1 >= (gamma + 1 if mtp else 1):  # batch 1: whole rounds of fixed shapes, R per CUDA graph
             if mtp:  # the MTP window reaches γ+1 positions back: h^0 and the MTP slots up to the newest token first
                 if c[0] < n[0] - 1:
                     hidden[:, c[0]:n[0] - 1] = forward_hidden(target, seq[:, c[0]:n[0] - 1], window(c[0], n[0] - 2), cache)[1]
@@ -208,9 +208,9 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
             seq[:, p0 + 1:p + 1] = sr.seq[:, p0 + 1:p + 1]
             if mtp: hidden.copy_(sr.hidden)
             n[0], c[0] = p + 1, p                                    # the target's cache holds every position below p,
-            cd[0] = int(sr.p0) if mtp else p                         # the draft's too; the MTP slots those below the last round's start
+            cd[0] = int(sr.p0) if mtp else p - 1                     # the draft's those below p-1; the MTP slots those below the last round's start
             h = sr.hist.tolist(); r_ = sum(h)
-            st['rounds'] += r_; st['row_rounds'] += r_; st['target_forwards'] += r_; st['draft_forwards'] += r_ * (gamma if mtp else gamma + 1)
+            st['rounds'] += r_; st['row_rounds'] += r_; st['target_forwards'] += r_; st['draft_forwards'] += r_ * gamma
             st['drafted'] += gamma * r_; st['accepted'] += sum(a * x for a, x in enumerate(h))
             st['tested'] += sum(min(a + 1, gamma) * x for a, x in enumerate(h))
             st['accept_counts'] = [u + v for u, v in zip(st['accept_counts'], h)]
@@ -334,19 +334,20 @@ def _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top
 
 def _spec_round(target, draft, # the two models
                 seq:Tensor, # (1, W) long: the tokens by position
-                p:Tensor, # (1,) long: position of the newest token (in neither cache yet); advanced in place
-                cache:KVCache, draft_cache:KVCache, # static caches holding every position below p
+                p:Tensor, # (1,) long: position of the newest token (in neither cache yet, p >= 1); advanced in place
+                cache:KVCache, # the target's static cache, holding every position below p
+                draft_cache:KVCache, # the draft's, holding every position below p-1
                 hist:Tensor, # (gamma+1,) long: rounds by drafts accepted, updated in place
                 gamma:int, temperature:float, top_k:int|None, top_p:float|None):
     "One round of draft-model speculation for one row: fixed shapes, no host sync (a CUDA graph can hold it)."
     j = torch.arange(gamma + 1, device=seq.device)                           # (γ+1,)
-    tok = seq.index_select(1, p)                                             # (1, 1) the newest token
+    pos = torch.cat([p - 1, p])                                              # (2,) the token before the newest, and the newest
+    tok = seq.index_select(1, pos)                                           # (1, 2)
     drafts, qs = [], []
-    for i in range(gamma + 1):                                               # step γ+1 only writes d_γ into the draft's cache
-        lg = forward_step(draft, tok, p + i, draft_cache)[:, -1]             # (1, V)
-        if i == gamma: break
+    for i in range(gamma):                                                   # γ draft forwards: the first over 2 tokens, then 1
+        lg = forward_step(draft, tok, pos, draft_cache)[:, -1]               # (1, V)
         d, q = _draw(lg, temperature, top_k, top_p)
-        drafts.append(d); qs.append(q); tok = d[:, None]
+        drafts.append(d); qs.append(q); tok, pos = d[:, None], p + 1 + i
     dr = torch.stack(drafts, 1)                                              # (1, γ)
     tl = forward_step(target, torch.cat([seq.index_select(1, p), dr], 1), p + j, cache)  # (1, γ+1, V)
     _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top_p)

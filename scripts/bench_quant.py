@@ -180,7 +180,7 @@ def main(argv=None):
                 info['achieved_GB_per_s'] = info['weight_bytes_read_per_token'] * info['tokens_per_s'] / 1e9
             if compile_ and device.type == 'cuda' and not a.graphs_only:  # where a step's time goes: the kernels of 32 compiled steps
                 def steps32():
-                    tok, pos = toks[:, -1:].clone(), torch.tensor([a.prompt_len], device=device)
+                    tok, pos = torch.tensor([[int(toks[0, -1])]], device=device), torch.tensor([a.prompt_len], device=device)  # strides (1, 1) as in the timing: a slice of toks would recompile
                     with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
                         for _ in range(32): tok, _ = step(model, tok, pos, cache, None, 0.0); pos += 1
                 try: info['profile_32_steps'] = profile_fn(steps32, device, steps=1, top=12)

@@ -253,3 +253,21 @@ def test_bench_script_cpu_smoke(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'bench_quant.py'), '--device', 'cpu', '--tiny',
                         '--variants', 'int4-x', '--out', out], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode != 0 and 'bad variant' in r.stderr
+
+def test_bench_script_trained_dir(tmp_path):
+    "--model-dir (a saved model instead of the random one) with a prompt from --prompt-data's validation tokens."
+    import numpy as np
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+    m, d = Transformer(cfg), tmp_path / 'model'
+    d.mkdir(); cfg.to_json(str(d / 'config.json')); save_model(m, str(d / 'model.safetensors'))
+    (tmp_path / 'data').mkdir(); (tmp_path / 'data' / 'meta.json').write_text(json.dumps(dict(format=1, dtype='uint16')))
+    np.array([2] + list(range(10, 40)), dtype=np.uint16).tofile(tmp_path / 'data' / 'val.bin')
+    out = str(tmp_path / 'bq.json')
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'bench_quant.py'), '--device', 'cpu', '--model-dir', str(d),
+                        '--prompt-data', str(tmp_path / 'data'), '--prompt-len', '16', '--new-tokens', '16', '--variants', 'bf16,int4-g64',
+                        '--out', out], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(out))
+    assert res['model'] == str(d) and res['prompt'] == 'validation text' and res['config']['vocab_size'] == 300
+    assert res['variants']['int4-g64']['greedy_match_uncached'] and res['variants']['int4-g64']['tokens_per_s'] > 0

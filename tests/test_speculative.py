@@ -275,6 +275,35 @@ def test_bench_script_tiny(tmp_path):
     assert 0 < runs['gamma=3']['acceptance_rate'] <= 1 and runs['gamma=3']['tokens_per_target_forward'] >= 1
     assert 'speedup' in runs['gamma=1'] and 'gamma=1' in res['pairs']['random MTP']['runs']['0.0']
 
+def prepared_data(path, tokens, vocab_size):
+    "The two files of a `metai prepare-data` folder that the benchmarks read for a prompt: meta.json and val.bin."
+    import numpy as np
+    os.makedirs(path, exist_ok=True)
+    (path / 'meta.json').write_text(json.dumps(dict(format=1, dtype='uint16', tokenizer=dict(vocab_size=vocab_size))))
+    np.array(tokens, dtype=np.uint16).tofile(path / 'val.bin')
+    return path
+
+def test_bench_script_trained_dirs(tmp_path):
+    "Model directories for target, two drafts and MTP; the prompt from held-out data; the MTP pair measured second."
+    t = build(tiny(mtp_depth=1), seed=0)
+    save_dir(t, tmp_path / 'target'); save_dir(noisy_copy(t, 0.1), tmp_path / 'd1'); save_dir(t, tmp_path / 'd2')
+    data = prepared_data(tmp_path / 'data', [2] + [5, 6, 7, 8] * 20, 256)
+    out = tmp_path / 'spec.json'
+    args = [sys.executable, os.path.join(ROOT, 'scripts', 'bench_speculative.py'), '--device', 'cpu', '--target-dir', str(tmp_path / 'target'),
+            '--draft-dir', f"{tmp_path / 'd1'},{tmp_path / 'd2'}", '--mtp-dir', str(tmp_path / 'target'), '--gammas', '2',
+            '--mtp-gammas', '1', '--temperatures', '0', '--runs', '1', '--prompt-len', '8', '--new-tokens', '12', '--out', str(out)]
+    r = subprocess.run(args + ['--prompt-data', str(data)], capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert list(res['pairs']) == ['trained draft d1', 'trained MTP', 'trained draft d2']
+    assert all(p['prompt'] == 'validation text' for p in res['pairs'].values())
+    assert res['pairs']['trained draft d2']['runs']['0.0']['gamma=2']['acceptance_rate'] == 1.0  # the target drafting for itself
+    plain = res['pairs']['trained draft d1']['runs']['0.0']['plain']
+    assert 1 <= plain['distinct_new_tokens'] <= 12 and len(plain['first_new_tokens']) == 12
+    bad = prepared_data(tmp_path / 'bad', [2] + [300] * 10, 512)  # ids the model's 256-token vocabulary does not have
+    r = subprocess.run(args + ['--prompt-data', str(bad)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and 'bad/val.bin: token ids up to 300, the model has 256' in r.stderr
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('gamma', [1, 4])

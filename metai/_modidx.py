@@ -293,6 +293,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'metai.infer.quant.dequantize_int4': ('quant.html#dequantize_int4', 'metai/infer/quant.py'),
                                    'metai.infer.quant.int4_kernel': ('quant.html#int4_kernel', 'metai/infer/quant.py'),
                                    'metai.infer.quant.is_quantized_dir': ('quant.html#is_quantized_dir', 'metai/infer/quant.py'),
+                                   'metai.infer.quant.join_int4': ('quant.html#join_int4', 'metai/infer/quant.py'),
                                    'metai.infer.quant.load_fp_model': ('quant.html#load_fp_model', 'metai/infer/quant.py'),
                                    'metai.infer.quant.load_quantized': ('quant.html#load_quantized', 'metai/infer/quant.py'),
                                    'metai.infer.quant.pack_int4': ('quant.html#pack_int4', 'metai/infer/quant.py'),

@@ -51,9 +51,12 @@ def sdpa_mask(T:int, # new queries
 def fused_linear(x:Tensor, # (..., in) the input every projection reads
                  *lins:nn.Linear # bias-free projections of `x`
                 ) -> list[Tensor]: # [(..., out_i)] one per projection
-    "`[l(x) for l in lins]`, as one matmul against the concatenated weights while training."
+    "`[l(x) for l in lins]`: one matmul against the concatenated weights while training, or `lins[0].joined` when set."
+    sizes = [l.out_features for l in lins]
+    j = getattr(lins[0], 'joined', None)  # one module computing all of `lins` at once, set by inference code (INT4, notebook 12)
+    if j is not None and not lins[0].training and j.out_features == sum(sizes): return list(j(x).split(sizes, dim=-1))
     if not (lins[0].training and all(type(l) is nn.Linear and l.bias is None for l in lins)): return [l(x) for l in lins]
-    return list(F.linear(x, torch.cat([l.weight for l in lins])).split([l.out_features for l in lins], dim=-1))
+    return list(F.linear(x, torch.cat([l.weight for l in lins])).split(sizes, dim=-1))
 
 # %% ../../nbs/05_attention.ipynb #352ffca8
 class Attention(nn.Module):

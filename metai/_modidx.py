@@ -263,6 +263,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'metai/infer/quant.py'),
                                    'metai.infer.quant.Int4Linear': ('quant.html#int4linear', 'metai/infer/quant.py'),
                                    'metai.infer.quant.Int4Linear.__init__': ('quant.html#int4linear.__init__', 'metai/infer/quant.py'),
+                                   'metai.infer.quant.Int4Linear._apply': ('quant.html#int4linear._apply', 'metai/infer/quant.py'),
                                    'metai.infer.quant.Int4Linear.dequantize': ('quant.html#int4linear.dequantize', 'metai/infer/quant.py'),
                                    'metai.infer.quant.Int4Linear.extra_repr': ('quant.html#int4linear.extra_repr', 'metai/infer/quant.py'),
                                    'metai.infer.quant.Int4Linear.forward': ('quant.html#int4linear.forward', 'metai/infer/quant.py'),

@@ -158,10 +158,12 @@ def compile_mode(mode:str):
 
 
 def held_out_prompt(data_dir:str, n:int, vocab_size:int) -> list:
-    "The first `n` tokens of the validation split of a `metai prepare-data` folder (it starts with a document's bos)."
+    """The first `n` tokens of the validation split of a `metai prepare-data` folder: from the first document's bos on
+    (a first document shorter than `n` tokens runs on into the next one, eos and bos between)."""
     meta = read_meta(data_dir)
     path = os.path.join(data_dir, 'val.bin')
     if not meta or not os.path.isfile(path): raise SystemExit(f'--prompt-data: {data_dir} is not a prepared data folder (no meta.json or val.bin)')
+    if os.path.getsize(path) == 0: raise SystemExit(f'{path}: empty (no validation tokens)')
     toks = np.memmap(path, dtype=meta.get('dtype', 'uint16'), mode='r')[:n].tolist()
     if len(toks) < n: raise SystemExit(f'{path}: {len(toks)} tokens, fewer than --prompt-len {n}')
     if max(toks) >= vocab_size: raise SystemExit(f'{path}: token ids up to {max(toks)}, the model has {vocab_size} (another tokenizer?)')

@@ -151,6 +151,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = get_device(args.device)
     set_matmul_precision(); seed_everything(0)
+    bad = [w for w in args.extra_weights.split(',') if w not in ('float32', 'bfloat16')]
+    if bad: p.error(f'--extra-weights: {", ".join(bad)} (float32 and/or bfloat16)')
     budget = Budget(args.time_budget)
     want = set(args.models.split(',')) | {'sdpa'}
     T = 64 if args.tiny else args.seq_len

@@ -137,8 +137,9 @@ def main():
         if a.draft_dir:
             from metai.infer.speculative import load_draft_model
             dirs = [d for d in a.draft_dir.split(',') if d]
-            for d in dirs:
-                name = 'trained draft' if len(dirs) == 1 else f'trained draft {os.path.basename(os.path.normpath(d))}'
+            base = [os.path.basename(os.path.normpath(d)) for d in dirs]
+            for d, b in zip(dirs, base):  # named by folder (by path where two folders share a name)
+                name = 'trained draft' if len(dirs) == 1 else f'trained draft {b if base.count(b) == 1 else os.path.normpath(d)}'
                 pairs[name] = (tgt, load_draft_model(d, tgt), f'{a.target_dir} with draft {d}')
     if a.mtp_dir:
         same = a.target_dir and os.path.realpath(a.mtp_dir) == os.path.realpath(a.target_dir)

@@ -147,13 +147,18 @@ class Int4Linear(nn.Module):
 
     def forward(self, x:Tensor) -> Tensor:  # (..., K) -> (..., N)
         kind = self.kernel if self.kernel_device == x.device else self.prepare(x.device)
-        if kind == 'dequant': y = F.linear(x, self.dequantize(x.dtype))
+        if kind == 'dequant': y = F.linear(x, self.dequantize(x.dtype).to(x.device))
         else:
             x2 = x.reshape(-1, self.in_features).to(self.sz.dtype).contiguous()  # (M, K)
             if kind == 'cuda': y = torch.ops.aten._weight_int4pack_mm(x2, self.wpack, self.group_size, self.sz)  # (M, N)
             else: y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.wpack, self.group_size, self.sz)   # (M, N)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):  # `.to()`, `.cuda()`, `.half()`: a `joined` layer (see `prepare_int4`) moves along
+        super()._apply(fn, recurse)
+        if self.__dict__.get('joined') is not None: self.joined._apply(fn, recurse)
+        return self
 
     def extra_repr(self): return (f'in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, '
                                   f'bias={self.bias is not None}, kernel={self.kernel}')
@@ -351,7 +356,9 @@ def prepare_int4(model:nn.Module, device=None, # device the matmuls will run on 
             if not all(isinstance(l, Int4Linear) for l in lins) or any(id(l) in done for l in lins): continue
             try: j = join_int4(*lins)
             except ValueError: continue
-            count(j.prepare(device))
+            kind = j.prepare(device)   # joined only where every layer alone takes the same path (then the numbers are the same)
+            if any(int4_kernel(j.kernel_device, l.out_features, l.in_features, l.group_size) != kind for l in lins): continue
+            count(kind)
             object.__setattr__(lins[0], 'joined', j)  # a plain attribute: `fused_linear` uses it, the state dict does not see it
             for l in lins: l.wpack = l.sz = l.kernel = l.kernel_device = None; done.add(id(l))  # alone, a layer prepares itself again
     for m in model.modules():

@@ -406,7 +406,7 @@ class _SpecRounds:
         if not self.use_graphs: self._body(R)
         else:
             if R not in self.graphs:  # warm-up: no more rounds than the caches have room for; the entries it writes lie
-                state = [t for t in (self.seq, self.p, self.p0, self.hist, self.hidden) if t is not None]  # at or above p
+                state = [t for t in (self.seq, self.p, self.p0, self.hist, self.hidden) if t is not None]  # at or above p-1
                 self.graphs[R] = capture_graph(self.seq.device, lambda: self._body(min(2, R)), lambda: self._body(R), state)
             self.graphs[R].replay()
         out = torch.cat([self.p, self.seq[0, p + 1:p + 1 + R * (self.gamma + 1)]]).tolist()  # at most R(γ+1) new tokens

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Batch-1 greedy decode tokens/s, bf16 against int4 weight-only (`metai.infer.quant`), on the ~1B Llama-shaped model
-(dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 128256, untied head, random weights).
+(dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 128256, untied head, random weights), or a trained model
+(`--model-dir`), with a random prompt or one from held-out text (`--prompt-data`).
 
     python scripts/bench_quant.py --out bench_quant.json                       # one CUDA GPU (the real benchmark)
     python scripts/bench_quant.py --device cpu --tiny --out /tmp/bq.json       # smoke test: tiny model on the CPU
 
-Each variant: a fresh bf16 copy of the same model, quantized in place (`quantize_model`), then a 64-token prompt and
-256 new greedy tokens through metai's own decode path: `make_cache` (static KV cache), `prefill`, and
-`decode_one_token` compiled with `mode='reduce-overhead'` (CUDA graphs) on CUDA, as `metai generate --compile` runs
-it. The cached decode is checked against the model's plain (uncached) forward: greedy tokens must match (fp32, and
-per variant in bf16). Timings are decode only (prefill excluded), after a warm-up run, with CUDA events.
+Each variant: a fresh bf16 copy of the same model, quantized in place (`quantize_model`) and prepared (`prepare_int4`:
+kernel layouts, the projections of one input joined), then a 64-token prompt and 256 new greedy tokens through
+metai's own decode path: `make_cache` (static KV cache), `prefill`, and `decode_one_token` compiled with inductor,
+one step per call, timed decode only with CUDA events after a warm-up, and profiled over 32 steps; then, unless
+`--no-graphs`, the whole `generate(compile=True)` call (8 steps per CUDA graph, as `metai generate --compile` runs it),
+prefill included and not. `--graphs-only` keeps only the latter. The cached decode is checked against the model's plain
+(uncached) forward: greedy tokens must match (fp32, and per variant in bf16).
 
 Variants (`--variants`): `bf16`; `int4-g{32,64,128}` (block linears int4, head bf16: `quantize_model`'s default);
 `int4-g{G}+head` (head int4 too, as gpt-fast does). Writes JSON to `--out`.

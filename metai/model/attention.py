@@ -53,8 +53,8 @@ def fused_linear(x:Tensor, # (..., in) the input every projection reads
                 ) -> list[Tensor]: # [(..., out_i)] one per projection
     "`[l(x) for l in lins]`: one matmul against the concatenated weights while training, or `lins[0].joined` when set."
     sizes = [l.out_features for l in lins]
-    j = getattr(lins[0], 'joined', None)  # one module computing all of `lins` at once, set by inference code (INT4, notebook 12)
-    if j is not None and not lins[0].training and j.out_features == sum(sizes): return list(j(x).split(sizes, dim=-1))
+    j = None if lins[0].training else getattr(lins[0], 'joined', None)  # one module for all of `lins`, set by inference code (INT4, notebook 12)
+    if j is not None and j.out_features == sum(sizes): return list(j(x).split(sizes, dim=-1))
     if not (lins[0].training and all(type(l) is nn.Linear and l.bias is None for l in lins)): return [l(x) for l in lins]
     return list(F.linear(x, torch.cat([l.weight for l in lins])).split(sizes, dim=-1))
 

@@ -12,7 +12,8 @@ Models (random init, bf16):
                 width 1408 (sigmoid router), vocab 102400; context 33K for the long-context measurement
 
 Each model: a 64-token random prompt, 256 new tokens sampled at temperature 0.8, top-k 200 (gpt-fast's defaults),
-no stop token; metai eager, compiled (decode step in a CUDA graph) and compiled with inductor freezing (weights
+no stop token; metai eager, compiled (decode step in a CUDA graph, batch-1 products in metai's Triton kernels of
+notebook 09b), compiled without those kernels (`kernels=False`: PyTorch's products) and compiled with inductor freezing (weights
 folded into the step, so q/k/v and w1/w3 become single matmuls, as gpt-fast's fused wqkv); tokens/s = new tokens / wall time of the whole call (prefill included, gpt-fast's definition) after
 warm-up, median of --runs calls, with `torch.cuda.synchronize` around each call; `decode_tokens_per_s` leaves the
 (separately timed) prefill out. Baselines in the same run on the same weights: transformers `generate`
@@ -114,14 +115,15 @@ def add_ratios(r:dict, compile:bool):
     if not best: return
     r['best_metai_tokens_per_s'] = best
     r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
-    for k in ('transformers', 'gpt_fast', 'metai_eager' if compile else None):
+    for k in ('transformers', 'gpt_fast', 'metai_compiled_unfused', 'metai_eager' if compile else None):
         if k and r.get(k, {}).get('tokens_per_s'): r[f'speedup_vs_{k}'] = best / r[k]['tokens_per_s']
 
 
-def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None) -> dict:
+def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None,
+                kernels:bool=True) -> dict:
     "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up; `chunk` steps per CUDA graph."
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
-    kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk)
+    kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk, kernels=kernels)
     t_first = wall(lambda: generate(model, prompt, n_new, **kw), device)  # compiles and records
     generate(model, prompt, n_new, **kw)
     out = []
@@ -243,6 +245,7 @@ def main():
     ap.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
     ap.add_argument('--no-chunk1', action='store_true', help='skip metai compiled with one decode step per CUDA graph')
+    ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
     ap.add_argument('--mla-contexts', default='4096,32768', help='contexts for absorbed vs naive MLA decode ("" to skip)')
@@ -281,6 +284,8 @@ def main():
         # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
+                ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
+                if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))
                 if compile and not a.no_freeze else None,
                 ('metai_compiled_chunk1', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=1))

@@ -19,6 +19,7 @@ from ..core import get_device
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
+from .kernels import decode_forward
 
 # %% ../../nbs/10_generate.ipynb #f45ad2b2
 def logits_to_probs(logits:Tensor, # (..., V) logits
@@ -81,10 +82,12 @@ def decode_one_token(model, # a metai `Transformer`
                      cache:KVCache, # static cache
                      seen:Tensor|None=None, # (B, V) bool tokens seen so far (only with a repetition penalty)
                      temperature:float=0.8, top_k:int|None=None, top_p:float|None=None, # sampling knobs
-                     repetition_penalty:float=1.0 # > 1 discourages repeats
+                     repetition_penalty:float=1.0, # > 1 discourages repeats
+                     kernels:bool=False # one row on CUDA: the fused batch-1 products of notebook 09b (`decode_forward`)
                     ) -> tuple[Tensor, Tensor|None]:
     "Feed `tok` at `input_pos` and sample the next token: `(next (B, 1), seen)`. Fixed shapes, no host sync."
-    logits = forward_step(model, tok, input_pos, cache)[:, -1]  # (B, V)
+    fused = kernels and tok.is_cuda and tok.shape == (1, 1)
+    logits = (decode_forward if fused else forward_step)(model, tok, input_pos, cache)[:, -1]  # (B, V)
     if seen is not None:
         seen = seen.scatter(1, tok, True)
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -165,11 +168,12 @@ def decode_n_tokens(model, # a metai `Transformer`
                     out:Tensor, # (B, n) long: receives the n sampled tokens (positions input_pos+1 .. input_pos+n)
                     seen:Tensor|None=None, # (B, V) bool tokens seen so far (only with a repetition penalty)
                     temperature:float=0.8, top_k:int|None=None, top_p:float|None=None, repetition_penalty:float=1.0,
-                    step=decode_one_token # the one-token step (eager or compiled)
+                    step=decode_one_token, # the one-token step (eager or compiled)
+                    kernels:bool=False # the step's `kernels` (fused batch-1 products on CUDA)
                    ) -> tuple[Tensor, Tensor|None]:
     "`out.size(1)` decode steps: `(last token (B, 1), seen)`; fixed shapes, no host sync (a CUDA graph can hold it)."
     for i in range(out.size(1)):
-        tok, seen = step(model, tok, input_pos, cache, seen, temperature, top_k, top_p, repetition_penalty)
+        tok, seen = step(model, tok, input_pos, cache, seen, temperature, top_k, top_p, repetition_penalty, kernels)
         out[:, i:i + 1].copy_(tok)
         input_pos.add_(1)
     return tok, seen
@@ -183,10 +187,11 @@ class GraphDecoder:
                  n:int, # decode steps per replay
                  sampling:tuple, # (temperature, top_k, top_p, repetition_penalty): fixed in the graph
                  freeze:bool=False, # compile with inductor freezing (fused q/k/v and w1/w3)
-                 use_seen:bool=False # the graph keeps a (B, V) `seen` mask (repetition penalty)
+                 use_seen:bool=False, # the graph keeps a (B, V) `seen` mask (repetition penalty)
+                 kernels:bool=True # batch 1: the fused Triton products (notebook 09b)
                 ):
         dev = model.embed.weight.device
-        self.model, self.cache, self.n, self.sampling = model, cache, n, sampling
+        self.model, self.cache, self.n, self.sampling, self.kernels = model, cache, n, sampling, kernels
         self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b  # what the graph reads
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)            # (B, 1) input token
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)                        # (1,) its position
@@ -195,7 +200,8 @@ class GraphDecoder:
         self.step, self.freeze, self.graph = compiled_decode_one_token(dev, freeze), freeze, None
 
     def _body(self, n:int):
-        return decode_n_tokens(self.model, self.tok, self.pos, self.cache, self.out[:, :n], self.seen, *self.sampling, step=self.step)
+        return decode_n_tokens(self.model, self.tok, self.pos, self.cache, self.out[:, :n], self.seen, *self.sampling, step=self.step,
+                               kernels=self.kernels)
 
     def __call__(self, tok:Tensor, # (B, 1) token at position `input_pos`
                  input_pos:Tensor, # (1,) advanced in place by n
@@ -239,12 +245,13 @@ def capture_graph(device:torch.device, # the GPU
 
 _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> GraphDecoder; a few recent ones
 
-def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, freeze:bool=False, use_seen:bool=False) -> GraphDecoder:
+def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, freeze:bool=False, use_seen:bool=False,
+                  kernels:bool=True) -> GraphDecoder:
     "The `GraphDecoder` for this model, cache and setting: reused while the model's tensors and the cache are the same ones."
-    key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen,
+    key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen, kernels,
            tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
            tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
-    return lru_get(_GRAPHS, key, lambda: GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen), 8)
+    return lru_get(_GRAPHS, key, lambda: GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen, kernels), 8)
 
 def lru_get(registry:dict, key, make, size:int):
     "`registry[key]`, made by `make()` if missing; keeps the `size` most recently used (dropping one frees its graph memory)."
@@ -366,7 +373,8 @@ def generate(model, # a metai `Transformer` (eval mode)
              cache:KVCache|None=None, # reuse this static cache (default: a new one just large enough)
              start_pos:int=0, # positions 0..start_pos-1 of every prompt are already in `cache` (a chat's earlier turns)
              check_every:int=32, # on CUDA without streaming: look for stop tokens every this many steps
-             chunk:int|None=None # decode steps per call of the step function (default: 8 when compiled on CUDA, one CUDA graph each; else 1)
+             chunk:int|None=None, # decode steps per call of the step function (default: 8 when compiled on CUDA, one CUDA graph each; else 1)
+             kernels:bool=True # on CUDA, one prompt: decode with the fused Triton products of notebook 09b (False: PyTorch's)
             ):
     "Generate from one prompt (returns a list of new ids) or a batch of prompts (a list of lists)."
     cfg, device = model.cfg, model.embed.weight.device
@@ -406,11 +414,11 @@ def generate(model, # a metai `Transformer` (eval mode)
     decoders = {}  # n -> this call's GraphDecoder (looked up once, not at every chunk)
     def steps(n):  # n decode steps: (tokens (B, n), last token (B, 1), seen)
         if graphs:
-            if n not in decoders: decoders[n] = graph_decoder(model, cache, B, n, sampling, freeze, seen is not None)
+            if n not in decoders: decoders[n] = graph_decoder(model, cache, B, n, sampling, freeze, seen is not None, kernels)
             return decoders[n](tok, input_pos, seen)
         buf = torch.empty(B, n, dtype=torch.long, device=device)
         t, s = decode_n_tokens(model, tok, input_pos, cache, buf, seen, *sampling,
-                               step=compiled_decode_one_token(device, freeze) if compile else decode_one_token)
+                               step=compiled_decode_one_token(device, freeze) if compile else decode_one_token, kernels=kernels)
         return buf, t, s
     if device.type != 'cuda' or stop_strings or stream is not None: sync_every = 1   # the host needs every token at once
     else: sync_every = max(1, check_every) if stop_ids else end                       # no stop token: nothing to look at until the end

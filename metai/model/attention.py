@@ -82,15 +82,21 @@ class Attention(nn.Module):
                 cache=None, # object with `update(layer_id, start_pos, k, v) -> (k, v)` for positions 0..start_pos+T-1
                 attn_mask:Tensor|None=None # optional (B, T, S) bool, True = may attend (combined with the causal mask)
                ) -> Tensor:
-        B, T, _ = x.shape
-        q, k, v = fused_linear(x, self.wq, self.wk, self.wv)
+        q, k, v = fused_linear(x, self.wq, self.wk, self.wv)                # (B, T, H*hd), (B, T, KV*hd) x 2
+        return self.wo(self.attend(q, k, v, cos, sin, start_pos, cache, attn_mask))
+
+    def attend(self, q:Tensor, k:Tensor, v:Tensor, # (B, T, H*hd), (B, T, KV*hd), (B, T, KV*hd): the projections of x
+               cos:Tensor, sin:Tensor, start_pos:int=0, cache=None, attn_mask:Tensor|None=None # as in `forward`
+              ) -> Tensor: # (B, T, H*hd), what `wo` reads
+        "Everything between the projections: RoPE, the cache, SDPA (a batch-1 decode step runs its own projections, notebook 09b)."
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim)     # (B, T, H, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, hd)
         q = apply_rope(q, cos, sin, self.interleaved, start_pos)
         k = apply_rope(k, cos, sin, self.interleaved, start_pos)
         if cache is not None: k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, KV, hd), S = start_pos + T
-        mask, is_causal = sdpa_mask(T, k.size(1), attn_mask, x.device)
+        mask, is_causal = sdpa_mask(T, k.size(1), attn_mask, q.device)
         if T == 1:  # decode: a key/value head's group of query heads become its query rows, so no head is copied
             q = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)  # (B, KV, H/KV, hd)
             y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -100,7 +106,7 @@ class Attention(nn.Module):
                                                is_causal=is_causal, scale=self.softmax_scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
             y = y.transpose(1, 2)                                                           # (B, T, H, hd)
-        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
+        return y.reshape(B, T, self.n_heads * self.head_dim)
 
 # %% ../../nbs/05_attention.ipynb #b2fb42fa
 class MLA(nn.Module):

@@ -32,7 +32,7 @@ the activated experts).
 """
 import os, sys, time, argparse, inspect, importlib.util, statistics, contextlib
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync
+from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync, profile_fn
 import torch
 from metai.core import get_device, seed_everything
 from metai.config import ModelConfig
@@ -120,7 +120,7 @@ def add_ratios(r:dict, compile:bool):
 
 
 def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None,
-                kernels:bool=True) -> dict:
+                kernels:bool=True, profile:bool=False) -> dict:
     "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up; `chunk` steps per CUDA graph."
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
     kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk, kernels=kernels)
@@ -132,8 +132,12 @@ def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, f
     with torch.no_grad(): tp = statistics.median(wall(lambda: fast_prefill(model, x, cache, compile=compile), device) for _ in range(3))  # as generate runs it
     t = statistics.median(ts)
     assert all(len(o) == n_new for o in out), [len(o) for o in out]
-    return dict(tokens_per_s=n_new / t, decode_tokens_per_s=(n_new - 1) / (t - tp), prefill_ms=tp * 1e3,
-                first_call_s=t_first, runs_s=ts, peak_mem_gb=peak_mem_gb(device))
+    r = dict(tokens_per_s=n_new / t, decode_tokens_per_s=(n_new - 1) / (t - tp), prefill_ms=tp * 1e3,
+             first_call_s=t_first, runs_s=ts, peak_mem_gb=peak_mem_gb(device))
+    if profile and device.type == 'cuda':  # kernels of one whole generate call (the graphs' kernels are listed one by one)
+        r['profile'] = profile_fn(lambda: generate(model, prompt, n_new, seed=0, **kw), device, steps=1, top=25)
+        r['profile']['kernel_us_per_token'] = r['profile']['kernel_ms_per_step'] * 1e3 / n_new
+    return r
 
 
 def bench_hf(model, prompt:list, n_new:int, runs:int, device) -> dict:
@@ -245,6 +249,7 @@ def main():
     ap.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
     ap.add_argument('--no-chunk1', action='store_true', help='skip metai compiled with one decode step per CUDA graph')
+    ap.add_argument('--profile', action='store_true', help="also profile one generate call of metai's default compiled path")
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
@@ -282,7 +287,7 @@ def main():
         prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         print(f'{name}: {r["params"] / 1e6:,.0f}M params, {wb / 1e9:.2f} GB of weights, HBM bound {HBM / wb:,.0f} tokens/s', flush=True)
         # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
-        runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device)) if compile else None,
+        runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,

@@ -19,7 +19,7 @@ from ..core import get_device
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
-from .kernels import decode_forward
+from .kernels import decode_forward, fused_decode_ok
 
 # %% ../../nbs/10_generate.ipynb #f45ad2b2
 def logits_to_probs(logits:Tensor, # (..., V) logits
@@ -83,10 +83,10 @@ def decode_one_token(model, # a metai `Transformer`
                      seen:Tensor|None=None, # (B, V) bool tokens seen so far (only with a repetition penalty)
                      temperature:float=0.8, top_k:int|None=None, top_p:float|None=None, # sampling knobs
                      repetition_penalty:float=1.0, # > 1 discourages repeats
-                     kernels:bool=False # one row on CUDA: the fused batch-1 products of notebook 09b (`decode_forward`)
+                     kernels:bool=False # one row of a bf16 model on CUDA: the fused batch-1 kernels of notebook 09b (`decode_forward`)
                     ) -> tuple[Tensor, Tensor|None]:
     "Feed `tok` at `input_pos` and sample the next token: `(next (B, 1), seen)`. Fixed shapes, no host sync."
-    fused = kernels and tok.is_cuda and tok.shape == (1, 1)
+    fused = kernels and fused_decode_ok(model, tok)
     logits = (decode_forward if fused else forward_step)(model, tok, input_pos, cache)[:, -1]  # (B, V)
     if seen is not None:
         seen = seen.scatter(1, tok, True)

@@ -6,9 +6,9 @@ down-projection, the residual add after it), so a dense layer is four kernels in
 
 # %% auto #0
 __all__ = ['INTERPRET', 'prologue', 'gemv_ref', 'gemv', 'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref',
-           'decode_attention', 'fused_gemv', 'decode_forward']
+           'decode_attention', 'fused_gemv', 'fused_decode_ok', 'decode_forward']
 
-# %% ../../nbs/09b_kernels.ipynb #921e5983
+# %% ../../nbs/09b_kernels.ipynb #4fc3b9fb
 import os, sys, subprocess, textwrap
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ except ImportError:  # CPU installs without Triton: every product takes the refe
     triton = None
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'  # Triton's interpreter: the kernels run (slowly) on CPU tensors
 
-# %% ../../nbs/09b_kernels.ipynb #12d0a543
+# %% ../../nbs/09b_kernels.ipynb #0670b63f
 def prologue(x:Tensor, # (K,) the layer input, or (2K,) = [a; b] with `silu`
              norm:Tensor|None=None, # (K,) RMSNorm gain: f(x) = RMSNorm(x)
              eps:float=1e-6, # the norm's epsilon
@@ -45,7 +45,7 @@ def gemv_ref(x:Tensor, # (K,) or (2K,) with `silu`
     y = torch.cat([F.linear(h, w) for w in ws])
     return y if residual is None else residual + y
 
-# %% ../../nbs/09b_kernels.ipynb #32a58664
+# %% ../../nbs/09b_kernels.ipynb #659e0c3d
 if triton is not None:
     @triton.jit
     def _rstd(x_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
@@ -127,7 +127,7 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(tl.bfloat16), mask=out < N)
 
 
-# %% ../../nbs/09b_kernels.ipynb #8b927c33
+# %% ../../nbs/09b_kernels.ipynb #9ea1854b
 _TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 512, 4, 3), (4, 512, 4, 3), (4, 1024, 8, 2), (8, 256, 4, 3),
           (8, 512, 8, 2), (8, 1024, 8, 3), (16, 256, 8, 2), (16, 512, 8, 3)]  # bf16: (BLOCK_N, BLOCK_K, warps, stages)
 _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
@@ -153,7 +153,7 @@ def _kernel_ok(x:Tensor, ws:list) -> bool:
     "The Triton path applies: Triton present, a CUDA input (or the interpreter), bf16 input, at most three weights."
     return triton is not None and (x.is_cuda or INTERPRET) and x.dtype == torch.bfloat16 and 1 <= len(ws) <= 3
 
-# %% ../../nbs/09b_kernels.ipynb #77707b2f
+# %% ../../nbs/09b_kernels.ipynb #67fb7243
 @torch.library.custom_op('metai::gemv', mutates_args=())
 def gemv(x:Tensor, # (K,) one row (or (2K,) = [a; b] with `silu`), bf16 for the kernel
          ws:list[Tensor], # one to three bf16 weights (N_i, K) that read the same input
@@ -205,7 +205,7 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
 @gemv_int4.register_fake
 def _(x, qs, scales, zeros, group_size, norm=None, eps=1e-6, residual=None, silu=False): return x.new_empty(sum(q.shape[0] for q in qs))
 
-# %% ../../nbs/09b_kernels.ipynb #0a10e455
+# %% ../../nbs/09b_kernels.ipynb #6d98df56
 def check_kernels_interpreted(timeout:float=300) -> str:
     "Run the Triton kernels under the interpreter (CPU) against `gemv_ref` in a child process; the report it prints."
     script = textwrap.dedent("""
@@ -259,7 +259,7 @@ def check_kernels_interpreted(timeout:float=300) -> str:
     if p.returncode: raise RuntimeError(f'kernels under the interpreter failed: {p.stderr.strip().splitlines()[-1]}')
     return p.stdout.strip()
 
-# %% ../../nbs/09b_kernels.ipynb #31b79740
+# %% ../../nbs/09b_kernels.ipynb #b9019ae8
 def decode_attention_ref(qkv:Tensor, # (H*D + 2*KV*D,) the q/k/v product of the new token, before RoPE
                          k_cache:Tensor, v_cache:Tensor, # (B, S, KV, D): row 0 is written at `input_pos` and read
                          input_pos:Tensor, # (1,) long, the new token's position
@@ -349,7 +349,7 @@ def decode_attention(qkv:Tensor, k_cache:Tensor, v_cache:Tensor, input_pos:Tenso
 def _(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale): return qkv.new_empty(n_heads * k_cache.shape[-1])
 
 
-# %% ../../nbs/09b_kernels.ipynb #8c9c8a93
+# %% ../../nbs/09b_kernels.ipynb #54197558
 def fused_gemv(lins:list, # layers that read x: nn.Linear (bf16), or int4 layers (`qweight`/`scales`/`zeros`, notebook 12)
                x:Tensor, # (K,) one row, or (2K,) = [a; b] with `silu`
                norm:nn.Module|None=None, # an RMSNorm applied to x first
@@ -367,6 +367,12 @@ def fused_gemv(lins:list, # layers that read x: nn.Linear (bf16), or int4 layers
     h = prologue(x, g, eps, silu)
     y = torch.cat([l(h) for l in lins])
     return y if residual is None else residual + y
+
+def fused_decode_ok(model, # a metai `Transformer`
+                    tokens:Tensor # (B, T) the step's tokens
+                   ) -> bool:
+    "Whether a decode step should take `decode_forward`: one token of one row, on CUDA, a bf16 model, Triton present."
+    return triton is not None and tokens.is_cuda and tokens.shape == (1, 1) and model.embed.weight.dtype == torch.bfloat16
 
 def decode_forward(model, # a metai `Transformer`
                    tokens:Tensor, # (1, 1) the newest token

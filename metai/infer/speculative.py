@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
+from .kernels import decode_forward, fused_decode_ok
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, ChatSession, TextStreamer, load_model_dir,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles)
 
@@ -345,7 +346,8 @@ def _spec_round(target, draft, # the two models
     tok = seq.index_select(1, pos)                                           # (1, 2)
     drafts, qs = [], []
     for i in range(gamma):                                                   # γ draft forwards: the first over 2 tokens, then 1
-        lg = forward_step(draft, tok, pos, draft_cache)[:, -1]               # (1, V)
+        step = decode_forward if i and fused_decode_ok(draft, tok) else forward_step  # one token: the fused kernels (notebook 09b)
+        lg = step(draft, tok, pos, draft_cache)[:, -1]                       # (1, V)
         d, q = _draw(lg, temperature, top_k, top_p)
         drafts.append(d); qs.append(q); tok, pos = d[:, None], p + 1 + i
     dr = torch.stack(drafts, 1)                                              # (1, γ)

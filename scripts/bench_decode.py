@@ -30,7 +30,7 @@ the activated experts).
     python scripts/bench_decode.py --models llama-1b --runs 5 --out /tmp/1b.json
     python scripts/bench_decode.py --device cpu --tiny --out /tmp/decode_cpu.json      # a quick check of the script
 """
-import os, sys, time, argparse, inspect, importlib.util, statistics, contextlib
+import os, sys, time, copy, argparse, inspect, importlib.util, statistics, contextlib
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync, profile_fn
 import torch
@@ -40,6 +40,7 @@ from metai.model.transformer import Transformer
 from metai.model.moe import MoE
 from metai.infer.cache import make_cache, set_mla_mode, cache_bytes
 from metai.infer.generate import generate, fast_prefill, decode_n_tokens, graph_decoder
+from metai.infer.quant import quantize_model, prepare_int4
 
 DATASHEET_HBM = {'H100': 3.35e12, 'H200': 4.8e12}  # bytes/s of the SXM parts
 
@@ -117,6 +118,8 @@ def add_ratios(r:dict, compile:bool):
     r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
     for k in ('transformers', 'gpt_fast', 'metai_compiled_unfused', 'metai_eager' if compile else None):
         if k and r.get(k, {}).get('tokens_per_s'): r[f'speedup_vs_{k}'] = best / r[k]['tokens_per_s']
+    if r.get('metai_compiled_int4', {}).get('tokens_per_s') and r.get('metai_compiled', {}).get('tokens_per_s'):
+        r['int4_speedup_vs_bf16'] = r['metai_compiled_int4']['tokens_per_s'] / r['metai_compiled']['tokens_per_s']
 
 
 def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None,
@@ -236,6 +239,16 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> 
     return res
 
 
+def bench_int4(model, prompt:list, n_new:int, runs:int, device) -> dict:
+    "`bench_metai` on an int4 copy of `model` (G = 64, head included, `prepare_int4` layouts): the products in `gemv_int4`."
+    m4 = copy.deepcopy(model)
+    quantize_model(m4, group_size=64, include_head=True); prepare_int4(m4, device)
+    r = bench_metai(m4, prompt, n_new, True, runs, device)
+    r.update(weight_bytes=sum(t.numel() * t.element_size() for t in m4.state_dict().values()), group_size=64, include_head=True)
+    del m4; free(device)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--out', required=True, help='JSON results file (written after each model)')
@@ -250,6 +263,7 @@ def main():
     ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
     ap.add_argument('--no-chunk1', action='store_true', help='skip metai compiled with one decode step per CUDA graph')
     ap.add_argument('--profile', action='store_true', help="also profile one generate call of metai's default compiled path")
+    ap.add_argument('--int4', action='store_true', help='also decode an int4 copy (group size 64, head included) through the same path')
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
@@ -289,6 +303,7 @@ def main():
         # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
+                ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and a.int4 else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from ..model.attention import Attention, fused_linear
 from ..model.rope import apply_rope
+from .quant import dequantize_int4, unpack_int4
 try:
     import triton
     import triton.language as tl
@@ -188,8 +189,7 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
     "`gemv` with block-wise int4 weights, dequantized inside the kernel; the dequantized product elsewhere."
     K = qs[0].shape[1] * 2
     if not (_kernel_ok(x, qs) and K % 8 == 0 and group_size % 8 == 0):
-        ws = [((torch.stack([q >> 4, q & 15], -1).flatten(-2).float().view(q.shape[0], -1, group_size) - 8) * s.float()[..., None]
-               + z.float()[..., None]).view(q.shape[0], K).to(x.dtype) for q, s, z in zip(qs, scales, zeros)]  # (N_i, K)
+        ws = [dequantize_int4(unpack_int4(q), s, z, x.dtype) for q, s, z in zip(qs, scales, zeros)]  # (N_i, K), notebook 12
         return gemv_ref(x, ws, norm, eps, residual, silu)
     Ns = [q.shape[0] for q in qs] + [0, 0]
     N, pad = sum(Ns), 3 - len(qs)

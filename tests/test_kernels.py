@@ -57,3 +57,33 @@ def test_cuda_fused_decode_matches():
         top2 = m(torch.tensor([prompt + fused], device='cuda'))[0][0, len(prompt) - 1:-1].topk(2).indices.tolist()
     assert len(fused) == 40 and all(t in k for t, k in zip(fused, top2)), (fused, top2)
     assert sum(a == b for a, b in zip(fused, plain)) >= 10, (fused, plain)  # bf16 rounding may split a near tie later on
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_decode_attention_long():
+    "The split attention against its reference on long caches: empty splits, one position, block edges, the last slot."
+    from metai.infer.kernels import decode_attention, decode_attention_ref
+    torch.manual_seed(0)
+    bf = dict(device='cuda', dtype=torch.bfloat16)
+    for H, KV, D, inter in ((32, 8, 64, True), (12, 12, 64, False), (6, 2, 128, True)):
+        S = 4096
+        cos, sin = torch.randn(S, D // 2, device='cuda'), torch.randn(S, D // 2, device='cuda')
+        caches = [torch.randn(1, S, KV, D, **bf) for _ in range(2)]
+        c2 = [c.clone() for c in caches]
+        for pos in (0, 1, 31, 32, 33, 511, 1000, 4095):
+            qkv = torch.randn((H + 2 * KV) * D, **bf)
+            p = torch.tensor([pos], device='cuda')
+            a = decode_attention(qkv, *caches, p, cos, sin, H, KV, inter, D ** -0.5).float()
+            b = decode_attention_ref(qkv, *c2, p, cos, sin, H, KV, inter, D ** -0.5).float()
+            assert (a - b).abs().max() <= 0.02, (H, KV, D, pos, (a - b).abs().max().item())
+            assert all((x.float() - y.float()).abs().max() <= 0.02 * y.float().abs().max() for x, y in zip(caches, c2)), (H, KV, D, pos)
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_topk_long():
+    "Two-round top-k on a vocabulary-sized row equals torch.topk."
+    from metai.infer.generate import topk_long
+    x = torch.randn(2, 128256, device='cuda')
+    for k in (1, 50, 200, 1000):
+        v, i = topk_long(x, k)
+        assert torch.equal(v, torch.topk(x, k).values) and torch.equal(x.gather(1, i), v), k

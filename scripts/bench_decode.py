@@ -39,8 +39,9 @@ from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.model.moe import MoE
 from metai.infer.cache import make_cache, set_mla_mode, cache_bytes
-from metai.infer.generate import generate, fast_prefill, decode_n_tokens, graph_decoder
+from metai.infer.generate import generate, fast_prefill, decode_n_tokens, graph_decoder, clear_graphs
 from metai.infer.quant import quantize_model, prepare_int4
+from metai.infer import kernels as metai_kernels
 
 DATASHEET_HBM = {'H100': 3.35e12, 'H200': 4.8e12}  # bytes/s of the SXM parts
 
@@ -118,8 +119,9 @@ def add_ratios(r:dict, compile:bool):
     r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
     for k in ('transformers', 'gpt_fast', 'metai_compiled_unfused', 'metai_eager' if compile else None):
         if k and r.get(k, {}).get('tokens_per_s'): r[f'speedup_vs_{k}'] = best / r[k]['tokens_per_s']
-    if r.get('metai_compiled_int4', {}).get('tokens_per_s') and r.get('metai_compiled', {}).get('tokens_per_s'):
-        r['int4_speedup_vs_bf16'] = r['metai_compiled_int4']['tokens_per_s'] / r['metai_compiled']['tokens_per_s']
+    int4 = max([r.get(k, {}).get('tokens_per_s') or 0 for k in ('metai_compiled_int4', 'metai_compiled_int4_gemv')])
+    if int4 and r.get('metai_compiled', {}).get('tokens_per_s'):
+        r['int4_speedup_vs_bf16'] = int4 / r['metai_compiled']['tokens_per_s']  # the faster int4 path
 
 
 def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None,
@@ -239,13 +241,17 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> 
     return res
 
 
-def bench_int4(model, prompt:list, n_new:int, runs:int, device) -> dict:
-    "`bench_metai` on an int4 copy of `model` (G = 64, head included, `prepare_int4` layouts): the products in `gemv_int4`."
+def bench_int4(model, prompt:list, n_new:int, runs:int, device, triton_gemv:bool=False) -> dict:
+    """`bench_metai` on an int4 copy of `model` (G = 64, head included, `prepare_int4` layouts): the products in PyTorch's
+    int4 kernel, or with `triton_gemv` in `gemv_int4` (notebook 09b's `INT4_IN_DECODE`)."""
     m4 = copy.deepcopy(model)
     quantize_model(m4, group_size=64, include_head=True); prepare_int4(m4, device)
-    r = bench_metai(m4, prompt, n_new, True, runs, device)
-    r.update(weight_bytes=sum(t.numel() * t.element_size() for t in m4.state_dict().values()), group_size=64, include_head=True)
-    del m4; free(device)
+    keep, metai_kernels.INT4_IN_DECODE = metai_kernels.INT4_IN_DECODE, triton_gemv
+    try: r = bench_metai(m4, prompt, n_new, True, runs, device)
+    finally: metai_kernels.INT4_IN_DECODE = keep
+    r.update(weight_bytes=sum(t.numel() * t.element_size() for t in m4.state_dict().values()), group_size=64, include_head=True,
+             products='gemv_int4 (Triton)' if triton_gemv else "PyTorch's int4 kernel")
+    clear_graphs(); del m4; free(device)  # its graphs hold it
     return r
 
 
@@ -304,6 +310,8 @@ def main():
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
                 ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and a.int4 else None,
+                ('metai_compiled_int4_gemv', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device, triton_gemv=True))
+                if compile and a.int4 else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

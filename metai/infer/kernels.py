@@ -102,15 +102,29 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(tl.bfloat16), mask=out < N)
 
     @triton.jit
+    def _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, k0, K: tl.constexpr, rstd, G: tl.constexpr,
+                   NORM: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        "One tile's sums per group of G columns: sum_k ((q - 8) s + z) f(x)_k = s sum_k (q - 8) f(x)_k + z sum_k f(x)_k."
+        w, i = tl.arange(0, BLOCK_K // 8), tl.arange(0, 8)               # the tile's 32-bit words; a code's nibble in its word
+        nib = (words[:, :, None] >> (4 * i)[None, None, :]) & 15          # (BLOCK_N, BLOCK_K/8, 8)
+        qm8 = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8 exactly: 2^23 + q - (2^23 + 8)
+        x = _cols(x_ptr, g_ptr, k0 + 8 * w[:, None] + (i ^ 1)[None, :], K, rstd, NORM, SILU)  # (BLOCK_K/8, 8): nibble i is column 8w + (i ^ 1)
+        qx = tl.sum(tl.reshape(qm8 * x[None, :, :], (BLOCK_N, BLOCK_K // G, G)), 2)     # (BLOCK_N, BLOCK_K/G)
+        xs = tl.sum(tl.reshape(x, (BLOCK_K // G, G)), 1)                                       # (BLOCK_K/G,)
+        gc = k0 // G + tl.arange(0, BLOCK_K // G)                                              # the tile's groups
+        gm = rows & (gc[None, :] < K // G)
+        s = tl.load(s_ptr + n[:, None] * (K // G) + gc[None, :], mask=gm, other=0.).to(tl.float32)  # (BLOCK_N, BLOCK_K/G)
+        z = tl.load(z_ptr + n[:, None] * (K // G) + gc[None, :], mask=gm, other=0.).to(tl.float32)
+        return s * qx + z * xs[None, :]
+
+    @triton.jit
     def gemv_int4_kernel(x_ptr, g_ptr, r_ptr, y_ptr, # input, norm gain, residual, output
                          q0_ptr, q1_ptr, q2_ptr, s0_ptr, s1_ptr, s2_ptr, z0_ptr, z1_ptr, z2_ptr, # codes as int32 words (N_i, K/8), scales, zeros (N_i, K/G)
                          N0, N1, N, K: tl.constexpr, eps, G: tl.constexpr,
                          NORM: tl.constexpr, SILU: tl.constexpr, RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PDL: tl.constexpr):
-        "`gemv_kernel` with int4 weights, dequantized in registers: w = (q - 8) * s + z per group of G columns."
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        "`gemv_kernel` with int4 weights, dequantized in registers: w = (q - 8) * s + z per group of G columns (BLOCK_K % G == 0)."
+        if PDL: gdc_launch_dependents()
         row = tl.program_id(0) * BLOCK_N
         if row < N0: r = row; q_ptr = q0_ptr; s_ptr = s0_ptr; z_ptr = z0_ptr
         elif row < N0 + N1: r = row - N0; q_ptr = q1_ptr; s_ptr = s1_ptr; z_ptr = z1_ptr
@@ -118,38 +132,32 @@ if triton is not None:
         q_ptr += r.to(tl.int64) * (K // 8)
         s_ptr += r.to(tl.int64) * (K // G)
         z_ptr += r.to(tl.int64) * (K // G)
+        n, w = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K // 8)
+        rows = row + n[:, None] < N
+        words = tl.load(q_ptr + n[:, None] * (K // 8) + w[None, :], mask=rows & (w[None, :] < K // 8), other=0)  # first tile, before the wait
+        if PDL: gdc_wait()
         rstd = _rstd(x_ptr, K, eps, BLOCK_K) if NORM else 1.0
-        n = tl.arange(0, BLOCK_N)
-        w = tl.arange(0, BLOCK_K // 8)                     # the tile's 32-bit words, 8 codes each
-        i = tl.arange(0, 8)                                # a code's nibble in its word (little-endian bytes)
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            wi = k0 // 8 + w                                                                   # (BLOCK_K/8,) word columns
-            m = (row + n[:, None] < N) & (wi[None, :] < K // 8)
-            words = tl.load(q_ptr + n[:, None] * (K // 8) + wi[None, :], mask=m, other=0)    # (BLOCK_N, BLOCK_K/8) int32
-            nib = (words[:, :, None] >> (4 * i)[None, None, :]) & 15                           # (BLOCK_N, BLOCK_K/8, 8)
-            qm8 = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0                 # q - 8 exactly: 2^23 + q - (2^23 + 8)
-            x = _cols(x_ptr, g_ptr, 8 * wi[:, None] + (i ^ 1)[None, :], K, rstd, NORM, SILU)    # (BLOCK_K/8, 8): nibble i is code column 8w + (i ^ 1)
-            gi = n[:, None] * (K // G) + (8 * wi[None, :]) // G                                # each word's group
-            s = tl.load(s_ptr + gi, mask=m, other=0.).to(tl.float32)
-            z = tl.load(z_ptr + gi, mask=m, other=0.).to(tl.float32)
-            acc += s * tl.sum(qm8 * x[None, :, :], 2) + z * tl.sum(x, 1)[None, :]           # sum_k ((q - 8) s + z) x_k, per word
+        acc = _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, 0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K/G)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            wi = k0 // 8 + w
+            words = tl.load(q_ptr + n[:, None] * (K // 8) + wi[None, :], mask=rows & (wi[None, :] < K // 8), other=0)  # (BLOCK_N, BLOCK_K/8) int32
+            acc += _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, k0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)
         y = tl.sum(acc, 1)
         out = row + n
         if RES: y = y.to(tl.bfloat16).to(tl.float32) + tl.load(r_ptr + out, mask=out < N, other=0.).to(tl.float32)
         tl.store(y_ptr + out, y.to(tl.bfloat16), mask=out < N)
-
 
 # %% ../../nbs/09b_kernels.ipynb #b8b273d8
 _TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 512, 4, 3), (4, 512, 4, 3), (4, 1024, 8, 2), (8, 256, 4, 3),
           (8, 512, 8, 2), (8, 1024, 8, 3), (16, 256, 8, 2), (16, 512, 8, 3),
           (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # bf16: (BLOCK_N, BLOCK_K, warps, stages)
 _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
-               (32, 256, 8, 2), (32, 512, 8, 2)]  # int4: more rows per program (the input's prologue is shared by them)
+               (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # int4: (BLOCK_N, BLOCK_K, ...); BLOCK_K % G == 0
 
 def _fits(configs, named_args, **kw):
-    "Tiles whose BLOCK_N divides N0 and N1 (a block of rows never spans two weights)."
-    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
+    "Tiles whose BLOCK_N divides N0 and N1 (a block of rows never spans two weights) and, for int4, whose BLOCK_K holds whole groups."
+    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0
+            and c.kwargs['BLOCK_K'] % kw.get('G', 1) == 0]
 
 _TUNED = {}
 def _launcher(kernel):
@@ -158,7 +166,8 @@ def _launcher(kernel):
     if kernel not in _TUNED:
         tiles = _TILES_INT4 if kernel is gemv_int4_kernel else _TILES
         cfgs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in tiles]
-        _TUNED[kernel] = triton.autotune(cfgs, key=['N0', 'N1', 'N', 'K', 'PDL'], prune_configs_by={'early_config_prune': _fits})(kernel)
+        key = ['N0', 'N1', 'N', 'K', 'PDL'] + (['G'] if kernel is gemv_int4_kernel else [])
+        _TUNED[kernel] = triton.autotune(cfgs, key=key, prune_configs_by={'early_config_prune': _fits})(kernel)
     return _TUNED[kernel]
 
 PDL = True  # programmatic dependent launch where the GPU has it (notebook 90 measures with and without)
@@ -214,7 +223,7 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
     args = (x, norm if norm is not None else x, residual if residual is not None else y, y,
             *qs, *[qs[0]] * pad, *scales, *[scales[0]] * pad, *zeros, *[zeros[0]] * pad, Ns[0], Ns[1], N, K, eps)
     flags = dict(G=group_size, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=_pdl(x))
-    if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=64)
+    if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=max(64, group_size))
     else: _launcher(gemv_int4_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 
@@ -415,7 +424,7 @@ def decode_attention(qkv:Tensor, k_cache:Tensor, v_cache:Tensor, input_pos:Tenso
 @decode_attention.register_fake
 def _(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale): return qkv.new_empty(n_heads * k_cache.shape[-1])
 
-# %% ../../nbs/09b_kernels.ipynb #81e9435c
+# %% ../../nbs/09b_kernels.ipynb #dfa0cdaa
 def sample_top_k_ref(logits:Tensor, # (B, V) logits of the next position
                      e:Tensor, # (B, KP) Exponential(1) draws, KP >= top_k (the first top_k are used)
                      top_k:int, temperature:float, top_p:float|None=None # as `logits_to_probs` (notebook 10)
@@ -459,13 +468,13 @@ if triton is not None:
 
 @torch.library.custom_op('metai::sample_top_k', mutates_args=())
 def sample_top_k(logits:Tensor, e:Tensor, top_k:int, temperature:float, top_p:float|None=None) -> Tensor:
-    "`sample_top_k_ref` in two Triton kernels (CUDA, top_k <= KP <= 256, KP a power of two); the reference elsewhere."
+    "`sample_top_k_ref` in two Triton kernels (CUDA, top_k <= KP <= 256, KP a power of two, V <= 32K); the reference elsewhere."
     B, V = logits.shape
     KP = e.shape[1]
-    if not (triton is not None and (logits.is_cuda or INTERPRET) and top_k <= KP <= 256 and KP & (KP - 1) == 0 and V < 2 ** 31):
-        return sample_top_k_ref(logits, e, top_k, temperature, top_p)
     CH = 256 if INTERPRET else 4096                                         # logits per chunk
-    NC = triton.next_power_of_2(triton.cdiv(V, CH))                         # chunks per row (past V they hold -inf)
+    NC = triton.next_power_of_2(triton.cdiv(V, CH)) if triton is not None else 0  # chunks per row (past V they hold -inf)
+    if not (triton is not None and (logits.is_cuda or INTERPRET) and top_k <= KP <= 256 and KP & (KP - 1) == 0 and NC <= 8):
+        return sample_top_k_ref(logits, e, top_k, temperature, top_p)
     keys = logits.new_empty(B, NC, KP, dtype=torch.int64)
     out = logits.new_empty(B, 1, dtype=torch.long)
     topk_chunks_kernel[(NC, B)](logits.contiguous(), keys, V, CH=CH, KP=KP, num_warps=8)

@@ -5,8 +5,8 @@ read once per pass, as in a real decode step) and timed as CUDA graphs:
   with `gemv`, with and without programmatic dependent launch, against cuBLAS (`F.linear`, unfused);
 - `decode_attention` over every layer's cache at two positions, for nine (positions per block, programs) settings,
   against its PyTorch reference (RoPE, index writes, SDPA over the whole cache);
-- a top-k = 200 draw from one row of logits: `sample_top_k` (Triton) against `torch.topk` with the same draw
-  (`sample_top_k_ref`) and against a softmax and race over the whole vocabulary (`logits_to_probs`), all compiled.
+- a top-k = 200 draw from one row of logits: `sample` (the race over `torch.topk`'s k values) against a softmax and
+  race over the whole vocabulary (`logits_to_probs`), both compiled.
 
     python scripts/bench_kernels.py --out bench/results/kernels_h200.json
 """
@@ -15,8 +15,8 @@ from bench_common import card_info, save_json
 import torch
 import torch.nn.functional as F
 import metai.infer.kernels as K
-from metai.infer.kernels import gemv, decode_attention, decode_attention_ref, sample_top_k, sample_top_k_ref
-from metai.infer.generate import multinomial_no_sync, logits_to_probs
+from metai.infer.kernels import gemv, decode_attention, decode_attention_ref
+from metai.infer.generate import multinomial_no_sync, logits_to_probs, sample
 
 MODELS = {'1b': dict(dim=2048, layers=16, vocab=128256, ffn=8192, kv_dim=512, heads=32, kv_heads=8, head_dim=64),
           '125m': dict(dim=768, layers=12, vocab=32000, ffn=2048, kv_dim=768, heads=12, kv_heads=12, head_dim=64)}
@@ -83,14 +83,10 @@ def attention(m:dict, bf:dict, S:int=2048) -> dict:
     return out
 
 def sampling(V:int, k:int=200) -> dict:
-    "Microseconds per top-k draw from one row of V bf16 logits (temperature 0.8), each path compiled."
+    "Microseconds per top-k draw from one row of V bf16 logits (temperature 0.8), compiled: over the whole vocabulary, or `sample`'s k."
     lg = torch.randn(1, V, device='cuda', dtype=torch.bfloat16) * 3
-    kp = 1 << (k - 1).bit_length()
-    def draw(fn):
-        e = torch.empty(1, kp, device='cuda').exponential_(1).clamp_min_(1e-20)
-        return fn(lg, e, k, 0.8, None)
     paths = dict(full_vocab=lambda l: multinomial_no_sync(logits_to_probs(l, 0.8, k, None)),
-                 torch_topk=lambda l: draw(sample_top_k_ref), triton=lambda l: draw(sample_top_k))
+                 torch_topk=lambda l: sample(l, 0.8, k, None))
     return {name: graph_us(lambda f=torch.compile(fn, fullgraph=True): f(lg)) for name, fn in paths.items()}
 
 def main():

@@ -11,9 +11,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
 @pytest.mark.skipif(triton is None, reason='Triton is not installed')
 def test_kernels_interpreted():
-    "The kernels: every prologue/epilogue, 1 and 3 weights, a row count no tile divides, GQA/MHA attention, the top-k draw: as the references."
-    bf16, int4, attention, sample_wrong = map(float, check_kernels_interpreted().split()[1::2])
-    assert bf16 <= 0.07 and int4 <= 0.07 and attention <= 0.07 and sample_wrong == 0, (bf16, int4, attention, sample_wrong)
+    "The kernels: every prologue/epilogue, 1 and 3 weights, a row count no tile divides, GQA/MHA attention: close to the references."
+    bf16, int4, attention = map(float, check_kernels_interpreted().split()[1::2])
+    assert bf16 <= 0.07 and int4 <= 0.07 and attention <= 0.07, (bf16, int4, attention)
 
 def llama(**kw):
     d = dict(vocab_size=1024, dim=256, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=704, max_seq_len=128, init_std=0.05)
@@ -77,15 +77,3 @@ def test_cuda_decode_attention_long():
             b = decode_attention_ref(qkv, *c2, p, cos, sin, H, KV, inter, D ** -0.5).float()
             assert (a - b).abs().max() <= 0.02, (H, KV, D, pos, (a - b).abs().max().item())
             assert all((x.float() - y.float()).abs().max() <= 0.02 * y.float().abs().max() for x, y in zip(caches, c2)), (H, KV, D, pos)
-
-@pytest.mark.cuda
-@cuda
-def test_cuda_sample_top_k():
-    "The Triton top-k draw picks the reference's token (same exponential draws) on rows of up to 32K logits."
-    from metai.infer.kernels import sample_top_k, sample_top_k_ref
-    torch.manual_seed(0)
-    for V, B, k, kp, t, tp in ((32000, 1, 200, 256, 0.8, None), (32768, 3, 50, 64, 1.0, 0.9), (32000, 2, 1, 16, 0.7, None),
-                               (20000, 1, 256, 256, 1.2, 0.5), (1000, 4, 16, 16, 1.0, None)):  # the kernels serve V <= 32K
-        for _ in range(20):
-            lg, e = torch.randn(B, V, device='cuda') * 3, torch.empty(B, kp, device='cuda').exponential_()
-            assert torch.equal(sample_top_k(lg, e, k, t, tp), sample_top_k_ref(lg, e, k, t, tp)), (V, B, k, t, tp)

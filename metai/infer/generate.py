@@ -19,7 +19,7 @@ from ..core import get_device
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
-from .kernels import decode_forward, fused_decode_ok, sample_top_k
+from .kernels import decode_forward, fused_decode_ok
 
 # %% ../../nbs/10_generate.ipynb #f45ad2b2
 def logits_to_probs(logits:Tensor, # (..., V) logits
@@ -66,9 +66,8 @@ def sample(logits:Tensor, # (B, V) logits of the next position
     if temperature == 0: return logits.argmax(-1, keepdim=True)
     if top_k is None or top_k >= logits.size(-1):
         return multinomial_no_sync(logits_to_probs(logits, temperature, top_k, top_p), generator)
-    kp = max(16, 1 << (top_k - 1).bit_length())                           # k rounded up to a power of two
-    e = torch.empty(logits.size(0), kp, device=logits.device).exponential_(1, generator=generator).clamp_min_(1e-20)
-    return sample_top_k(logits, e, top_k, temperature, top_p)              # (B, 1): Triton on CUDA, torch.topk elsewhere
+    vals, idx = torch.topk(logits.float() / max(temperature, 1e-5), top_k)  # (B, k) largest first
+    return idx.gather(-1, multinomial_no_sync(logits_to_probs(vals, 1.0, None, top_p), generator))
 
 # %% ../../nbs/10_generate.ipynb #fe30ae2f
 def prefill(model, # a metai `Transformer`

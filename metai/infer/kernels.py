@@ -7,8 +7,8 @@ six kernels instead of about a dozen."""
 
 # %% auto #0
 __all__ = ['INTERPRET', 'PDL', 'ATTN_BLOCK_S', 'ATTN_PROGRAMS', 'INT4_IN_DECODE', 'prologue', 'gemv_ref', 'gemv', 'gemv_int4',
-           'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention', 'sample_top_k_ref', 'sample_top_k',
-           'fused_gemv', 'fused_decode_ok', 'decode_forward']
+           'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention', 'fused_gemv', 'fused_decode_ok',
+           'decode_forward']
 
 # %% ../../nbs/09b_kernels.ipynb #53e4bb1b
 import os, sys, subprocess, textwrap
@@ -280,13 +280,7 @@ def check_kernels_interpreted(timeout:float=300) -> str:
                 b = decode_attention_ref(qkv, *c2, torch.tensor([pos]), cos, sin, H, KV, inter, 0.25)
                 worsta = max(worsta, (a.float() - b.float()).abs().max().item(),
                              max((x.float() - y.float()).abs().max().item() for x, y in zip(caches, c2)))
-        from metai.infer.kernels import sample_top_k, sample_top_k_ref
-        wrong = 0
-        for V, B, k, kp, t, tp in ((1000, 2, 50, 64, 0.8, None), (700, 3, 16, 16, 1.3, 0.7), (300, 1, 1, 16, 1.0, None)):
-            for _ in range(4):
-                lg, e = torch.randn(B, V) * 2, torch.empty(B, kp).exponential_()
-                wrong += int((sample_top_k(lg, e, k, t, tp) != sample_top_k_ref(lg, e, k, t, tp)).sum())  # fp32: no ties
-        print(f'bf16 {worst:.4f} int4 {worst4:.4f} attention {worsta:.4f} sample {wrong}')
+        print(f'bf16 {worst:.4f} int4 {worst4:.4f} attention {worsta:.4f}')
     """)
     env = dict(os.environ, TRITON_INTERPRET='1')
     p = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=timeout)
@@ -423,67 +417,6 @@ def decode_attention(qkv:Tensor, k_cache:Tensor, v_cache:Tensor, input_pos:Tenso
 
 @decode_attention.register_fake
 def _(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale): return qkv.new_empty(n_heads * k_cache.shape[-1])
-
-# %% ../../nbs/09b_kernels.ipynb #dfa0cdaa
-def sample_top_k_ref(logits:Tensor, # (B, V) logits of the next position
-                     e:Tensor, # (B, KP) Exponential(1) draws, KP >= top_k (the first top_k are used)
-                     top_k:int, temperature:float, top_p:float|None=None # as `logits_to_probs` (notebook 10)
-                    ) -> Tensor: # (B, 1) long
-    "The reference: `torch.topk`, softmax of the k values / temperature, top-p as `logits_to_probs`, then argmax p / e."
-    vals, idx = torch.topk(logits.float(), top_k)                          # (B, k) largest first
-    p = (vals / max(temperature, 1e-5)).softmax(-1)
-    if top_p is not None and top_p < 1.0: p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.)
-    return idx.gather(-1, torch.argmax(p / e[:, :top_k], -1, keepdim=True))
-
-if triton is not None:
-    @triton.jit
-    def _key(x, col):
-        "An int64 that sorts as (x, col): x's float bits turned into a signed integer of the same order, then the column."
-        i = x.to(tl.int32, bitcast=True)
-        i = i ^ ((i >> 31) & 0x7FFFFFFF)                                # negative floats: reverse the magnitude's order
-        return (i.to(tl.int64) << 32) | col.to(tl.int64)
-
-    @triton.jit
-    def topk_chunks_kernel(l_ptr, key_ptr, V, CH: tl.constexpr, KP: tl.constexpr):
-        "Chunk `program_id(0)` of row `program_id(1)`: the keys of its KP largest logits, largest first."
-        c, b = tl.program_id(0), tl.program_id(1)
-        col = c * CH + tl.arange(0, CH)
-        x = tl.load(l_ptr + b.to(tl.int64) * V + col, mask=col < V, other=float('-inf')).to(tl.float32)
-        tl.store(key_ptr + (b * tl.num_programs(0) + c) * KP + tl.arange(0, KP), tl.topk(_key(x, col), KP))
-
-    @triton.jit
-    def sample_top_k_kernel(key_ptr, e_ptr, out_ptr, V, k, inv_t, top_p, NC: tl.constexpr, KP: tl.constexpr, TOP_P: tl.constexpr):
-        "Row `program_id`: the KP largest of its chunks' keys, the first k, top-p, and one exponential-race draw."
-        b = tl.program_id(0)
-        top = tl.topk(tl.load(key_ptr + b * NC * KP + tl.arange(0, NC * KP)), KP)   # (KP,) the row's largest, largest first
-        i = (top >> 32).to(tl.int32)
-        v = (i ^ ((i >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)            # back to the logits
-        col = tl.minimum((top & 0xFFFFFFFF).to(tl.int32), V - 1)
-        j = tl.arange(0, KP)
-        p = tl.where(j < k, tl.exp((v - tl.max(v, 0)) * inv_t), 0.)                  # softmax numerators of the first k
-        p = p / tl.sum(p, 0)
-        if TOP_P: p = tl.where(tl.cumsum(p, 0) - p >= top_p, 0., p)                  # the mass before j already reaches top_p
-        best = tl.argmax(p / tl.load(e_ptr + b * KP + j), 0)
-        tl.store(out_ptr + b, tl.sum(tl.where(j == best, col, 0), 0).to(tl.int64))
-
-@torch.library.custom_op('metai::sample_top_k', mutates_args=())
-def sample_top_k(logits:Tensor, e:Tensor, top_k:int, temperature:float, top_p:float|None=None) -> Tensor:
-    "`sample_top_k_ref` in two Triton kernels (CUDA, top_k <= KP <= 256, KP a power of two, V <= 32K); the reference elsewhere."
-    B, V = logits.shape
-    KP = e.shape[1]
-    CH = 256 if INTERPRET else 4096                                         # logits per chunk
-    NC = triton.next_power_of_2(triton.cdiv(V, CH)) if triton is not None else 0  # chunks per row (past V they hold -inf)
-    if not (triton is not None and (logits.is_cuda or INTERPRET) and top_k <= KP <= 256 and KP & (KP - 1) == 0 and NC <= 8):
-        return sample_top_k_ref(logits, e, top_k, temperature, top_p)
-    keys = logits.new_empty(B, NC, KP, dtype=torch.int64)
-    out = logits.new_empty(B, 1, dtype=torch.long)
-    topk_chunks_kernel[(NC, B)](logits.contiguous(), keys, V, CH=CH, KP=KP, num_warps=8)
-    sample_top_k_kernel[(B,)](keys, e.contiguous(), out, V, top_k, 1 / max(temperature, 1e-5), top_p or 1.0,
-                              NC=NC, KP=KP, TOP_P=top_p is not None and top_p < 1.0, num_warps=8)
-    return out
-
-@sample_top_k.register_fake
-def _(logits, e, top_k, temperature, top_p=None): return logits.new_empty(logits.shape[0], 1, dtype=torch.long)
 
 # %% ../../nbs/09b_kernels.ipynb #1129595d
 INT4_IN_DECODE = False  # int4 layers: PyTorch's int4 kernel (faster than `gemv_int4` on an H200, notebook 90)

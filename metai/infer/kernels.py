@@ -264,6 +264,11 @@ def check_kernels_interpreted(timeout:float=300) -> str:
         for kw in (dict(), dict(norm=g4), dict(norm=g4, residual=torch.randn(48, dtype=bf))):
             y = gemv_int4(x4, [pack_int4(a) for a in q], list(s), list(z), G, **kw)
             worst4 = max(worst4, (y.float() - gemv_ref(x4.float(), deq, **{k: v.float() for k, v in kw.items()})).abs().max().item())
+        for G2 in (64, 128):                                                   # larger groups: one per tile, over several tiles
+            q2, s2, z2 = quantize_int4(torch.randn(24, 256) / 8, G2)
+            x2 = torch.randn(256, dtype=bf)
+            worst4 = max(worst4, (gemv_int4(x2, [pack_int4(q2)], [s2], [z2], G2).float()
+                                  - gemv_ref(x2.float(), [dequantize_int4(q2, s2, z2)])).abs().max().item())
         h4 = torch.randn(2 * K4, dtype=bf)
         worst4 = max(worst4, (gemv_int4(h4, [pack_int4(q[0])], [s[0]], [z[0]], G, silu=True).float()
                               - gemv_ref(h4, [deq[0].to(bf)], silu=True).float()).abs().max().item())

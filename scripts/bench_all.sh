@@ -4,7 +4,7 @@
 #
 #   OUT=/tmp/bench GPT_FAST_DIR=~/gpt-fast NANOGPT_DIR=~/nanoGPT DATA_DIR=output_micro/data bash scripts/bench_all.sh [STEP ...]
 #
-# STEPs (default: all, in this order): cuda-tests decode-dense quant decode-moe speculative model train fp8.
+# STEPs (default: all, in this order): cuda-tests decode-dense kernels quant decode-moe speculative model train fp8.
 # The baselines are public code checked out beside metai (gpt-fast for decode-dense, nanoGPT for train); a step
 # whose baseline folder is not given runs without it. DATA_DIR is a `metai prepare-data` folder (with corpus/zh.txt
 # and corpus/en.txt), needed by speculative (it trains a target/draft pair on it) and by train's quality check.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}; mkdir -p "$OUT"
 CARD=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((c for c in ('h200', 'h100', 'a100', 'l40s') if c in n), 'gpu'))")
 export PYTHONUNBUFFERED=1
-STEPS=${*:-cuda-tests decode-dense quant decode-moe speculative model train fp8}
+STEPS=${*:-cuda-tests decode-dense kernels quant decode-moe speculative model train fp8}
 quiet() { grep -v -e 'arn' -e 'softmax' -e 'self.gen' -e 'capture_end' -e 'reduction' -e '^$'; }
 limit() { local v="LIMIT_${1//-/_}"; echo "${!v:-$2}"; }
 
@@ -26,6 +26,8 @@ for step in $STEPS; do
     decode-dense)  # 125M and 1B Llama shapes: metai (8 steps / CUDA graph, 1 step / graph, frozen) vs gpt-fast and transformers
       timeout "$(limit $step 540)" python3 scripts/bench_decode.py --out "$OUT/decode_$CARD.json" --models llama-125m,llama-1b \
         --no-eager ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
+    kernels)       # the decode kernels alone, cold, against what they replace (products vs cuBLAS, attention vs its reference, draws)
+      timeout "$(limit $step 200)" python3 scripts/bench_kernels.py --out "$OUT/kernels_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/kernels.log" ;;
     quant)         # int4 and bf16 decode of the 1B shape on the same path, each with a profile of 32 compiled steps (H200 compiles: 78 s for the
                    # bf16 step, 97 s for int4 through generate; give two variants the whole 540 s)
       timeout "$(limit $step 540)" python3 scripts/bench_quant.py --out "$OUT/quant_$CARD.json" \

@@ -321,9 +321,12 @@ def main():
                 ('metai_eager', lambda: bench_metai(model, prompt, a.new_tokens, False, a.runs, device)) if not a.no_eager else None,
                 ('transformers', lambda: bench_hf(model, prompt, a.new_tokens, a.runs, device)) if not a.no_hf else None]
         for key, fn in filter(None, runs):
+            t0 = time.perf_counter()
             try: r[key] = fn()
             except Exception as e: r[key] = dict(error=short_error(e))
-            print(f'  {key:15s} {r[key].get("tokens_per_s", 0):10,.1f} tokens/s  {r[key].get("error", r[key].get("skipped", ""))}', flush=True)
+            r[key]['row_s'] = time.perf_counter() - t0  # compile, autotune and timing together
+            print(f'  {key:15s} {r[key].get("tokens_per_s", 0):10,.1f} tokens/s  ({r[key]["row_s"]:.0f} s)  '
+                  f'{r[key].get("error", r[key].get("skipped", ""))}', flush=True)
             if device.type == 'cuda': torch.cuda.empty_cache()
             add_ratios(r, compile)
             res['models'][name] = r

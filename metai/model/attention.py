@@ -167,13 +167,18 @@ class MLA(nn.Module):
         elif mode == 'absorbed':
             w = self.wkv_b.weight.view(H, dn + dv, r)                                         # [W^UK ; W^UV] per head
             q_lat = torch.einsum('bthd,hdc->bthc', q_nope, w[:, :dn])                         # (B, T, H, r): W^UK folded in
-            # one key/value head shared by all query heads (MQA): fold the heads into the query rows, row h*T + t
-            q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, 1, H * T, r + dr)
-            k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1)                                    # (B, 1, S, r + dr)
-            if is_causal: mask = causal_mask(T, S, x.device)
-            if mask is not None: mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], H, T, S).flatten(-3, -2)  # (.., H*T, S)
-            y = F.scaled_dot_product_attention(q, k, kv.unsqueeze(1), attn_mask=mask,
-                                               scale=self.softmax_scale)                      # (B, 1, H*T, r)
-            y = torch.einsum('bhtc,hdc->bthd', y.view(B, H, T, r), w[:, dn:])                 # (B, T, H, dv): W^UV folded in
+            if T == 1:  # decode: the scores straight from the cached latents and rope keys, no [c ; k_pe] copy of them
+                s = q_lat[:, 0] @ kv.transpose(1, 2) + q_pe[:, 0] @ k_pe.transpose(1, 2)       # (B, H, S)
+                s = s.float() * self.softmax_scale
+                if mask is not None: s = s.masked_fill(~mask[:, 0], float('-inf'))              # mask (B, 1, 1, S)
+                y = (s.softmax(-1).to(kv.dtype) @ kv).view(B, H, T, r)                          # (B, H, 1, r)
+            else:  # one key/value head shared by all query heads (MQA): fold the heads into the query rows, row h*T + t
+                q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, 1, H * T, r + dr)
+                k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1)                                # (B, 1, S, r + dr)
+                if is_causal: mask = causal_mask(T, S, x.device)
+                if mask is not None: mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], H, T, S).flatten(-3, -2)  # (.., H*T, S)
+                y = F.scaled_dot_product_attention(q, k, kv.unsqueeze(1), attn_mask=mask,
+                                                   scale=self.softmax_scale).view(B, H, T, r)  # (B, H, T, r)
+            y = torch.einsum('bhtc,hdc->bthd', y, w[:, dn:])                                  # (B, T, H, dv): W^UV folded in
         else: raise ValueError(f"MLA.mode: {mode!r} is not 'naive' or 'absorbed'")
         return self.wo(y.reshape(B, T, H * dv))

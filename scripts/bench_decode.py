@@ -113,7 +113,8 @@ def round8(n:int) -> int: return -(-n // 8) * 8
 
 def add_ratios(r:dict, compile:bool):
     "The best metai row of model result `r`, its fraction of the HBM bound and its ratios to the baselines (in place)."
-    best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in ('metai_compiled', 'metai_compiled_chunk1', 'metai_compiled_frozen', 'metai_eager')])
+    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
+    best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in keys])
     if not best: return
     r['best_metai_tokens_per_s'] = best
     r['fraction_of_hbm_bound'] = best / r['hbm_bound_tokens_per_s']
@@ -268,6 +269,7 @@ def main():
     ap.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
     ap.add_argument('--no-chunk1', action='store_true', help='skip metai compiled with one decode step per CUDA graph')
+    ap.add_argument('--chunks', default='', help='also time metai compiled with these decode steps per CUDA graph (comma-separated; the default is 8)')
     ap.add_argument('--profile', action='store_true', help="also profile one generate call of metai's default compiled path")
     ap.add_argument('--int4', action='store_true', help='also decode an int4 copy (group size 64, head included) through the same path')
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
@@ -309,6 +311,8 @@ def main():
         # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
+                *[(f'metai_compiled_chunk{c}', lambda c=c: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=c))
+                  for c in map(int, filter(None, a.chunks.split(','))) if compile],
                 ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and a.int4 else None,
                 ('metai_compiled_int4_gemv', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device, triton_gemv=True))
                 if compile and a.int4 else None,

@@ -104,19 +104,21 @@ if triton is not None:
     @triton.jit
     def _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, k0, K: tl.constexpr, rstd, G: tl.constexpr,
                    NORM: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        "One tile's sums per group of G columns: sum_k ((q - 8) s + z) f(x)_k = s sum_k (q - 8) f(x)_k + z sum_k f(x)_k."
-        w, i = tl.arange(0, BLOCK_K // 8), tl.arange(0, 8)               # the tile's 32-bit words; a code's nibble in its word
-        nib = (words[:, :, None] >> (4 * i)[None, None, :]) & 15          # (BLOCK_N, BLOCK_K/8, 8)
-        qm8 = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8 exactly: 2^23 + q - (2^23 + 8)
-        x = _cols(x_ptr, g_ptr, k0 + 8 * w[:, None] + (i ^ 1)[None, :], K, rstd, NORM, SILU)  # (BLOCK_K/8, 8): nibble i is column 8w + (i ^ 1)
-        qx = tl.sum(tl.reshape(qm8 * x[None, :, :], (BLOCK_N, BLOCK_K // G, G)), 2)     # (BLOCK_N, BLOCK_K/G)
-        xs = tl.sum(tl.reshape(x, (BLOCK_K // G, G)), 1)                                       # (BLOCK_K/G,)
-        gc = k0 // G + tl.arange(0, BLOCK_K // G)                                              # the tile's groups
-        gm = rows & (gc[None, :] < K // G)
-        s = tl.load(s_ptr + n[:, None] * (K // G) + gc[None, :], mask=gm, other=0.).to(tl.float32)  # (BLOCK_N, BLOCK_K/G)
-        z = tl.load(z_ptr + n[:, None] * (K // G) + gc[None, :], mask=gm, other=0.).to(tl.float32)
+        "One tile, a sum per word: its 8 codes share a group, so sum_i ((q_i - 8) s + z) x_i = s sum_i (q_i - 8) x_i + z sum_i x_i."
+        w = tl.arange(0, BLOCK_K // 8)                                   # the tile's 32-bit words
+        qx = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
+        xs = tl.zeros((BLOCK_K // 8,), tl.float32)
+        for i in tl.static_range(8):                                     # nibble i of word w is column 8w + (i ^ 1)
+            nib = (words >> (4 * i)) & 15                                 # (BLOCK_N, BLOCK_K/8)
+            qm8 = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8 exactly: 2^23 + q - (2^23 + 8)
+            x = _cols(x_ptr, g_ptr, k0 + 8 * w + (i ^ 1), K, rstd, NORM, SILU)  # (BLOCK_K/8,) every 8th column
+            qx += qm8 * x[None, :]
+            xs += x
+        gm = rows & (k0 + 8 * w < K)[None, :]
+        gi = n[:, None] * (K // G) + ((k0 + 8 * w) // G)[None, :]        # each word's group (G % 8 == 0: a word is in one group)
+        s = tl.load(s_ptr + gi, mask=gm, other=0.).to(tl.float32)        # (BLOCK_N, BLOCK_K/8): a group's scale, reloaded from cache
+        z = tl.load(z_ptr + gi, mask=gm, other=0.).to(tl.float32)
         return s * qx + z * xs[None, :]
-
     @triton.jit
     def gemv_int4_kernel(x_ptr, g_ptr, r_ptr, y_ptr, # input, norm gain, residual, output
                          q0_ptr, q1_ptr, q2_ptr, s0_ptr, s1_ptr, s2_ptr, z0_ptr, z1_ptr, z2_ptr, # codes as int32 words (N_i, K/8), scales, zeros (N_i, K/G)
@@ -137,7 +139,7 @@ if triton is not None:
         words = tl.load(q_ptr + n[:, None] * (K // 8) + w[None, :], mask=rows & (w[None, :] < K // 8), other=0)  # first tile, before the wait
         if PDL: gdc_wait()
         rstd = _rstd(x_ptr, K, eps, BLOCK_K) if NORM else 1.0
-        acc = _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, 0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K/G)
+        acc = _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, 0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K/8)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             wi = k0 // 8 + w
             words = tl.load(q_ptr + n[:, None] * (K // 8) + wi[None, :], mask=rows & (wi[None, :] < K // 8), other=0)  # (BLOCK_N, BLOCK_K/8) int32

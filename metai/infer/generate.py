@@ -454,7 +454,8 @@ def generate(model, # a metai `Transformer` (eval mode)
                 if t + 1 - t0 >= sync_every or t == end - 1:
                     consume(t0, seq[:, t0:t + 1].tolist()); t0 = t + 1
                     if all(done) or t == end - 1: break
-                n = chunk if t >= p_max and t + chunk <= end - 1 else 1            # whole chunks once every row is past its prompt
+                left = end - 1 - t                                             # steps still to take (>= 1)
+                n = 1 if t < p_max else chunk if left >= chunk else 1 << (left.bit_length() - 1)  # whole chunks past the prompts, then halves
                 toks, tok, seen = steps(n)                                     # tokens for positions t+1 .. t+n
                 if n > 1: seq[:, t + 1:t + n] = toks[:, :n - 1]                  # the last one is written above, next round
                 t += n

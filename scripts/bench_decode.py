@@ -276,6 +276,8 @@ def main():
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
     ap.add_argument('--mla-contexts', default='4096,32768', help='contexts for absorbed vs naive MLA decode ("" to skip)')
+    ap.add_argument('--mla-only', action='store_true', help='only the absorbed vs naive MLA measurement (no generate rows)')
+    ap.add_argument('--layers', type=int, default=None, help='override every model\'s layer count (a shorter model compiles faster; the per-layer costs stay)')
     ap.add_argument('--mla-steps', type=int, default=64, help='decode steps timed at each context')
     a = ap.parse_args()
     device = get_device(a.device)
@@ -300,6 +302,7 @@ def main():
                                                       sampling='temperature 0.8, top-k 200'), models={}, mla_modes={})
     for name in names:
         cfg = cfgs[name]
+        if a.layers: cfg = ModelConfig(**{**cfg.to_dict(), 'n_layers': a.layers}).validate()
         seed_everything(0)
         with torch.device(device): model = Transformer(cfg)
         model = model.to(dtype).eval(); model.init_freqs()  # RoPE tables stay fp32
@@ -324,7 +327,7 @@ def main():
                 if compile and not a.no_chunk1 else None,
                 ('metai_eager', lambda: bench_metai(model, prompt, a.new_tokens, False, a.runs, device)) if not a.no_eager else None,
                 ('transformers', lambda: bench_hf(model, prompt, a.new_tokens, a.runs, device)) if not a.no_hf else None]
-        for key, fn in filter(None, runs):
+        for key, fn in filter(None, [] if a.mla_only else runs):
             t0 = time.perf_counter()
             try: r[key] = fn()
             except Exception as e: r[key] = dict(error=short_error(e))

@@ -315,7 +315,7 @@ def main():
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
                 *[(f'metai_compiled_chunk{c}', lambda c=c: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=c))
-                  for c in map(int, filter(None, a.chunks.split(','))) if compile],
+                  for c in map(int, filter(None, a.chunks.split(','))) if compile and c not in (1, 8)],  # 8: metai_compiled; 1: the chunk1 row
                 ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and a.int4 else None,
                 ('metai_compiled_int4_gemv', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device, triton_gemv=True))
                 if compile and a.int4 else None,

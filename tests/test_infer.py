@@ -377,10 +377,10 @@ def test_bench_decode_mla_only_layers(tmp_path):
     "`--mla-only --layers N`: the absorbed vs naive rows of a cut-down model, and no generate rows."
     out = tmp_path / 'mla.json'
     r = subprocess.run([sys.executable, 'scripts/bench_decode.py', '--device', 'cpu', '--tiny', '--models', 'deepseek-mla', '--mla-only',
-                        '--layers', '1', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        '--layers', '2', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     m = res['models']['deepseek-mla']
-    assert m['config']['n_layers'] == 1 and not any(k.startswith('metai_') for k in m), sorted(m)
+    assert m['config']['n_layers'] == 2 and not any(k.startswith('metai_') for k in m), sorted(m)
     assert all(v['absorbed']['tokens_per_s'] > 0 and v['naive']['tokens_per_s'] > 0 for v in res['mla_modes']['deepseek-mla'].values())

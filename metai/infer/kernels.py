@@ -125,7 +125,7 @@ if triton is not None:
                          N0, N1, N, K: tl.constexpr, eps, G: tl.constexpr,
                          NORM: tl.constexpr, SILU: tl.constexpr, RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PDL: tl.constexpr):
-        "`gemv_kernel` with int4 weights, dequantized in registers: w = (q - 8) * s + z per group of G columns (BLOCK_K % G == 0)."
+        "`gemv_kernel` with int4 weights, dequantized in registers: w = (q - 8) * s + z per group of G columns (G % 8 == 0)."
         if PDL: gdc_launch_dependents()
         row = tl.program_id(0) * BLOCK_N
         if row < N0: r = row; q_ptr = q0_ptr; s_ptr = s0_ptr; z_ptr = z0_ptr
@@ -154,12 +154,11 @@ _TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 512, 4, 3), (4, 512, 4, 3), (4, 
           (8, 512, 8, 2), (8, 1024, 8, 3), (16, 256, 8, 2), (16, 512, 8, 3),
           (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # bf16: (BLOCK_N, BLOCK_K, warps, stages)
 _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
-               (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # int4: (BLOCK_N, BLOCK_K, ...); BLOCK_K % G == 0
+               (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # int4: (BLOCK_N, BLOCK_K, ...)
 
 def _fits(configs, named_args, **kw):
-    "Tiles whose BLOCK_N divides N0 and N1 (a block of rows never spans two weights) and, for int4, whose BLOCK_K holds whole groups."
-    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0
-            and c.kwargs['BLOCK_K'] % kw.get('G', 1) == 0]
+    "Tiles whose BLOCK_N divides N0 and N1: a block of rows never spans two weights."
+    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
 
 _TUNED = {}
 def _launcher(kernel):
@@ -225,7 +224,7 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
     args = (x, norm if norm is not None else x, residual if residual is not None else y, y,
             *qs, *[qs[0]] * pad, *scales, *[scales[0]] * pad, *zeros, *[zeros[0]] * pad, Ns[0], Ns[1], N, K, eps)
     flags = dict(G=group_size, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=_pdl(x))
-    if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=max(64, group_size))
+    if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=64)
     else: _launcher(gemv_int4_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 

@@ -302,6 +302,7 @@ def main():
                                                       sampling='temperature 0.8, top-k 200'), models={}, mla_modes={})
     for name in names:
         cfg = cfgs[name]
+        if a.mla_only and cfg.attn_type != 'mla': continue  # nothing to measure for it
         if a.layers: cfg = ModelConfig(**{**cfg.to_dict(), 'n_layers': a.layers}).validate()
         seed_everything(0)
         with torch.device(device): model = Transformer(cfg)

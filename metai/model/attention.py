@@ -168,10 +168,10 @@ class MLA(nn.Module):
             w = self.wkv_b.weight.view(H, dn + dv, r)                                         # [W^UK ; W^UV] per head
             q_lat = torch.einsum('bthd,hdc->bthc', q_nope, w[:, :dn])                         # (B, T, H, r): W^UK folded in
             if T == 1:  # decode: the scores straight from the cached latents and rope keys, no [c ; k_pe] copy of them
-                s = (q_lat[:, 0] @ kv.transpose(1, 2)).float() + (q_pe[:, 0] @ k_pe.transpose(1, 2)).float()  # (B, H, S)
-                s = s * self.softmax_scale
+                s = ((q_lat[:, 0] @ kv.mT).float() + (q_pe[:, 0] @ k_pe.mT).float()) * self.softmax_scale  # (B, H, S)
                 if mask is not None: s = s.masked_fill(~mask[:, 0], float('-inf'))              # mask (B, 1, 1, S)
-                p = s.softmax(-1).nan_to_num(0.)                                                # a row that may see nothing: 0, as SDPA
+                p = s.softmax(-1)
+                if mask is not None: p = p.nan_to_num(0.)                                       # a row that may see nothing: 0, as SDPA
                 y = (p.to(kv.dtype) @ kv).view(B, H, T, r)                                      # (B, H, 1, r)
             else:  # one key/value head shared by all query heads (MQA): fold the heads into the query rows, row h*T + t
                 q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, 1, H * T, r + dr)

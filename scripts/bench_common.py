@@ -86,8 +86,9 @@ def categorize(name:str) -> str:
     return 'other'
 
 
-def profile_fn(fn, device:torch.device, steps:int=2, top:int=15) -> dict:
-    "Run `fn` `steps` times under torch.profiler; device time per step by kernel category, and the top kernels."
+def profile_fn(fn, device:torch.device, steps:int=2, top:int=15, trace:str|None=None) -> dict:
+    """Run `fn` `steps` times under torch.profiler; device time per step by kernel category, and the top kernels.
+    `trace`: also write the timeline there as a Chrome trace (open it in Perfetto)."""
     from torch.profiler import profile, ProfilerActivity
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     sync(device)
@@ -96,6 +97,7 @@ def profile_fn(fn, device:torch.device, steps:int=2, top:int=15) -> dict:
         for _ in range(steps): fn()
         sync(device)
         wall = (time.perf_counter() - t0) * 1e3 / steps
+    if trace: prof.export_chrome_trace(trace)
     kernels = {}
     for e in prof.key_averages():
         if ANNOTATION.match(e.key): continue  # ranges drawn on the GPU timeline around kernels already counted

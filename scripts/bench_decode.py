@@ -126,7 +126,7 @@ def add_ratios(r:dict, compile:bool):
 
 
 def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None,
-                kernels:bool=True, profile:bool=False) -> dict:
+                kernels:bool=True, profile:bool=False, trace:str|None=None) -> dict:
     "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up; `chunk` steps per CUDA graph."
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
     kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk, kernels=kernels)
@@ -141,7 +141,7 @@ def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, f
     r = dict(tokens_per_s=n_new / t, decode_tokens_per_s=(n_new - 1) / (t - tp), prefill_ms=tp * 1e3,
              first_call_s=t_first, runs_s=ts, peak_mem_gb=peak_mem_gb(device))
     if profile and device.type == 'cuda':  # kernels of one whole generate call (the graphs' kernels are listed one by one)
-        r['profile'] = profile_fn(lambda: generate(model, prompt, n_new, seed=0, **kw), device, steps=1, top=25)
+        r['profile'] = profile_fn(lambda: generate(model, prompt, n_new, seed=0, **kw), device, steps=1, top=25, trace=trace)
         r['profile']['kernel_us_per_token'] = r['profile']['kernel_ms_per_step'] * 1e3 / n_new
     return r
 
@@ -272,6 +272,8 @@ def main():
     ap.add_argument('--chunks', default='', help='also time metai compiled with these decode steps per CUDA graph (comma-separated; the default is 8)')
     ap.add_argument('--profile', action='store_true', help="also profile one generate call of metai's default compiled path")
     ap.add_argument('--int4', action='store_true', help='also decode an int4 copy (group size 64, head included) through the same path')
+    ap.add_argument('--int4-kernels', default='torch,gemv', help="with --int4: which products (torch: PyTorch's int4 kernel, gemv: gemv_int4)")
+    ap.add_argument('--trace', default=None, help="with --profile: write the profiled call's timeline to this Chrome trace file")
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
@@ -286,6 +288,7 @@ def main():
     names = [n for n in a.models.split(',') if n]
     for n in names:
         if n not in cfgs: ap.error(f'--models: unknown model {n!r} (valid: {", ".join(cfgs)})')
+    if set(a.int4_kernels.split(',')) - {'torch', 'gemv'}: ap.error(f'--int4-kernels: {a.int4_kernels!r}: use torch, gemv or both, comma-separated')
     contexts = [int(c) for c in a.mla_contexts.split(',') if c]
     if a.tiny:
         a.prompt_len, a.new_tokens, a.runs, a.mla_steps = min(a.prompt_len, 8), min(a.new_tokens, 16), min(a.runs, 2), min(a.mla_steps, 8)
@@ -313,13 +316,15 @@ def main():
         prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         print(f'{name}: {r["params"] / 1e6:,.0f}M params, {wb / 1e9:.2f} GB of weights, HBM bound {HBM / wb:,.0f} tokens/s', flush=True)
         # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
-        runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile)) if compile else None,
+        trace = a.trace and (a.trace if len(names) == 1 else a.trace.replace('.json', f'_{name}.json'))
+        int4k = a.int4_kernels.split(',') if a.int4 else []
+        runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile, trace=trace)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
                 *[(f'metai_compiled_chunk{c}', lambda c=c: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=c))
                   for c in map(int, filter(None, a.chunks.split(','))) if compile and c not in (1, 8)],  # 8: metai_compiled; 1: the chunk1 row
-                ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and a.int4 else None,
+                ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and 'torch' in int4k else None,
                 ('metai_compiled_int4_gemv', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device, triton_gemv=True))
-                if compile and a.int4 else None,
+                if compile and 'gemv' in int4k else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

@@ -150,15 +150,18 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(tl.bfloat16), mask=out < N)
 
 # %% ../../nbs/09b_kernels.ipynb #b8b273d8
-_TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 512, 4, 3), (4, 512, 4, 3), (4, 1024, 8, 2), (8, 256, 4, 3),
-          (8, 512, 8, 2), (8, 1024, 8, 3), (16, 256, 8, 2), (16, 512, 8, 3),
-          (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # bf16: (BLOCK_N, BLOCK_K, warps, stages)
+_TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 2048, 4, 1), (4, 1024, 8, 2), (4, 2048, 8, 1),
+          (8, 512, 8, 2), (8, 1024, 8, 3), (8, 2048, 8, 1)]  # bf16: (BLOCK_N, BLOCK_K, warps, stages)
 _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
                (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # int4: (BLOCK_N, BLOCK_K, ...)
 
 def _fits(configs, named_args, **kw):
-    "Tiles whose BLOCK_N divides N0 and N1: a block of rows never spans two weights."
-    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
+    """Tiles whose BLOCK_N divides N0 and N1 (a block of rows never spans two weights) and that give every SM at least
+    two programs (a long-K product in few programs streams slowly); where no tile gives that many, the narrowest ones."""
+    ok = [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
+    sms = torch.cuda.get_device_properties(named_args['x_ptr'].device).multi_processor_count
+    busy = [c for c in ok if named_args['N'] // c.kwargs['BLOCK_N'] >= 2 * sms]
+    return busy or [c for c in ok if c.kwargs['BLOCK_N'] == min(d.kwargs['BLOCK_N'] for d in ok)]
 
 _TUNED = {}
 def _launcher(kernel):

@@ -256,6 +256,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'metai.infer.kernels': { 'metai.infer.kernels._': ('kernels.html#_', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._block_n': ('kernels.html#_block_n', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._fits': ('kernels.html#_fits', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels._fits_rows': ('kernels.html#_fits_rows', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._kernel_ok': ('kernels.html#_kernel_ok', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._launcher': ('kernels.html#_launcher', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._pdl': ('kernels.html#_pdl', 'metai/infer/kernels.py'),

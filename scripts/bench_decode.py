@@ -211,8 +211,9 @@ def bench_gpt_fast(gf_model, gf_gen, model, prompt:list, n_new:int, runs:int, co
     return dict(tokens_per_s=n_new / statistics.median(ts), first_call_s=t_first, runs_s=ts, max_abs_logit_diff_vs_metai=diff)
 
 
-def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> dict:
-    "Decode steps at a filled context of each length: absorbed MLA (attention on the latents) against naive (re-expanded)."
+def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device, saved=lambda res: None) -> dict:
+    """Decode steps at a filled context of each length: absorbed MLA (attention on the latents) against naive (re-expanded).
+    `saved(res)` is called after each measurement, so that a run cut short keeps what it measured."""
     cfg, res = model.cfg, {}
     for ctx in contexts:
         S = round8(ctx + n_steps + 8)
@@ -234,6 +235,8 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device) -> 
                     dt = statistics.median(wall(run, device) for _ in range(3))
                 r[mode] = dict(tokens_per_s=n_steps / dt, ms_per_token=dt / n_steps * 1e3, peak_mem_gb=peak_mem_gb(device))
             except Exception as e: r[mode] = dict(error=short_error(e))
+            print(f'  MLA {mode:8s} at {ctx:6d}: {r[mode].get("ms_per_token", 0):.3f} ms per token {r[mode].get("error", "")}', flush=True)
+            res[str(ctx)] = r; saved(res)
         if 'tokens_per_s' in r['absorbed'] and 'tokens_per_s' in r['naive']:
             r['absorbed_speedup'] = r['absorbed']['tokens_per_s'] / r['naive']['tokens_per_s']
         res[str(ctx)] = r
@@ -347,7 +350,8 @@ def main():
         res['models'][name] = r
         save_json(a.out, res)
         if cfg.attn_type == 'mla' and contexts:
-            res['mla_modes'][name] = bench_mla_modes(model, contexts, a.mla_steps, compile, device)
+            def saved(part, name=name): res['mla_modes'][name] = part; save_json(a.out, res)
+            res['mla_modes'][name] = bench_mla_modes(model, contexts, a.mla_steps, compile, device, saved)
             for ctx, m in res['mla_modes'][name].items():
                 print(f'  MLA at {ctx}: absorbed {m.get("absorbed", {}).get("tokens_per_s", 0):,.1f} tokens/s, '
                       f'naive {m.get("naive", {}).get("tokens_per_s", 0):,.1f} tokens/s', flush=True)

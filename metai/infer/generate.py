@@ -66,8 +66,8 @@ def sample(logits:Tensor, # (B, V) logits of the next position
     if temperature == 0: return logits.argmax(-1, keepdim=True)
     if top_k is None or top_k >= logits.size(-1):
         return multinomial_no_sync(logits_to_probs(logits, temperature, top_k, top_p), generator)
-    vals, idx = torch.topk(logits.float() / max(temperature, 1e-5), top_k)  # (B, k) largest first
-    return idx.gather(-1, multinomial_no_sync(logits_to_probs(vals, 1.0, None, top_p), generator))
+    vals, idx = torch.topk(logits, top_k, sorted=False)                      # (B, k) in the logits' dtype, in no set order
+    return idx.gather(-1, multinomial_no_sync(logits_to_probs(vals, temperature, None, top_p), generator))
 
 # %% ../../nbs/10_generate.ipynb #fe30ae2f
 def prefill(model, # a metai `Transformer`

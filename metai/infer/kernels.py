@@ -155,11 +155,15 @@ _TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 2048, 4, 1), (4, 1024, 8, 2), (4
 _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
                (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # int4: (BLOCK_N, BLOCK_K, ...)
 
-def _fits(configs, named_args, **kw):
-    """Tiles whose BLOCK_N divides N0 and N1 (a block of rows never spans two weights) and that give every SM at least
-    two programs (a long-K product in few programs streams slowly); where no tile gives that many, the narrowest ones."""
-    ok = [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
-    sms = torch.cuda.get_device_properties(named_args['x_ptr'].device).multi_processor_count
+def _fits_rows(configs, named_args, **kw):
+    "Tiles whose BLOCK_N divides N0 and N1: a block of rows never spans two weights."
+    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
+
+def _fits(configs, named_args, sms:int|None=None, **kw):
+    """bf16 tiles: `_fits_rows`, and at least two programs per SM (a long-K product in few programs streams slowly);
+    where no tile gives that many, the narrowest ones."""
+    ok = _fits_rows(configs, named_args)
+    sms = sms or torch.cuda.get_device_properties(named_args['x_ptr'].device).multi_processor_count
     busy = [c for c in ok if named_args['N'] // c.kwargs['BLOCK_N'] >= 2 * sms]
     return busy or [c for c in ok if c.kwargs['BLOCK_N'] == min(d.kwargs['BLOCK_N'] for d in ok)]
 
@@ -171,7 +175,8 @@ def _launcher(kernel):
         tiles = _TILES_INT4 if kernel is gemv_int4_kernel else _TILES
         cfgs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in tiles]
         key = ['N0', 'N1', 'N', 'K', 'PDL'] + (['G'] if kernel is gemv_int4_kernel else [])
-        _TUNED[kernel] = triton.autotune(cfgs, key=key, prune_configs_by={'early_config_prune': _fits})(kernel)
+        prune = _fits_rows if kernel is gemv_int4_kernel else _fits  # the programs rule was measured for bf16 only
+        _TUNED[kernel] = triton.autotune(cfgs, key=key, prune_configs_by={'early_config_prune': prune})(kernel)
     return _TUNED[kernel]
 
 PDL = True  # programmatic dependent launch where the GPU has it (notebook 90 measures with and without)

@@ -259,6 +259,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels._fits_rows': ('kernels.html#_fits_rows', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._kernel_ok': ('kernels.html#_kernel_ok', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._launcher': ('kernels.html#_launcher', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels._long_rows': ('kernels.html#_long_rows', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._pdl': ('kernels.html#_pdl', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.check_kernels_interpreted': ( 'kernels.html#check_kernels_interpreted',
                                                                                         'metai/infer/kernels.py'),

@@ -155,6 +155,13 @@ _TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 2048, 4, 1), (4, 1024, 8, 2), (4
 _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
                (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # int4: (BLOCK_N, BLOCK_K, ...)
 
+_LONG_TILE = (4, 2048, 8, 1)  # bf16 products with K >= 2048 and rows enough for it: no autotuning (see above)
+
+def _long_rows(N0:int, N1:int, N:int, K:int, device, sms:int|None=None) -> bool:
+    "Does `_LONG_TILE` apply: K >= 2048, 4 divides N0 and N1, and it gives every SM at least two programs."
+    sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
+    return K >= 2048 and N0 % 4 == 0 and N1 % 4 == 0 and N // 4 >= 2 * sms
+
 def _fits_rows(configs, named_args, **kw):
     "Tiles whose BLOCK_N divides N0 and N1: a block of rows never spans two weights."
     return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
@@ -206,6 +213,9 @@ def gemv(x:Tensor, # (K,) one row (or (2K,) = [a; b] with `silu`), bf16 for the 
     args = (x, norm if norm is not None else x, residual if residual is not None else y, y, *ws, Ns[0], Ns[1], N, K, eps)
     flags = dict(NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=_pdl(x))
     if INTERPRET: gemv_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=64)
+    elif _long_rows(Ns[0], Ns[1], N, K, x.device):  # the measured tile, not the autotuner's pick (see above)
+        bn, bk, w, s = _LONG_TILE
+        gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s, launch_pdl=flags['PDL'])
     else: _launcher(gemv_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 

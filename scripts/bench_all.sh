@@ -4,7 +4,7 @@
 #
 #   OUT=/tmp/bench GPT_FAST_DIR=~/gpt-fast NANOGPT_DIR=~/nanoGPT DATA_DIR=output_micro/data bash scripts/bench_all.sh [STEP ...]
 #
-# STEPs (default: all, in this order): cuda-tests decode-dense kernels quant decode-moe decode-mla speculative model train fp8.
+# STEPs (default: all, in this order): cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative model train fp8.
 # The baselines are public code checked out beside metai (gpt-fast for decode-dense, nanoGPT for train); a step
 # whose baseline folder is not given runs without it. DATA_DIR is a `metai prepare-data` folder (with corpus/zh.txt
 # and corpus/en.txt), needed by speculative (it trains a target/draft pair on it) and by train's quality check.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}; mkdir -p "$OUT"
 CARD=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((c for c in ('h200', 'h100', 'a100', 'l40s') if c in n), 'gpu'))")
 export PYTHONUNBUFFERED=1
-STEPS=${*:-cuda-tests decode-dense kernels quant decode-moe decode-mla speculative model train fp8}
+STEPS=${*:-cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative model train fp8}
 quiet() { grep -v -e 'arn' -e 'softmax' -e 'self.gen' -e 'capture_end' -e 'reduction' -e '^$'; }
 limit() { local v="LIMIT_${1//-/_}"; echo "${!v:-$2}"; }
 
@@ -28,6 +28,8 @@ for step in $STEPS; do
         --no-eager ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
     kernels)       # the decode kernels alone, cold, against what they replace (products vs cuBLAS, attention vs its reference, draws)
       timeout "$(limit $step 200)" python3 scripts/bench_kernels.py --out "$OUT/kernels_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/kernels.log" ;;
+    gemv-tiles)    # every gemv tile for each 1B product inside the 16-layer chain (CUDA graph, PDL): checks _LONG_TILE; 45 s on an H200
+      timeout "$(limit $step 200)" python3 scripts/bench_gemv_tiles.py --out "$OUT/gemv_tiles_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/gemv_tiles.log" ;;
     quant)         # int4 and bf16 decode of the 1B shape on the same path, each with a profile of 32 compiled steps (H200 compiles: 78 s for the
                    # bf16 step, 97 s for int4 through generate; give two variants the whole 540 s)
       timeout "$(limit $step 540)" python3 scripts/bench_quant.py --out "$OUT/quant_$CARD.json" \
@@ -35,10 +37,10 @@ for step in $STEPS; do
     decode-moe)    # the small MoE (no baseline runs it); a first compiled call takes about 77 s on an H200
       timeout "$(limit $step 200)" python3 scripts/bench_decode.py --out "$OUT/decode_moe_$CARD.json" \
         --models small-moe --no-eager --no-hf --no-chunk1 --no-freeze --no-unfused 2>&1 | quiet | tee "$OUT/decode_moe.log" ;;
-    decode-mla)    # absorbed vs naive MLA decode at 4K and 32K on the DeepSeek-shaped model cut to 4 layers: one compile per mode and
-                   # context (four of the MoE step), which did not fit 120 s on an H200
+    decode-mla)    # absorbed vs naive MLA decode at 4K and 32K on the DeepSeek-shaped model cut to 2 layers: one compile per mode and
+                   # context (four of the MoE step); 217 s on an H200 (4 layers did not fit 120 s)
       timeout "$(limit $step 400)" python3 scripts/bench_decode.py --out "$OUT/decode_mla_$CARD.json" \
-        --models deepseek-mla --mla-only --layers 4 --mla-steps 32 2>&1 | quiet | tee "$OUT/decode_mla.log" ;;
+        --models deepseek-mla --mla-only --layers 2 --mla-steps 32 2>&1 | quiet | tee "$OUT/decode_mla.log" ;;
     speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module, a 2-layer 512-wide draft and the micro draft (contexts raised
                    # to 512), trained on DATA_DIR, then greedy speculation on a held-out prompt. Sized for one 600 s device call: the target
                    # trains in about 150 s, each draft in 20-30 s; the first compiled plain generate of the target takes about 150 s and each
@@ -69,7 +71,7 @@ for step in $STEPS; do
         | quiet | tail -20 | tee "$OUT/train.log" ;;
     fp8)           # would FP8 products pay for gpt2's linear shapes? bf16 vs per-tensor fp8 with its casts, per shape and per step
       timeout "$(limit $step 150)" python3 scripts/bench_fp8.py --out "$OUT/fp8_$CARD.json" 2>&1 | quiet | tee "$OUT/fp8.log" ;;
-    *) echo "unknown step: $step (cuda-tests decode-dense kernels quant decode-moe decode-mla speculative model train fp8)"; exit 2 ;;
+    *) echo "unknown step: $step (cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative model train fp8)"; exit 2 ;;
   esac
 done
 echo "== done ($(date -u +%H:%M:%S)): $OUT"

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Which `gemv` tile is best for each product of the 1B decode step, inside the real chain?
+
+The autotuner times each kernel alone, where tiles differ by little. This script times the 16-layer stack of a 1B
+Llama step's products (q/k/v with the norm, the output projection with the residual, w1/w3 with the norm, the
+down-projection with SwiGLU), distinct weights per layer, as one CUDA graph with PDL on, as decoding runs it. For each
+product in turn it swaps in every tile of notebook 09b's list (the others as `gemv` picks them) and times the stack.
+Writes the stack time per (product, tile), `gemv`'s own choice, and the stack with the best tile for every product.
+
+    python scripts/bench_gemv_tiles.py --out bench/results/gemv_tiles_h200.json
+"""
+import argparse, statistics
+from bench_common import card_info, save_json
+import torch, triton
+from metai.infer.kernels import gemv, gemv_kernel, _TILES, _LONG_TILE
+
+D, F, L = 2048, 8192, 16  # the 1B shape of bench_decode.py
+SHAPES = [('qkv', D, (2048, 512, 512), 'norm'), ('wo', D, (2048,), 'res'), ('w13', D, (F, F), 'norm'), ('w2', F, (2048,), 'silu')]
+
+def graph_us(fn, iters:int=15) -> float:
+    "Microseconds per call of `fn` captured in one CUDA graph: the median of `iters` replays."
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2): fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g): fn()
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(ts)
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--out', required=True)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    bf = dict(device='cuda', dtype=torch.bfloat16)
+    layers = [[[torch.randn(n, k, **bf) / k ** .5 for n in ns] for _, k, ns, _ in SHAPES] for _ in range(L)]
+    g, res = torch.ones(D, **bf), torch.randn(D, **bf)
+    xin = {'norm': torch.randn(D, **bf), 'res': torch.randn(D, **bf), 'silu': torch.randn(2 * F, **bf)}
+    outs = [torch.empty(sum(ns), **bf) for _, _, ns, _ in SHAPES]
+
+    def launch(i, ws, tile):  # tile None: as `gemv` launches it
+        name, k, ns, kind = SHAPES[i]
+        kw = dict(norm=g) if kind == 'norm' else dict(residual=res) if kind == 'res' else dict(silu=True)
+        if tile is None: return gemv(xin[kind], ws, **kw)
+        Ns = list(ns) + [0, 0]; N = sum(ns); y = outs[i]
+        args = (xin[kind], g, res if kind == 'res' else y, y, *(ws + [ws[0]] * (3 - len(ws))), Ns[0], Ns[1], N, k, 1e-6)
+        bn, bk, w, st = tile
+        gemv_kernel[(triton.cdiv(N, bn),)](*args, NORM=kind == 'norm', SILU=kind == 'silu', RES=kind == 'res', PDL=True,
+                                            BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, launch_pdl=True)
+
+    def stack(tiles):
+        for ws in layers:
+            for i in range(4): launch(i, ws[i], tiles[i])
+
+    nbytes = sum(sum(n * k for n in ns) for _, k, ns, _ in SHAPES) * 2 * L
+    r = dict(card=card_info(torch.device('cuda')), what='16-layer stack of 1B decode products, one CUDA graph, PDL on',
+             stack_bytes=nbytes, tiles=_TILES, long_tile=_LONG_TILE, sweep={})
+    r['gemv_us'] = graph_us(lambda: stack([None] * 4))
+    print(f'gemv as shipped: {r["gemv_us"]:.1f} us, {nbytes / r["gemv_us"] / 1e6:.2f} TB/s', flush=True)
+    best = []
+    for i, (name, k, ns, kind) in enumerate(SHAPES):
+        rows = []
+        for t in _TILES:
+            if ns[0] % t[0] or (ns + (0, 0))[1] % t[0]: continue
+            tiles = [None] * 4; tiles[i] = t
+            rows.append((graph_us(lambda: stack(tiles)), t))
+        rows.sort(); r['sweep'][name] = rows; best.append(rows[0][1])
+        print(name, ', '.join(f'{t}: {us:.0f} us' for us, t in rows), flush=True)
+        save_json(a.out, r)
+    r['best'] = best; r['best_us'] = graph_us(lambda: stack(best))
+    print(f'best tile for each product {best}: {r["best_us"]:.1f} us, {nbytes / r["best_us"] / 1e6:.2f} TB/s', flush=True)
+    save_json(a.out, r)
+
+if __name__ == '__main__':
+    main()

@@ -291,6 +291,7 @@ def main():
     names = [n for n in a.models.split(',') if n]
     for n in names:
         if n not in cfgs: ap.error(f'--models: unknown model {n!r} (valid: {", ".join(cfgs)})')
+    if a.trace and not a.profile: ap.error('--trace: needs --profile (the trace is of the profiled call)')
     if set(a.int4_kernels.split(',')) - {'torch', 'gemv'}: ap.error(f'--int4-kernels: {a.int4_kernels!r}: use torch, gemv or both, comma-separated')
     contexts = [int(c) for c in a.mla_contexts.split(',') if c]
     if a.tiny:
@@ -319,7 +320,8 @@ def main():
         prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         print(f'{name}: {r["params"] / 1e6:,.0f}M params, {wb / 1e9:.2f} GB of weights, HBM bound {HBM / wb:,.0f} tokens/s', flush=True)
         # the main comparison first (metai's default path against gpt-fast), so that a run cut short keeps it
-        trace = a.trace and (a.trace if len(names) == 1 else a.trace.replace('.json', f'_{name}.json'))
+        root, ext = os.path.splitext(a.trace or '')
+        trace = a.trace and (a.trace if len(names) == 1 else f'{root}_{name}{ext}')  # one file per model
         int4k = a.int4_kernels.split(',') if a.int4 else []
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile, trace=trace)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,

@@ -3,7 +3,7 @@
 
 The autotuner times each kernel alone, where tiles differ by little. This script times the 16-layer stack of a 1B
 Llama step's products (q/k/v with the norm, the output projection with the residual, w1/w3 with the norm, the
-down-projection with SwiGLU), distinct weights per layer, as one CUDA graph with PDL on, as decoding runs it. For each
+down-projection with SwiGLU), distinct weights per layer, as one CUDA graph with PDL on (where the card has it), as decoding runs it. For each
 product in turn it swaps in every tile of notebook 09b's list (the others as `gemv` picks them) and times the stack.
 Writes the stack time per (product, tile), `gemv`'s own choice, and the stack with the best tile for every product.
 
@@ -12,7 +12,7 @@ Writes the stack time per (product, tile), `gemv`'s own choice, and the stack wi
 import argparse, statistics
 from bench_common import card_info, save_json
 import torch, triton
-from metai.infer.kernels import gemv, gemv_kernel, _TILES, _LONG_TILE
+from metai.infer.kernels import gemv, gemv_kernel, _TILES, _LONG_TILE, _pdl
 
 D, F, L = 2048, 8192, 16  # the 1B shape of bench_decode.py
 SHAPES = [('qkv', D, (2048, 512, 512), 'norm'), ('wo', D, (2048,), 'res'), ('w13', D, (F, F), 'norm'), ('w2', F, (2048,), 'silu')]
@@ -42,6 +42,7 @@ def main():
     g, res = torch.ones(D, **bf), torch.randn(D, **bf)
     xin = {'norm': torch.randn(D, **bf), 'res': torch.randn(D, **bf), 'silu': torch.randn(2 * F, **bf)}
     outs = [torch.empty(sum(ns), **bf) for _, _, ns, _ in SHAPES]
+    pdl = _pdl(g)  # as gemv launches: PDL on Hopper and later
 
     def launch(i, ws, tile):  # tile None: as `gemv` launches it
         name, k, ns, kind = SHAPES[i]
@@ -50,15 +51,17 @@ def main():
         Ns = list(ns) + [0, 0]; N = sum(ns); y = outs[i]
         args = (xin[kind], g, res if kind == 'res' else y, y, *(ws + [ws[0]] * (3 - len(ws))), Ns[0], Ns[1], N, k, 1e-6)
         bn, bk, w, st = tile
-        gemv_kernel[(triton.cdiv(N, bn),)](*args, NORM=kind == 'norm', SILU=kind == 'silu', RES=kind == 'res', PDL=True,
-                                            BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, launch_pdl=True)
+        gemv_kernel[(triton.cdiv(N, bn),)](*args, NORM=kind == 'norm', SILU=kind == 'silu', RES=kind == 'res', PDL=pdl,
+                                            BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, launch_pdl=pdl)
 
     def stack(tiles):
         for ws in layers:
             for i in range(4): launch(i, ws[i], tiles[i])
 
     nbytes = sum(sum(n * k for n in ns) for _, k, ns, _ in SHAPES) * 2 * L
-    r = dict(card=card_info(torch.device('cuda')), what='16-layer stack of 1B decode products, one CUDA graph, PDL on',
+    info = card_info(torch.device('cuda'))
+    r = dict(card=f"{info.get('card')} (torch {info.get('torch')}, triton {info.get('triton')}), {str(info.get('date', ''))[:10]}", info=info,
+             what=f"16-layer stack of 1B decode products, one CUDA graph, PDL {'on' if pdl else 'off'}",
              stack_bytes=nbytes, tiles=_TILES, long_tile=_LONG_TILE, sweep={})
     r['gemv_us'] = graph_us(lambda: stack([None] * 4))
     print(f'gemv as shipped: {r["gemv_us"]:.1f} us, {nbytes / r["gemv_us"] / 1e6:.2f} TB/s', flush=True)

@@ -28,8 +28,10 @@ for step in $STEPS; do
         --no-eager ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
     kernels)       # the decode kernels alone, cold, against what they replace (products vs cuBLAS, attention vs its reference, draws)
       timeout "$(limit $step 200)" python3 scripts/bench_kernels.py --out "$OUT/kernels_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/kernels.log" ;;
-    gemv-tiles)    # every gemv tile for each 1B product inside the 16-layer chain (CUDA graph, PDL): checks _LONG_TILE; 45 s on an H200
-      timeout "$(limit $step 200)" python3 scripts/bench_gemv_tiles.py --out "$OUT/gemv_tiles_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/gemv_tiles.log" ;;
+    gemv-tiles)    # every gemv (then gemv_int4) tile for each 1B product inside the 16-layer chain (CUDA graph, PDL): checks _LONG_TILE and
+                   # which int4 tile streams best; the bf16 sweep took 45 s on an H200
+      timeout "$(limit $step 300)" bash -c "python3 scripts/bench_gemv_tiles.py --out '$OUT/gemv_tiles_$CARD.json' &&
+        python3 scripts/bench_gemv_tiles.py --int4 --out '$OUT/gemv_int4_tiles_$CARD.json'" 2>&1 | quiet | tail -12 | tee "$OUT/gemv_tiles.log" ;;
     quant)         # int4 and bf16 decode of the 1B shape on the same path, each with a profile of 32 compiled steps (H200 compiles: 78 s for the
                    # bf16 step, 97 s for int4 through generate; give two variants the whole 540 s)
       timeout "$(limit $step 540)" python3 scripts/bench_quant.py --out "$OUT/quant_$CARD.json" \

@@ -111,6 +111,17 @@ def wall(fn, device) -> float:
 def round8(n:int) -> int: return -(-n // 8) * 8
 
 
+def tile_choices() -> dict:
+    """The tiles this process's product kernels run: the autotuner's pick per shape key (N0, N1, N, K, PDL[, G]) for
+    `gemv` and `gemv_int4`, and the fixed tile that `gemv` uses for long rows. A decode figure depends on them."""
+    if metai_kernels.triton is None: return {}
+    out = dict(long_tile=getattr(metai_kernels, '_LONG_TILE', None))
+    for name, kern in (('gemv', metai_kernels.gemv_kernel), ('gemv_int4', metai_kernels.gemv_int4_kernel)):
+        tuned = metai_kernels._TUNED.get(kern)
+        if tuned is not None: out[name] = {str(k[:6]): str(c) for k, c in getattr(tuned, 'cache', {}).items()}
+    return out
+
+
 def add_ratios(r:dict, compile:bool):
     "The best metai row of model result `r`, its fraction of the HBM bound and its ratios to the baselines (in place)."
     keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
@@ -347,6 +358,7 @@ def main():
                   f'{r[key].get("error", r[key].get("skipped", ""))}', flush=True)
             if device.type == 'cuda': torch.cuda.empty_cache()
             add_ratios(r, compile)
+            r['tiles'] = tile_choices()  # autotuned so far in this process
             res['models'][name] = r
             save_json(a.out, res)  # after every row: a run cut short keeps what it measured
         res['models'][name] = r

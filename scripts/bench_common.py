@@ -119,6 +119,22 @@ def profile_fn(fn, device:torch.device, steps:int=2, top:int=15, trace:str|None=
                              for n, (ms, c) in tops])
 
 
+
+def graph_us(fn, iters:int=7, warmup:int=3) -> float:
+    "Microseconds per call of `fn`, captured once in a CUDA graph (after `warmup` calls on a side stream), the median of `iters` replays."
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup): fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g): fn()
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
 class Budget:
     "A wall-clock budget: items that would not fit are skipped (and recorded as skipped) rather than cut off."
     def __init__(self, seconds:float): self.t0, self.seconds = time.perf_counter(), seconds

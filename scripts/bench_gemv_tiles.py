@@ -11,8 +11,8 @@ With `--int4` the same for `gemv_int4` (group size 64) over its own tile list.
     python scripts/bench_gemv_tiles.py --out bench/results/gemv_tiles_h200.json
     python scripts/bench_gemv_tiles.py --int4 --out bench/results/gemv_int4_tiles_h200.json
 """
-import argparse, statistics
-from bench_common import card_info, save_json
+import argparse
+from bench_common import card_info, save_json, graph_us as _graph_us
 import torch, triton
 from metai.infer.kernels import gemv, gemv_kernel, gemv_int4, gemv_int4_kernel, _TILES, _TILES_INT4, _LONG_TILE, _pdl
 from metai.infer.quant import quantize_int4, pack_int4
@@ -20,20 +20,7 @@ from metai.infer.quant import quantize_int4, pack_int4
 D, F, L = 2048, 8192, 16  # the 1B shape of bench_decode.py
 SHAPES = [('qkv', D, (2048, 512, 512), 'norm'), ('wo', D, (2048,), 'res'), ('w13', D, (F, F), 'norm'), ('w2', F, (2048,), 'silu')]
 
-def graph_us(fn, iters:int=15) -> float:
-    "Microseconds per call of `fn` captured in one CUDA graph: the median of `iters` replays."
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2): fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g): fn()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+def graph_us(fn) -> float: return _graph_us(fn, iters=15, warmup=2)  # the whole stack per call
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])

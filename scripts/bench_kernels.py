@@ -11,7 +11,7 @@ read once per pass, as in a real decode step) and timed as CUDA graphs:
     python scripts/bench_kernels.py --out bench/results/kernels_h200.json
 """
 import argparse, time, traceback
-from bench_common import card_info, save_json
+from bench_common import card_info, save_json, graph_us
 import torch
 import torch.nn.functional as F
 import metai.infer.kernels as K
@@ -20,21 +20,6 @@ from metai.infer.generate import multinomial_no_sync, logits_to_probs, sample
 
 MODELS = {'1b': dict(dim=2048, layers=16, vocab=128256, ffn=8192, kv_dim=512, heads=32, kv_heads=8, head_dim=64),
           '125m': dict(dim=768, layers=12, vocab=32000, ffn=2048, kv_dim=768, heads=12, kv_heads=12, head_dim=64)}
-
-def graph_us(fn, iters:int=7) -> float:
-    "Microseconds per call of `fn`, captured once in a CUDA graph (after warm-up), the median of `iters` replays."
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3): fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g): fn()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 def products(m:dict, bf:dict) -> dict:
     "One decode step's products: Triton `gemv` (PDL off, on) and cuBLAS, microseconds and weight bytes per second."

@@ -261,6 +261,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels._launcher': ('kernels.html#_launcher', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._long_rows': ('kernels.html#_long_rows', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._pdl': ('kernels.html#_pdl', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels._sm_count': ('kernels.html#_sm_count', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.check_kernels_interpreted': ( 'kernels.html#check_kernels_interpreted',
                                                                                         'metai/infer/kernels.py'),
                                      'metai.infer.kernels.decode_attention': ('kernels.html#decode_attention', 'metai/infer/kernels.py'),

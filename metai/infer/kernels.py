@@ -159,9 +159,11 @@ _TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), 
 
 _LONG_TILE = (4, 2048, 8, 1)  # bf16 products with K >= 2048 and rows enough for it: no autotuning (see above)
 
+def _sm_count(device) -> int: return torch.cuda.get_device_properties(device).multi_processor_count
+
 def _long_rows(N0:int, N1:int, N:int, K:int, device, sms:int|None=None) -> bool:
     "Does `_LONG_TILE` apply: K >= 2048, 4 divides N0 and N1, and it gives every SM at least two programs."
-    sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sms or _sm_count(device)
     return K >= 2048 and N0 % 4 == 0 and N1 % 4 == 0 and N // 4 >= 2 * sms
 
 def _fits_rows(configs, named_args, **kw):
@@ -173,7 +175,7 @@ def _fits(configs, named_args, sms:int|None=None, **kw):
     slowly; where no tile gives that many, the narrowest ones)."""
     ok = _fits_rows(configs, named_args)
     if named_args['K'] < 2048: return ok  # measured on 1B shapes only
-    sms = sms or torch.cuda.get_device_properties(named_args['x_ptr'].device).multi_processor_count
+    sms = sms or _sm_count(named_args['x_ptr'].device)
     busy = [c for c in ok if named_args['N'] // c.kwargs['BLOCK_N'] >= 2 * sms]
     return busy or [c for c in ok if c.kwargs['BLOCK_N'] == min(d.kwargs['BLOCK_N'] for d in ok)]
 

@@ -102,30 +102,46 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(tl.bfloat16), mask=out < N)
 
     @triton.jit
-    def _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, k0, K: tl.constexpr, rstd, G: tl.constexpr,
+    def _int4_cols(x_ptr, g_ptr, k0, K: tl.constexpr, rstd, NORM: tl.constexpr, SILU: tl.constexpr, WK: tl.constexpr):
+        """f(x) for a tile of WK words: one (WK,) vector per nibble position i, column 8w + (i ^ 1) of word w, scaled by
+        16^-(i % 4) (`_nib` reads nibble i in place, 16^(i % 4) times too large); and the sum of each word's 8 columns."""
+        w, j = tl.arange(0, WK), tl.arange(0, 8)
+        x = _cols(x_ptr, g_ptr, k0 + 8 * w[:, None] + j[None, :], K, rstd, NORM, SILU)   # (WK, 8): contiguous, vector loads
+        e, o = tl.split(tl.reshape(x, (WK, 4, 2)))                    # columns 0, 2, 4, 6 and 1, 3, 5, 7 of each word
+        e04, e26 = tl.split(tl.reshape(e, (WK, 2, 2)))
+        o15, o37 = tl.split(tl.reshape(o, (WK, 2, 2)))
+        x0, x4 = tl.split(e04); x2, x6 = tl.split(e26); x1, x5 = tl.split(o15); x3, x7 = tl.split(o37)
+        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        return x1, x0 * 0.0625, x3 * 0.00390625, x2 * 0.000244140625, x5, x4 * 0.0625, x7 * 0.00390625, x6 * 0.000244140625, xs
+
+    @triton.jit
+    def _nib(wm, i: tl.constexpr):
+        "wm = word | bits(2^23): nibble i (0-3) in place under the exponent of 2^23, minus 2^23: q * 16^i exactly, as fp32."
+        return (wm & (0x4B000000 | (15 << (4 * i)))).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _int4_tile(words, s_ptr, z_ptr, sp, rows, x_ptr, g_ptr, k0, K: tl.constexpr, rstd, G: tl.constexpr,
                    NORM: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        "One tile, a sum per word: its 8 codes share a group, so sum_i ((q_i - 8) s + z) x_i = s sum_i (q_i - 8) x_i + z sum_i x_i."
-        w = tl.arange(0, BLOCK_K // 8)                                   # the tile's 32-bit words
-        qx = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
-        xs = tl.zeros((BLOCK_K // 8,), tl.float32)
-        for i in tl.static_range(8):                                     # nibble i of word w is column 8w + (i ^ 1)
-            nib = (words >> (4 * i)) & 15                                 # (BLOCK_N, BLOCK_K/8)
-            qm8 = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8 exactly: 2^23 + q - (2^23 + 8)
-            x = _cols(x_ptr, g_ptr, k0 + 8 * w + (i ^ 1), K, rstd, NORM, SILU)  # (BLOCK_K/8,) every 8th column
-            qx += qm8 * x[None, :]
-            xs += x
-        gm = rows & (k0 + 8 * w < K)[None, :]
-        gi = n[:, None] * (K // G) + ((k0 + 8 * w) // G)[None, :]        # each word's group (G % 8 == 0: a word is in one group)
-        s = tl.load(s_ptr + gi, mask=gm, other=0.).to(tl.float32)        # (BLOCK_N, BLOCK_K/8): a group's scale, reloaded from cache
-        z = tl.load(z_ptr + gi, mask=gm, other=0.).to(tl.float32)
-        return s * qx + z * xs[None, :]
+        "One tile, a sum per group: sum_i ((q_i - 8) s + z) x_i = s sum_i q_i x_i + (z - 8 s) sum_i x_i. -> (BLOCK_N, BLOCK_K/G)"
+        c1, c0, c3, c2, c5, c4, c7, c6, xs = _int4_cols(x_ptr, g_ptr, k0, K, rstd, NORM, SILU, BLOCK_K // 8)
+        lo, hi = words | 0x4B000000, (words >> 16) | 0x4B000000          # nibbles 0-3, and 4-7 moved down to 0-3
+        qx = (_nib(lo, 0) * c1[None, :] + _nib(lo, 1) * c0[None, :] + _nib(lo, 2) * c3[None, :] + _nib(lo, 3) * c2[None, :]
+              + _nib(hi, 0) * c5[None, :] + _nib(hi, 1) * c4[None, :] + _nib(hi, 2) * c7[None, :] + _nib(hi, 3) * c6[None, :])  # (BLOCK_N, BLOCK_K/8)
+        qg = tl.sum(tl.reshape(qx, (BLOCK_N, BLOCK_K // G, G // 8)), 2)  # (BLOCK_N, BLOCK_K/G) sum q x per group
+        xg = tl.sum(tl.reshape(xs, (BLOCK_K // G, G // 8)), 1)           # (BLOCK_K/G,) sum x per group
+        gi = tl.arange(0, BLOCK_K // G)
+        gm = rows & (k0 // G + gi < K // G)[None, :]
+        s = tl.load(s_ptr + sp + k0 // G, mask=gm, other=0.).to(tl.float32)  # (BLOCK_N, BLOCK_K/G) one scale per group
+        z = tl.load(z_ptr + sp + k0 // G, mask=gm, other=0.).to(tl.float32)
+        return s * qg + (z - 8 * s) * xg[None, :]
+
     @triton.jit
     def gemv_int4_kernel(x_ptr, g_ptr, r_ptr, y_ptr, # input, norm gain, residual, output
                          q0_ptr, q1_ptr, q2_ptr, s0_ptr, s1_ptr, s2_ptr, z0_ptr, z1_ptr, z2_ptr, # codes as int32 words (N_i, K/8), scales, zeros (N_i, K/G)
                          N0, N1, N, K: tl.constexpr, eps, G: tl.constexpr,
                          NORM: tl.constexpr, SILU: tl.constexpr, RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PDL: tl.constexpr):
-        "`gemv_kernel` with int4 weights, dequantized in registers: w = (q - 8) * s + z per group of G columns (G % 8 == 0)."
+        "`gemv_kernel` with int4 weights, dequantized in registers: w = (q - 8) * s + z per group of G columns (a power of 2, 8 <= G <= BLOCK_K)."
         if PDL: gdc_launch_dependents()
         row = tl.program_id(0) * BLOCK_N
         if row < N0: r = row; q_ptr = q0_ptr; s_ptr = s0_ptr; z_ptr = z0_ptr
@@ -136,14 +152,16 @@ if triton is not None:
         z_ptr += r.to(tl.int64) * (K // G)
         n, w = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K // 8)
         rows = row + n[:, None] < N
+        sp = n[:, None] * (K // G) + tl.arange(0, BLOCK_K // G)[None, :]  # (BLOCK_N, BLOCK_K/G) the first tile's groups
         words = tl.load(q_ptr + n[:, None] * (K // 8) + w[None, :], mask=rows & (w[None, :] < K // 8), other=0)  # first tile, before the wait
         if PDL: gdc_wait()
         rstd = _rstd(x_ptr, K, eps, BLOCK_K) if NORM else 1.0
-        acc = _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, 0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K/8)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            wi = k0 // 8 + w
-            words = tl.load(q_ptr + n[:, None] * (K // 8) + wi[None, :], mask=rows & (wi[None, :] < K // 8), other=0)  # (BLOCK_N, BLOCK_K/8) int32
-            acc += _int4_tile(words, s_ptr, z_ptr, n, rows, x_ptr, g_ptr, k0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // G), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            wi = (k0 + BLOCK_K) // 8 + w                                 # the next tile's words, in flight while this one is summed
+            nxt = tl.load(q_ptr + n[:, None] * (K // 8) + wi[None, :], mask=rows & (wi[None, :] < K // 8), other=0)  # (BLOCK_N, BLOCK_K/8) int32
+            acc += _int4_tile(words, s_ptr, z_ptr, sp, rows, x_ptr, g_ptr, k0, K, rstd, G, NORM, SILU, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K/G)
+            words = nxt
         y = tl.sum(acc, 1)
         out = row + n
         if RES: y = y.to(tl.bfloat16).to(tl.float32) + tl.load(r_ptr + out, mask=out < N, other=0.).to(tl.float32)
@@ -153,9 +171,9 @@ if triton is not None:
 _TILES = [(1, 2048, 8, 2), (2, 1024, 4, 2), (2, 512, 4, 3), (4, 512, 4, 3), (4, 1024, 8, 2), (8, 256, 4, 3),
           (8, 512, 8, 2), (8, 1024, 8, 3), (16, 256, 8, 2), (16, 512, 8, 3),
           (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2)]  # bf16: (BLOCK_N, BLOCK_K, warps, stages)
-_TILES_INT4 = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 8, 3), (16, 512, 8, 2),
-               (32, 256, 8, 2), (32, 512, 8, 2), (4, 2048, 8, 1), (8, 2048, 8, 1), (16, 1024, 8, 2),
-               (16, 2048, 8, 1), (16, 2048, 4, 1), (32, 2048, 8, 1), (8, 4096, 8, 1), (16, 4096, 16, 1)]  # int4: (BLOCK_N, BLOCK_K, ...); the last five: 16-32 KB of words per step
+_TILES_INT4 = [(4, 1024, 4, 2), (4, 2048, 8, 1), (8, 512, 4, 2), (8, 1024, 4, 2), (8, 1024, 8, 2), (8, 2048, 4, 1),
+               (8, 2048, 8, 1), (16, 512, 4, 2), (16, 1024, 4, 2), (16, 2048, 4, 1), (16, 2048, 8, 1), (32, 1024, 8, 2),
+               (32, 2048, 8, 1)]  # int4: (BLOCK_N, BLOCK_K, warps, stages); BLOCK_K >= 512 holds whole groups (G <= 512)
 
 _LONG_TILE = (4, 2048, 8, 1)  # bf16 products with K >= 2048 and rows enough for it: no autotuning (see above)
 
@@ -236,7 +254,7 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
              ) -> Tensor: # (sum N_i,)
     "`gemv` with block-wise int4 weights, dequantized inside the kernel; the dequantized product elsewhere."
     K = qs[0].shape[1] * 2
-    if not (_kernel_ok(x, qs) and K % 8 == 0 and group_size % 8 == 0):
+    if not (_kernel_ok(x, qs) and K % 8 == 0 and 8 <= group_size <= 512 and group_size & (group_size - 1) == 0):  # tiles hold whole groups
         ws = [dequantize_int4(unpack_int4(q), s, z, x.dtype) for q, s, z in zip(qs, scales, zeros)]  # (N_i, K), notebook 12
         return gemv_ref(x, ws, norm, eps, residual, silu)
     Ns = [q.shape[0] for q in qs] + [0, 0]
@@ -247,7 +265,7 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
     args = (x, norm if norm is not None else x, residual if residual is not None else y, y,
             *qs, *[qs[0]] * pad, *scales, *[scales[0]] * pad, *zeros, *[zeros[0]] * pad, Ns[0], Ns[1], N, K, eps)
     flags = dict(G=group_size, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=_pdl(x))
-    if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=64)
+    if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=max(64, group_size))
     else: _launcher(gemv_int4_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 

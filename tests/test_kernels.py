@@ -60,6 +60,24 @@ def test_cuda_fused_decode_matches():
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_int4_fused_decode_matches():
+    "`decode_forward` on an int4 model (products in `gemv_int4`) against `forward_step` (PyTorch's int4 kernel) at every position."
+    from metai.infer.quant import quantize_model, prepare_int4
+    import metai.infer.kernels as K
+    assert K.INT4_IN_DECODE
+    torch.manual_seed(0)
+    m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
+    quantize_model(m, group_size=64, include_head=True); prepare_int4(m, torch.device('cuda'))
+    c1, c2 = make_cache(m, 1, 64, mtp=False), make_cache(m, 1, 64, mtp=False)
+    toks = torch.randint(0, 1024, (1, 40), device='cuda')
+    with torch.no_grad():
+        for t in range(40):
+            pos = torch.tensor([t], device='cuda')
+            a, b = forward_step(m, toks[:, t:t + 1], pos, c1).float(), decode_forward(m, toks[:, t:t + 1], pos, c2).float()
+            assert (a - b).abs().max() <= 0.05 * a.abs().max(), (t, (a - b).abs().max().item(), a.abs().max().item())
+
+@pytest.mark.cuda
+@cuda
 def test_cuda_decode_attention_long():
     "The split attention against its reference on long caches: empty splits, one position, block edges, the last slot."
     from metai.infer.kernels import decode_attention, decode_attention_ref

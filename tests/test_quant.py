@@ -190,8 +190,11 @@ def test_cuda_int4_generate_through_graphs(tmp_path):
     model = load_quantized(dst, device='cuda', dtype=torch.bfloat16)
     prepare_int4(model, torch.device('cuda'))
     prompt = [2, 17, 99, 5, 41]
-    eager = generate(model, prompt, max_new_tokens=24, temperature=0)
-    assert generate(model, prompt, max_new_tokens=24, temperature=0, compile=True) == eager
+    eager = generate(model, prompt, max_new_tokens=24, temperature=0)  # PyTorch's int4 kernel
+    graphs = generate(model, prompt, max_new_tokens=24, temperature=0, compile=True)  # `gemv_int4` (notebook 09b's INT4_IN_DECODE)
+    with torch.no_grad(): top2 = model(torch.tensor([prompt + graphs], device='cuda'))[0][0, len(prompt) - 1:-1].topk(2).indices.tolist()
+    assert len(graphs) == 24 and all(t in k for t, k in zip(graphs, top2)), (graphs, top2)
+    assert sum(a == b for a, b in zip(graphs, eager)) >= 10, (graphs, eager)  # bf16 rounding may split a near tie later on
 
 def test_bad_inputs(tmp_path):
     src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')

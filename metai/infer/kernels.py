@@ -476,7 +476,7 @@ def decode_attention(qkv:Tensor, k_cache:Tensor, v_cache:Tensor, input_pos:Tenso
 def _(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale): return qkv.new_empty(n_heads * k_cache.shape[-1])
 
 # %% ../../nbs/09b_kernels.ipynb #1129595d
-INT4_IN_DECODE = False  # int4 layers: PyTorch's int4 kernel (on an H200 it beat both earlier `gemv_int4`s, notebook 90; the current one is not yet timed)
+INT4_IN_DECODE = True  # int4 layers in `gemv_int4` (on an H200, 1B: 1,337 tokens/s against 1,139 through PyTorch's int4 kernel, notebook 90)
 
 def fused_gemv(lins:list, # layers that read x: nn.Linear (bf16), or int4 layers (`qweight`/`scales`/`zeros`, notebook 12)
                x:Tensor, # (K,) one row, or (2K,) = [a; b] with `silu`

@@ -61,7 +61,7 @@ for step in $STEPS; do
       timeout "$(limit train-draft 60)" python3 -c "$M" train-custom --preset micro "${C[@]}" \
         --steps 400 --lr 2e-3 --compile --output-dir "$D/micro" 2>&1 | tail -3 | tee "$OUT/train_draft_micro.log"
       timeout "$(limit $step 420)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/wide2,$D/micro" \
-        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4 --mtp-gammas 1 --temperatures 0 --runs 2 --out "$OUT/speculative_$CARD.json" 2>&1 \
+        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels both --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;
     model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \

@@ -38,6 +38,7 @@ from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache
 from metai.infer.generate import generate, load_model_dir
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
+import metai.infer.kernels as metai_kernels
 
 
 def round8(n:int) -> int: return -(-n // 8) * 8
@@ -121,6 +122,8 @@ def main():
     ap.add_argument('--new-tokens', type=int, default=256)
     ap.add_argument('--runs', type=int, default=3, help='timed calls per measurement (the median is reported)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile the forwards (auto: on CUDA)')
+    ap.add_argument('--verify-kernels', choices=['off', 'on', 'both'], default='off',
+                    help="the rounds' verification through notebook 09b's `verify_forward` (ROWS_IN_VERIFY); both: each setting twice, off first")
     a = ap.parse_args()
     device = get_device(a.device)
     compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')
@@ -167,13 +170,17 @@ def main():
             base = rt['plain'].get('tokens_per_s')
             print(f'  T={T}: plain {base or 0:10,.1f} tokens/s  {rt["plain"].get("distinct_new_tokens", 0)} distinct of {a.new_tokens} new tokens '
                   f'{rt["plain"].get("error", "")}', flush=True)
-            for g in (gammas if draft is not None else mtp_gammas):
+            for g, vk in [(g, vk) for g in (gammas if draft is not None else mtp_gammas)
+                          for vk in ({'off': [False], 'on': [True], 'both': [False, True]}[a.verify_kernels])]:
+                metai_kernels.ROWS_IN_VERIFY = vk
+                key = f'gamma={g}' + (' verify_forward' if vk else '')
                 try:
                     s = bench_spec(target, draft, prompt, a.new_tokens, g, T, compile, a.runs, device)
                     if base: s['speedup'] = s['tokens_per_s'] / base
                 except Exception as e: s = dict(error=short_error(e))
-                rt[f'gamma={g}'] = s
-                print(f'  T={T}: gamma={g} {s.get("tokens_per_s", 0):10,.1f} tokens/s  acceptance {s.get("acceptance_rate", 0):.2f}  '
+                finally: metai_kernels.ROWS_IN_VERIFY = False
+                rt[key] = s
+                print(f'  T={T}: {key} {s.get("tokens_per_s", 0):10,.1f} tokens/s  acceptance {s.get("acceptance_rate", 0):.2f}  '
                       f'{s.get("tokens_per_target_forward", 0):.2f} tokens/forward  speed-up {s.get("speedup", 0):.2f}x {s.get("error", "")}', flush=True)
                 save_json(a.out, dict(res, pairs={**res['pairs'], name: r}))
         res['pairs'][name] = r

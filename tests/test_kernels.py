@@ -78,6 +78,29 @@ def test_cuda_int4_fused_decode_matches():
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_gemv_rows_and_verify_forward():
+    "`gemv_rows` at the 1B shapes for 1, 5 and 9 rows against the reference; `verify_forward` against `forward_step` (bf16)."
+    from metai.infer.kernels import gemv_rows, verify_forward
+    torch.manual_seed(0)
+    bf = dict(device='cuda', dtype=torch.bfloat16)
+    for K, Ns, kw in [(2048, (2048, 512, 512), 'norm'), (8192, (2048,), 'silu'), (2048, (2048,), 'res'), (2048, (128256,), 'norm')]:
+        ws = [torch.randn(n, K, **bf) / K ** 0.5 for n in Ns]
+        for M in (1, 5, 9):
+            x = torch.randn(M, 2 * K if kw == 'silu' else K, **bf)
+            a = dict(norm=torch.rand(K, **bf) + 0.5) if kw == 'norm' else dict(residual=torch.randn(M, sum(Ns), **bf)) if kw == 'res' else {}
+            y, ref = gemv_rows(x, ws, silu=kw == 'silu', **a).float(), gemv_ref(x, ws, silu=kw == 'silu', **a).float()
+            assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-2, (K, Ns, kw, M, (y - ref).abs().max().item())
+    m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
+    c1, c2 = make_cache(m, 1, 64, mtp=False), make_cache(m, 1, 64, mtp=False)
+    toks = torch.randint(0, 1024, (1, 40), device='cuda')
+    with torch.no_grad():
+        for t0 in range(0, 40, 5):
+            pos = torch.arange(t0, t0 + 5, device='cuda')
+            a, b = forward_step(m, toks[:, t0:t0 + 5], pos, c1).float(), verify_forward(m, toks[:, t0:t0 + 5], pos, c2).float()
+            assert (a - b).abs().max() <= 0.05 * a.abs().max(), (t0, (a - b).abs().max().item(), a.abs().max().item())
+
+@pytest.mark.cuda
+@cuda
 def test_cuda_decode_attention_long():
     "The split attention against its reference on long caches: empty splits, one position, block edges, the last slot."
     from metai.infer.kernels import decode_attention, decode_attention_ref

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
-from .kernels import decode_forward, fused_decode_ok
+from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, ChatSession, TextStreamer, load_model_dir,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles)
 
@@ -351,7 +351,8 @@ def _spec_round(target, draft, # the two models
         d, q = _draw(lg, temperature, top_k, top_p)
         drafts.append(d); qs.append(q); tok, pos = d[:, None], p + 1 + i
     dr = torch.stack(drafts, 1)                                              # (1, γ)
-    tl = forward_step(target, torch.cat([seq.index_select(1, p), dr], 1), p + j, cache)  # (1, γ+1, V)
+    vt = torch.cat([seq.index_select(1, p), dr], 1)                          # (1, γ+1) the newest token and the drafts
+    tl = (verify_forward if verify_ok(target, vt) else forward_step)(target, vt, p + j, cache)  # (1, γ+1, V)
     _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top_p)
 
 def _mtp_round(model, # a metai `Transformer` with one MTP module
@@ -372,7 +373,8 @@ def _mtp_round(model, # a metai `Transformer` with one MTP module
         d, q = _draw(lg[:, -1], temperature, top_k, top_p)
         drafts.append(d); qs.append(q)
     dr = torch.stack(drafts, 1)                                              # (1, γ)
-    tl, hh = forward_hidden(model, torch.cat([seq.index_select(1, p), dr], 1), p + j, cache)  # (1, γ+1, V), (1, γ+1, dim)
+    vt = torch.cat([seq.index_select(1, p), dr], 1)                          # (1, γ+1)
+    tl, hh = verify_forward(model, vt, p + j, cache, hidden=True) if verify_ok(model, vt) else forward_hidden(model, vt, p + j, cache)  # (1, γ+1, V), (1, γ+1, dim)
     hidden.index_copy_(1, p + j, hh)
     p0.copy_(p)
     _accept_and_advance(seq, p, hist, dr, qs, tl, gamma, temperature, top_k, top_p)

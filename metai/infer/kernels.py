@@ -209,7 +209,7 @@ _TILES_INT4 = [(4, 1024, 4, 2), (4, 2048, 8, 1), (8, 512, 4, 2), (8, 1024, 4, 2)
                (8, 2048, 8, 1), (16, 512, 4, 2), (16, 1024, 4, 2), (16, 2048, 4, 1), (16, 2048, 8, 1), (32, 1024, 8, 2),
                (32, 2048, 8, 1)]  # int4: (BLOCK_N, BLOCK_K, warps, stages); BLOCK_K >= 512 holds whole groups (G <= 512)
 
-_TILES_ROWS = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 256, 8, 2),
+_TILES_ROWS = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 256, 8, 2),
                (64, 64, 4, 3), (64, 128, 4, 3)]  # gemv_rows: (BLOCK_N >= 16, a tensor-core product's least, BLOCK_K, warps, stages)
 
 _LONG_TILE = (4, 2048, 8, 1)  # bf16 products with K >= 2048 and rows enough for it: no autotuning (see above)
@@ -594,7 +594,7 @@ def decode_forward(model, # a metai `Transformer`
     cache.input_pos = None
     return fused_gemv([model.head], x, model.norm).view(1, 1, -1)
 
-# %% ../../nbs/09b_kernels.ipynb #91fddd96
+# %% ../../nbs/09b_kernels.ipynb #6ac90e57
 ROWS_IN_VERIFY = False  # speculative rounds verify with `verify_forward` (not yet timed on a GPU: off)
 
 def verify_ok(model, # a metai `Transformer`

@@ -255,6 +255,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'metai.infer.generate.sample': ('generate.html#sample', 'metai/infer/generate.py')},
             'metai.infer.kernels': { 'metai.infer.kernels._': ('kernels.html#_', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._block_n': ('kernels.html#_block_n', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels._bounds_fit': ('kernels.html#_bounds_fit', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._fits': ('kernels.html#_fits', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._fits_rows': ('kernels.html#_fits_rows', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._kernel_ok': ('kernels.html#_kernel_ok', 'metai/infer/kernels.py'),

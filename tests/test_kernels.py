@@ -25,7 +25,8 @@ def test_cuda_gemv_matches_reference():
     "The tuned kernels at the 1B shapes (three weights with a norm, SwiGLU + residual, the head): fp32-reference close."
     torch.manual_seed(0)
     bf = dict(device='cuda', dtype=torch.bfloat16)
-    for K, Ns, kw in [(2048, (2048, 512, 512), 'norm'), (8192, (2048,), 'silu'), (2048, (128256,), 'norm'), (768, (768,), 'res')]:
+    for K, Ns, kw in [(2048, (2048, 512, 512), 'norm'), (8192, (2048,), 'silu'), (2048, (128256,), 'norm'), (768, (768,), 'res'),
+                      (2048, (32001,), 'norm')]:  # a head whose rows no tile divides
         ws = [torch.randn(n, K, **bf) / K ** 0.5 for n in Ns]
         x = torch.randn(2 * K if kw == 'silu' else K, **bf)
         a = dict(norm=torch.rand(K, **bf) + 0.5) if kw == 'norm' else dict(residual=torch.randn(sum(Ns), **bf)) if kw == 'res' else {}

@@ -221,9 +221,13 @@ def _long_rows(N0:int, N1:int, N:int, K:int, device, sms:int|None=None) -> bool:
     sms = sms or _sm_count(device)
     return K >= 2048 and N0 % 4 == 0 and N1 % 4 == 0 and N // 4 >= 2 * sms
 
+def _bounds_fit(b:int, N0:int, N1:int, N:int) -> bool:
+    "A block of `b` rows never spans two weights: b divides N0 where a weight follows it, and N1 where one follows it."
+    return (N == N0 or N0 % b == 0) and (N == N0 + N1 or N1 % b == 0)
+
 def _fits_rows(configs, named_args, **kw):
-    "Tiles whose BLOCK_N divides N0 and N1: a block of rows never spans two weights."
-    return [c for c in configs if named_args['N0'] % c.kwargs['BLOCK_N'] == 0 and named_args['N1'] % c.kwargs['BLOCK_N'] == 0]
+    "Tiles whose blocks of rows never span two weights (the last weight's ragged end is masked)."
+    return [c for c in configs if _bounds_fit(c.kwargs['BLOCK_N'], named_args['N0'], named_args['N1'], named_args['N'])]
 
 def _fits(configs, named_args, sms:int|None=None, **kw):
     """bf16 tiles: `_fits_rows`, and for K >= 2048 at least two programs per SM (a long product in few programs streams
@@ -292,7 +296,7 @@ def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for t
     "`gemv` for M <= 16 rows (a speculative round's verification): each weight is read once for all rows; `gemv_ref` elsewhere."
     Ns = [w.shape[0] for w in ws] + [0, 0]
     if not (_kernel_ok(x, ws) and all(w.dtype == torch.bfloat16 for w in ws) and x.dim() == 2 and 1 <= x.shape[0] <= 16
-            and Ns[0] % 16 == 0 and Ns[1] % 16 == 0): return gemv_ref(x, ws, norm, eps, residual, silu)
+            and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))): return gemv_ref(x, ws, norm, eps, residual, silu)
     M, N, K = x.shape[0], sum(Ns), ws[0].shape[1]
     x, ws = x.contiguous(), [w.contiguous() for w in ws] + [ws[0]] * (3 - len(ws))
     y = x.new_empty(M, N)
@@ -314,15 +318,17 @@ def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
              ) -> Tensor: # (sum N_i,)
     "`gemv` with block-wise int4 weights, dequantized inside the kernel; the dequantized product elsewhere."
     K = qs[0].shape[1] * 2
-    if not (_kernel_ok(x, qs) and K % 8 == 0 and 8 <= group_size <= 512 and group_size & (group_size - 1) == 0):  # tiles hold whole groups
+    Ns = [q.shape[0] for q in qs] + [0, 0]
+    if not (_kernel_ok(x, qs) and K % 8 == 0 and 8 <= group_size <= 512 and group_size & (group_size - 1) == 0  # tiles hold whole groups
+            and _bounds_fit(4, Ns[0], Ns[1], sum(Ns))):                    # and at least 4 rows (the least tile)
         ws = [dequantize_int4(unpack_int4(q), s, z, x.dtype) for q, s, z in zip(qs, scales, zeros)]  # (N_i, K), notebook 12
         return gemv_ref(x, ws, norm, eps, residual, silu)
-    Ns = [q.shape[0] for q in qs] + [0, 0]
     N, pad = sum(Ns), 3 - len(qs)
     x = x.contiguous()
     y = x.new_empty(N)
     qs = [q.contiguous().view(torch.int32) for q in qs]  # (N_i, K/8): 8 codes per load
-    args = (x, norm if norm is not None else x, residual if residual is not None else y, y,
+    scales, zeros = [s.contiguous() for s in scales], [z.contiguous() for z in zeros]
+    args = (x, norm if norm is not None else x, residual.contiguous() if residual is not None else y, y,
             *qs, *[qs[0]] * pad, *scales, *[scales[0]] * pad, *zeros, *[zeros[0]] * pad, Ns[0], Ns[1], N, K, eps)
     flags = dict(G=group_size, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=_pdl(x))
     if INTERPRET: gemv_int4_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=max(64, group_size))
@@ -359,14 +365,18 @@ def check_kernels_interpreted(timeout:float=300) -> str:
         w37 = torch.randn(37, K, dtype=bf) / 8
         worst = max(worst, (gemv(x, [w37]).float() - gemv_ref(x.float(), [w37.float()])).abs().max().item())
         from metai.infer.kernels import gemv_rows                            # several rows: 1, 3 and 5, each prologue
-        wr = [torch.randn(n, K, dtype=bf) / 16 for n in (32, 16, 48)]
+        gr = torch.Generator().manual_seed(1)                              # its own draws: the checks below keep theirs
+        wr = [torch.randn(n, K, generator=gr).to(bf) / 16 for n in (32, 16, 48)]
         for M in (1, 3, 5):
-            X, R = torch.randn(M, K, dtype=bf), torch.randn(M, 96, dtype=bf)
+            X, R = torch.randn(M, K, generator=gr).to(bf), torch.randn(M, 96, generator=gr).to(bf)
             for kw in (dict(), dict(norm=g), dict(norm=g, residual=R)):
                 worst = max(worst, (gemv_rows(X, wr, **kw).float() - gemv_ref(X, wr, **kw).float()).abs().max().item())  # as bf16 modules round
-            H = torch.randn(M, 2 * K, dtype=bf)
+            H = torch.randn(M, 2 * K, generator=gr).to(bf)
             worst = max(worst, (gemv_rows(H, wr[:1], silu=True, residual=R[:, :32]).float()
                                 - gemv_ref(H, wr[:1], silu=True, residual=R[:, :32]).float()).abs().max().item())
+        wz = [torch.randn(n, 100, generator=gr).to(bf) / 16 for n in (32, 16, 37)]      # K no tile divides, a ragged last weight
+        X, gz = torch.randn(7, 100, generator=gr).to(bf), (torch.rand(100, generator=gr) + 0.5).to(bf)
+        worst = max(worst, (gemv_rows(X, wz, norm=gz).float() - gemv_ref(X, wz, norm=gz).float()).abs().max().item())
         G, K4 = 32, 128
         q, s, z = zip(*[quantize_int4(torch.randn(n, K4) / 8, G) for n in (16, 8, 24)])
         deq = [dequantize_int4(a, b, c) for a, b, c in zip(q, s, z)]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
+from . import kernels
 from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, ChatSession, TextStreamer, load_model_dir,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles)
@@ -427,7 +428,7 @@ def _compiled_round(mtp:bool):
 def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden=None) -> _SpecRounds:
     "The `_SpecRounds` for these models, caches and setting, reused while they are the same (a few recent ones)."
     models = [target] + ([] if draft is None else [draft])
-    key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs,
+    key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs, kernels.ROWS_IN_VERIFY,  # captured graphs keep the switch
            None if hidden is None else tuple(hidden.shape), tuple(t.data_ptr() for m in models for t in m.parameters()))
     return lru_get(_SPEC, key, lambda: _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden), 4)
 

@@ -38,6 +38,17 @@ def test_cuda_gemv_matches_reference():
         ref4 = gemv_ref(x, [dequantize_int4(*t, dtype=torch.bfloat16) for t in zip(q, s, z)], silu=kw == 'silu', **a).float()
         assert (y4 - ref4).abs().max() <= 0.02 * ref4.abs().max() + 1e-2, (K, Ns, kw, (y4 - ref4).abs().max().item())
 
+def assert_steps_match(m, fast, T=1, n=40):
+    "`fast` (decode_forward / verify_forward) against `forward_step` on its own cache, T tokens at a time over n positions."
+    c1, c2 = make_cache(m, 1, 64, mtp=False), make_cache(m, 1, 64, mtp=False)
+    toks = torch.randint(0, 1024, (1, n), device='cuda')
+    with torch.no_grad():
+        for t0 in range(0, n, T):
+            pos = torch.arange(t0, t0 + T, device='cuda')
+            a, b = forward_step(m, toks[:, t0:t0 + T], pos, c1).float(), fast(m, toks[:, t0:t0 + T], pos, c2).float()
+            assert (a - b).abs().max() <= 0.05 * a.abs().max(), (t0, (a - b).abs().max().item(), a.abs().max().item())
+    return toks
+
 @pytest.mark.cuda
 @cuda
 def test_cuda_fused_decode_matches():
@@ -45,13 +56,8 @@ def test_cuda_fused_decode_matches():
     from metai.infer.generate import generate
     torch.manual_seed(0)
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
-    c1, c2 = make_cache(m, 1, 64, mtp=False), make_cache(m, 1, 64, mtp=False)
-    toks = torch.randint(0, 1024, (1, 40), device='cuda')
+    toks = assert_steps_match(m, decode_forward)
     with torch.no_grad():
-        for t in range(40):
-            pos = torch.tensor([t], device='cuda')
-            a, b = forward_step(m, toks[:, t:t + 1], pos, c1).float(), decode_forward(m, toks[:, t:t + 1], pos, c2).float()
-            assert (a - b).abs().max() <= 0.05 * a.abs().max(), (t, (a - b).abs().max().item(), a.abs().max().item())
         prompt = toks[0, :10].tolist()
         fused = generate(m, prompt, 40, temperature=0, compile=True)
         plain = generate(m, prompt, 40, temperature=0, compile=True, kernels=False)
@@ -69,13 +75,7 @@ def test_cuda_int4_fused_decode_matches():
     torch.manual_seed(0)
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
     quantize_model(m, group_size=64, include_head=True); prepare_int4(m, torch.device('cuda'))
-    c1, c2 = make_cache(m, 1, 64, mtp=False), make_cache(m, 1, 64, mtp=False)
-    toks = torch.randint(0, 1024, (1, 40), device='cuda')
-    with torch.no_grad():
-        for t in range(40):
-            pos = torch.tensor([t], device='cuda')
-            a, b = forward_step(m, toks[:, t:t + 1], pos, c1).float(), decode_forward(m, toks[:, t:t + 1], pos, c2).float()
-            assert (a - b).abs().max() <= 0.05 * a.abs().max(), (t, (a - b).abs().max().item(), a.abs().max().item())
+    assert_steps_match(m, decode_forward)
 
 @pytest.mark.cuda
 @cuda
@@ -92,13 +92,7 @@ def test_cuda_gemv_rows_and_verify_forward():
             y, ref = gemv_rows(x, ws, silu=kw == 'silu', **a).float(), gemv_ref(x, ws, silu=kw == 'silu', **a).float()
             assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-2, (K, Ns, kw, M, (y - ref).abs().max().item())
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
-    c1, c2 = make_cache(m, 1, 64, mtp=False), make_cache(m, 1, 64, mtp=False)
-    toks = torch.randint(0, 1024, (1, 40), device='cuda')
-    with torch.no_grad():
-        for t0 in range(0, 40, 5):
-            pos = torch.arange(t0, t0 + 5, device='cuda')
-            a, b = forward_step(m, toks[:, t0:t0 + 5], pos, c1).float(), verify_forward(m, toks[:, t0:t0 + 5], pos, c2).float()
-            assert (a - b).abs().max() <= 0.05 * a.abs().max(), (t0, (a - b).abs().max().item(), a.abs().max().item())
+    assert_steps_match(m, verify_forward, T=5)
 
 @pytest.mark.cuda
 @cuda

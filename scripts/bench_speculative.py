@@ -82,7 +82,12 @@ def bench_plain(model, prompt, n_new, temperature, compile, runs, device) -> dic
     t, ts, out = timed(lambda: generate(model, prompt, n_new, temperature=temperature, compile=compile, cache=cache, seed=0), device, runs)
     assert len(out) == n_new, len(out)
     # how varied the output is: greedy decoding of a small model often falls into a loop, which a draft predicts easily
-    return dict(tokens_per_s=n_new / t, runs_s=ts, distinct_new_tokens=len(set(out)), first_new_tokens=out[:32])
+    return dict(tokens_per_s=n_new / t, runs_s=ts, distinct_new_tokens=len(set(out)), first_new_tokens=out[:32], new_tokens=out)
+
+
+def same_prefix(a:list, b:list) -> int:
+    "How many leading tokens two outputs share (greedy speculation must reproduce plain greedy decoding, up to bf16 near-ties)."
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def bench_spec(target, draft, prompt, n_new, gamma, temperature, compile, runs, device) -> dict:
@@ -101,7 +106,7 @@ def bench_spec(target, draft, prompt, n_new, gamma, temperature, compile, runs, 
     assert len(out) == n_new, len(out)
     return dict(tokens_per_s=n_new / t, runs_s=ts, acceptance_rate=st['acceptance_rate'],
                 tokens_per_target_forward=st['tokens_per_target_forward'], target_forwards=st['target_forwards'],
-                draft_forwards=st['draft_forwards'], accept_counts=st['accept_counts'], peak_mem_gb=peak_mem_gb(device))
+                draft_forwards=st['draft_forwards'], accept_counts=st['accept_counts'], peak_mem_gb=peak_mem_gb(device), new_tokens=out)
 
 
 def main():
@@ -177,11 +182,14 @@ def main():
                 try:
                     s = bench_spec(target, draft, prompt, a.new_tokens, g, T, compile, a.runs, device)
                     if base: s['speedup'] = s['tokens_per_s'] / base
+                    if base and T == 0: s['same_prefix_as_plain'] = same_prefix(s['new_tokens'], rt['plain']['new_tokens'])
                 except Exception as e: s = dict(error=short_error(e))
                 finally: metai_kernels.ROWS_IN_VERIFY = False
                 rt[key] = s
                 print(f'  T={T}: {key} {s.get("tokens_per_s", 0):10,.1f} tokens/s  acceptance {s.get("acceptance_rate", 0):.2f}  '
-                      f'{s.get("tokens_per_target_forward", 0):.2f} tokens/forward  speed-up {s.get("speedup", 0):.2f}x {s.get("error", "")}', flush=True)
+                      f'{s.get("tokens_per_target_forward", 0):.2f} tokens/forward  speed-up {s.get("speedup", 0):.2f}x'
+                      + (f'  same as plain for {s["same_prefix_as_plain"]} of {a.new_tokens}' if 'same_prefix_as_plain' in s else '')
+                      + f' {s.get("error", "")}', flush=True)
                 save_json(a.out, dict(res, pairs={**res['pairs'], name: r}))
         res['pairs'][name] = r
         save_json(a.out, res)

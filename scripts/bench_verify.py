@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""What a speculative round's verification costs: one forward of T tokens of one row through the target's static
+cache, as notebook 11's module path (`forward_step`) and as notebook 09b's `verify_forward` (`gemv_rows` products),
+against the one-token decode step (`decode_forward`), each captured in a CUDA graph (no launch gaps), on random bf16
+weights; then the kernels of one call of each under the profiler. A round that costs no more than a plain step is
+what makes speculation pay (notebook 11).
+
+    python scripts/bench_verify.py --out bench/results/verify_h200.json
+    python scripts/bench_verify.py --device cpu --tiny --out /tmp/verify_cpu.json   # a quick check of the script
+"""
+import os, sys, argparse
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import card_info, save_json, profile_fn, graph_us, short_error, sync
+import torch
+from metai.core import get_device, seed_everything
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
+from metai.infer.cache import make_cache, forward_step
+from metai.infer.kernels import decode_forward, verify_forward, gemv_rows
+
+SHAPES = {  # the speculative benchmark's trained target, and issue 5's 1B Llama shape
+    'spec-target': dict(vocab_size=8192, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=8192),
+    'llama-1b': dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
+}
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--out', required=True)
+    ap.add_argument('--device', default=None)
+    ap.add_argument('--models', default='spec-target')
+    ap.add_argument('--tokens', default='1,2,5', help='tokens per verification (γ+1)')
+    ap.add_argument('--context', type=int, default=320, help='cache positions filled before the verification')
+    ap.add_argument('--tiny', action='store_true')
+    a = ap.parse_args()
+    dev = get_device(a.device)
+    res = dict(card=card_info(dev), settings=vars(a), models={})
+    for name in a.models.split(','):
+        kw = dict(SHAPES[name], max_seq_len=1024, rope_interleaved=True, tie_embeddings=False)
+        if a.tiny: kw.update(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+        seed_everything(0)
+        with torch.device(dev): m = Transformer(ModelConfig(**kw).validate())
+        m = m.to(torch.bfloat16).eval(); m.init_freqs()
+        cache = make_cache(m, 1, 1024, mtp=False)
+        with torch.no_grad(): forward_step(m, torch.randint(0, kw['vocab_size'], (1, a.context), device=dev), torch.arange(a.context, device=dev), cache)
+        r = res['models'][name] = dict(config=kw, params=m.num_params(), rows={})
+        for T in [int(t) for t in a.tokens.split(',')]:
+            tok = torch.randint(0, kw['vocab_size'], (1, T), device=dev)
+            pos = torch.arange(a.context, a.context + T, device=dev)
+            fns = dict(module=lambda: forward_step(m, tok, pos, cache), verify_forward=lambda: verify_forward(m, tok, pos, cache))
+            if T == 1: fns['decode_forward'] = lambda: decode_forward(m, tok, pos, cache)
+            row = r['rows'][T] = {}
+            for k, fn in fns.items():
+                with torch.no_grad():
+                    try: us = graph_us(fn) if dev.type == 'cuda' else None
+                    except Exception as e: row[k] = dict(error=short_error(e)); print(f'{name} T={T} {k}: {row[k]["error"]}', flush=True); continue
+                    prof = profile_fn(fn, dev, steps=2, top=8)
+                row[k] = dict(graph_us=us, profile=prof)
+                print(f'{name} T={T} {k:15s} graph {us or 0:9.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:9.1f} us  '
+                      + '  '.join(f'{t["name"][:40]} {t["ms_per_step"] * 1e3:.0f}us x{t["calls_per_step"]:.0f}' for t in prof['top_kernels'][:4]), flush=True)
+            save_json(a.out, res)
+        # the products alone: gemv_rows against cuBLAS at each of the layer's shapes, T = 5
+        if dev.type == 'cuda':
+            L = m.layers[0]; at, f = L.attn, L.ffn
+            x5 = torch.randn(5, kw['dim'], device=dev, dtype=torch.bfloat16); x5s = torch.randn(5, 2 * kw['ffn_dim'], device=dev, dtype=torch.bfloat16)
+            for pname, ws, x, silu in [('qkv', [at.wq.weight, at.wk.weight, at.wv.weight], x5, False), ('wo', [at.wo.weight], x5, False),
+                                       ('w13', [f.w1.weight, f.w3.weight], x5, False), ('w2', [f.w2.weight], x5s, True), ('head', [m.head.weight], x5, False)]:
+                xin = x[:, :ws[0].shape[1]].contiguous()
+                with torch.no_grad():
+                    t_rows = graph_us(lambda: gemv_rows(x, ws, silu=silu))
+                    t_lin = graph_us(lambda: [torch.nn.functional.linear(xin, w) for w in ws])
+                r.setdefault('products_T5', {})[pname] = dict(gemv_rows_us=t_rows, cublas_us=t_lin)
+                print(f'{name} T=5 {pname:5s} gemv_rows {t_rows:7.1f} us  cuBLAS {t_lin:7.1f} us', flush=True)
+        save_json(a.out, res)
+        del m, cache
+    print(f'wrote {a.out}')
+
+if __name__ == '__main__': main()

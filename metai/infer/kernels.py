@@ -7,8 +7,8 @@ six kernels instead of about a dozen."""
 
 # %% auto #0
 __all__ = ['INTERPRET', 'PDL', 'ATTN_BLOCK_S', 'ATTN_PROGRAMS', 'INT4_IN_DECODE', 'ROWS_IN_VERIFY', 'prologue', 'gemv_ref',
-           'gemv', 'gemv_rows', 'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention',
-           'fused_gemv', 'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward']
+           'gemv', 'gemv_rows', 'rows_product', 'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref',
+           'decode_attention', 'fused_gemv', 'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward']
 
 # %% ../../nbs/09b_kernels.ipynb #53e4bb1b
 import os, sys, subprocess, textwrap
@@ -102,33 +102,25 @@ if triton is not None:
         tl.store(y_ptr + out, y.to(tl.bfloat16), mask=out < N)
 
     @triton.jit
-    def gemv_rows_kernel(x_ptr, g_ptr, r_ptr, y_ptr, w0_ptr, w1_ptr, w2_ptr, M, N0, N1, N, K: tl.constexpr, eps,
-                         NORM: tl.constexpr, SILU: tl.constexpr, RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
-        "Y[:M, rows] = f(X[:M]) W^T (+ R): `gemv_kernel` for M <= BLOCK_M input rows, each weight tile read once for all (a tensor-core product)."
+    def gemv_rows_kernel(x_ptr, r_ptr, y_ptr, w0_ptr, w1_ptr, w2_ptr, M, N0, N1, N, K: tl.constexpr, RES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
+        """Y[:M, rows] = X[:M] W^T (+ R) for M <= BLOCK_M input rows: each weight tile read once for all rows, in one
+        tensor-core product. Both operands come straight from memory into `tl.dot`, so Triton pipelines their loads."""
         if PDL: gdc_launch_dependents()
         row = tl.program_id(0) * BLOCK_N
         if row < N0: w_ptr = w0_ptr + row.to(tl.int64) * K
         elif row < N0 + N1: w_ptr = w1_ptr + (row - N0).to(tl.int64) * K
         else: w_ptr = w2_ptr + (row - N0 - N1).to(tl.int64) * K
         m, n, k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-        rows = row + n[:, None] < N
-        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=rows & (k[None, :] < K), other=0.)  # (BLOCK_N, BLOCK_K) first tile
+        rows, xrows = row + n[:, None] < N, m[:, None] < M                # rows past M read zeros (no memory traffic)
         if PDL: gdc_wait()
-        xr = x_ptr + tl.minimum(m, M - 1)[:, None] * (2 * K if SILU else K)  # (BLOCK_M, 1) each row; rows past M repeat the last
-        if NORM:
-            ss = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xx = tl.load(xr + k0 + k[None, :], mask=(k0 + k < K)[None, :], other=0.).to(tl.float32)
-                ss += xx * xx
-            rstd = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]             # (BLOCK_M, 1) 1 / rms of each row
-        else: rstd = 1.0
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if k0 > 0: w = tl.load(w_ptr + n[:, None] * K + k0 + k[None, :], mask=rows & (k0 + k < K)[None, :], other=0.)
-            x = _cols(xr, g_ptr, k0 + k[None, :], K, rstd, NORM, SILU)      # (BLOCK_M, BLOCK_K) fp32, bf16 values
-            if DOT_BF16: acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)  # (BLOCK_M, BLOCK_N), exact products, fp32 sums
-            else: acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc)       # the interpreter's bf16 dot is wrong: the same values in fp32
+            kk = (k0 + k < K)[None, :]
+            x = tl.load(x_ptr + m[:, None] * K + k0 + k[None, :], mask=xrows & kk, other=0.)   # (BLOCK_M, BLOCK_K) bf16
+            w = tl.load(w_ptr + n[:, None] * K + k0 + k[None, :], mask=rows & kk, other=0.)    # (BLOCK_N, BLOCK_K) bf16
+            if DOT_BF16: acc = tl.dot(x, tl.trans(w), acc)                # (BLOCK_M, BLOCK_N), exact products, fp32 sums
+            else: acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)  # the interpreter's bf16 dot is wrong: the same values in fp32
         out = row + n[None, :]
         om = (m[:, None] < M) & (out < N)
         y = acc
@@ -209,8 +201,9 @@ _TILES_INT4 = [(4, 1024, 4, 2), (4, 2048, 8, 1), (8, 512, 4, 2), (8, 1024, 4, 2)
                (8, 2048, 8, 1), (16, 512, 4, 2), (16, 1024, 4, 2), (16, 2048, 4, 1), (16, 2048, 8, 1), (32, 1024, 8, 2),
                (32, 2048, 8, 1)]  # int4: (BLOCK_N, BLOCK_K, warps, stages); BLOCK_K >= 512 holds whole groups (G <= 512)
 
-_TILES_ROWS = [(16, 128, 4, 3), (16, 256, 8, 2), (32, 128, 4, 3), (32, 256, 8, 2), (64, 128, 4, 3)]  # gemv_rows: (BLOCK_N >= 16,
-# a tensor-core product's least, BLOCK_K, warps, stages); few, since a speculative benchmark's first call tunes every shape
+_TILES_ROWS = [(16, 128, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 4, 4)]  # gemv_rows:
+# (BLOCK_N >= 16, a tensor-core product's least, BLOCK_K, warps, stages: the loads are pipelined, several tiles in flight);
+# few, since a speculative benchmark's first call tunes every shape
 
 _LONG_TILE = (4, 2048, 8, 1)  # bf16 products with K >= 2048 and rows enough for it: no autotuning (see above)
 
@@ -286,28 +279,36 @@ def gemv(x:Tensor, # (K,) one row (or (2K,) = [a; b] with `silu`), bf16 for the 
 @gemv.register_fake
 def _(x, ws, norm=None, eps=1e-6, residual=None, silu=False): return x.new_empty(sum(w.shape[0] for w in ws))
 
-@torch.library.custom_op('metai::gemv_rows', mutates_args=())
 def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for the kernel; M <= 16
               ws:list[Tensor], # one to three bf16 weights (N_i, K) that read the same input
               norm:Tensor|None=None, eps:float=1e-6, # RMSNorm gain (K,), each row normalised
               residual:Tensor|None=None, # (M, sum N_i) added to the result
               silu:bool=False # each row reads silu(a) * b
              ) -> Tensor: # (M, sum N_i)
-    "`gemv` for M <= 16 rows (a speculative round's verification): each weight is read once for all rows; `gemv_ref` elsewhere."
+    """`gemv` for M <= 16 rows (a speculative round's verification): f(x) as the modules compute it (under `torch.compile`
+    one fused elementwise kernel), then `rows_product`, which reads each weight once for all rows."""
+    return rows_product(prologue(x, norm, eps, silu), ws, residual)
+
+@torch.library.custom_op('metai::rows_product', mutates_args=())
+def rows_product(x:Tensor, # (M, K) bf16, M <= 16
+                 ws:list[Tensor], # one to three bf16 weights (N_i, K)
+                 residual:Tensor|None=None # (M, sum N_i) added to the result
+                ) -> Tensor: # (M, sum N_i)
+    "`cat([x @ w.T for w in ws], -1) (+ residual)` in one Triton kernel on CUDA (`gemv_rows_kernel`); `gemv_ref` elsewhere."
     Ns = [w.shape[0] for w in ws] + [0, 0]
     if not (_kernel_ok(x, ws) and all(w.dtype == torch.bfloat16 for w in ws) and x.dim() == 2 and 1 <= x.shape[0] <= 16
-            and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))): return gemv_ref(x, ws, norm, eps, residual, silu)
+            and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))): return gemv_ref(x, ws, residual=residual)
     M, N, K = x.shape[0], sum(Ns), ws[0].shape[1]
     x, ws = x.contiguous(), [w.contiguous() for w in ws] + [ws[0]] * (3 - len(ws))
     y = x.new_empty(M, N)
-    args = (x, norm if norm is not None else x, residual.contiguous() if residual is not None else y, y, *ws, M, Ns[0], Ns[1], N, K, eps)
-    flags = dict(NORM=norm is not None, SILU=silu, RES=residual is not None, BLOCK_M=16, DOT_BF16=not INTERPRET, PDL=_pdl(x))
+    args = (x, residual.contiguous() if residual is not None else y, y, *ws, M, Ns[0], Ns[1], N, K)
+    flags = dict(RES=residual is not None, BLOCK_M=16, DOT_BF16=not INTERPRET, PDL=_pdl(x))
     if INTERPRET: gemv_rows_kernel[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_N=16, BLOCK_K=32)
     else: _launcher(gemv_rows_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 
-@gemv_rows.register_fake
-def _(x, ws, norm=None, eps=1e-6, residual=None, silu=False): return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
+@rows_product.register_fake
+def _(x, ws, residual=None): return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
 
 @torch.library.custom_op('metai::gemv_int4', mutates_args=())
 def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`

@@ -17,6 +17,7 @@ from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache, forward_step
 from metai.infer.kernels import decode_forward, verify_forward, gemv_rows
+import metai.infer.kernels as kernels
 
 SHAPES = {  # the speculative benchmark's trained target, and issue 5's 1B Llama shape
     'spec-target': dict(vocab_size=8192, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=8192),
@@ -46,7 +47,14 @@ def main():
         for T in [int(t) for t in a.tokens.split(',')]:
             tok = torch.randint(0, kw['vocab_size'], (1, T), device=dev)
             pos = torch.arange(a.context, a.context + T, device=dev)
+            def no_pdl(fn):  # the same call with programmatic dependent launch off (read when the kernels launch, so at capture)
+                def f():
+                    kernels.PDL = False
+                    try: return fn()
+                    finally: kernels.PDL = True
+                return f
             fns = dict(module=lambda: forward_step(m, tok, pos, cache), verify_forward=lambda: verify_forward(m, tok, pos, cache))
+            fns['verify_forward, no PDL'] = no_pdl(fns['verify_forward'])
             if T == 1: fns['decode_forward'] = lambda: decode_forward(m, tok, pos, cache)
             row = r['rows'][T] = {}
             for k, fn in fns.items():

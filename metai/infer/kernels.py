@@ -106,7 +106,6 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
         """Y[:M, rows] = X[:M] W^T (+ R) for M <= BLOCK_M input rows: each weight tile read once for all rows, in one
         tensor-core product. Both operands come straight from memory into `tl.dot`, so Triton pipelines their loads."""
-        if PDL: gdc_launch_dependents()
         row = tl.program_id(0) * BLOCK_N
         if row < N0: w_ptr = w0_ptr + row.to(tl.int64) * K
         elif row < N0 + N1: w_ptr = w1_ptr + (row - N0).to(tl.int64) * K
@@ -121,6 +120,7 @@ if triton is not None:
             w = tl.load(w_ptr + n[:, None] * K + k0 + k[None, :], mask=rows & kk, other=0.)    # (BLOCK_N, BLOCK_K) bf16
             if DOT_BF16: acc = tl.dot(x, tl.trans(w), acc)                # (BLOCK_M, BLOCK_N), exact products, fp32 sums
             else: acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)  # the interpreter's bf16 dot is wrong: the same values in fp32
+        if PDL: gdc_launch_dependents()  # only now: a dependent's programs, resident early, would hold the shared memory this loop needs
         out = row + n[None, :]
         om = (m[:, None] < M) & (out < N)
         y = acc

@@ -161,6 +161,7 @@ def main():
     if 'trained MTP' in pairs and len(pairs) > 2:  # the first draft, then MTP, then the other drafts (a run cut short keeps one of each)
         names = list(pairs); names.insert(1, names.pop(names.index('trained MTP'))); pairs = {n: pairs[n] for n in names}
     res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype)), pairs={})
+    rows_default = metai_kernels.ROWS_IN_VERIFY
     for name, (target, draft, desc) in pairs.items():
         cfg = target.cfg
         prompt = (held_out_prompt(a.prompt_data, a.prompt_len, cfg.vocab_size) if a.prompt_data else
@@ -184,7 +185,7 @@ def main():
                     if base: s['speedup'] = s['tokens_per_s'] / base
                     if base and T == 0: s['same_prefix_as_plain'] = same_prefix(s['new_tokens'], rt['plain']['new_tokens'])
                 except Exception as e: s = dict(error=short_error(e))
-                finally: metai_kernels.ROWS_IN_VERIFY = False
+                finally: metai_kernels.ROWS_IN_VERIFY = rows_default
                 rt[key] = s
                 print(f'  T={T}: {key} {s.get("tokens_per_s", 0):10,.1f} tokens/s  acceptance {s.get("acceptance_rate", 0):.2f}  '
                       f'{s.get("tokens_per_target_forward", 0):.2f} tokens/forward  speed-up {s.get("speedup", 0):.2f}x'

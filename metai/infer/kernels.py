@@ -606,7 +606,7 @@ def decode_forward(model, # a metai `Transformer`
     return fused_gemv([model.head], x, model.norm).view(1, 1, -1)
 
 # %% ../../nbs/09b_kernels.ipynb #6ac90e57
-ROWS_IN_VERIFY = False  # speculative rounds verify with `verify_forward` (not yet timed on a GPU: off)
+ROWS_IN_VERIFY = False  # speculative rounds verify with `verify_forward`: off, since alone it saves only 2-4% (H200, see above)
 
 def verify_ok(model, # a metai `Transformer`
               tokens:Tensor # (1, T) the tokens to score

@@ -90,6 +90,8 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
                     lr=a['lr'], eval_interval=a['eval_interval'], eval_batches=a['eval_batches'], log_interval=a['log_interval'],
                     vocab_size=a['vocab_size'])
     if a['warmup'] < 0: raise UsageError(f"argument --warmup: must not be negative, got {a['warmup']}")
+    if a['distill_weight'] < 0: raise UsageError(f"argument --distill-weight: must not be negative, got {a['distill_weight']}")
+    _check_positive(distill_temperature=a['distill_temperature'])
     _check_choice('schedule', a['schedule'], ('cosine', 'wsd', 'constant'))
     _check_choice('compile-mode', a['compile_mode'], COMPILE_MODES)
     if a['compile'] and a['compile_mode'] in CUDA_GRAPH_MODES and a['grad_accum'] > 1:
@@ -117,7 +119,8 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     tc = TrainConfig(out_dir=out, data_dir=data_dir, batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
                      max_steps=steps, lr=a['lr'], warmup_steps=a['warmup'], schedule=a['schedule'], eval_interval=a['eval_interval'],
                      eval_batches=a['eval_batches'], log_interval=a['log_interval'], seed=a['seed'], device=dev,
-                     compile=a['compile'], compile_mode=a['compile_mode'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'])
+                     compile=a['compile'], compile_mode=a['compile_mode'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'],
+                     distill_from=a['distill_from'] or '', distill_weight=a['distill_weight'], distill_temperature=a['distill_temperature'])
     where, n = get_device(dev).type, torch.get_num_threads()
     if where == 'cpu': where += f" ({n} thread{'s' * (n > 1)})"
     changed = ''.join(f', {k}={v}' for k, v in model.items())
@@ -126,6 +129,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"train: {steps:,} steps x {tok_step:,} tokens ({a['batch_size']} x {a['seq_len']} x {a['grad_accum']}) = {fmt_num(steps * tok_step, 2)} tokens, "
           f"lr {a['lr']:g} {a['schedule']} (warmup {a['warmup']}), eval every {a['eval_interval']}, "
           f"device {where}{', resuming' if ck else ''} -> {out}", flush=True)
+    if a['distill_from']: print(f"distill: from {a['distill_from']}, weight {a['distill_weight']:g}, temperature {a['distill_temperature']:g}", flush=True)
     s = train(cfg, tc, resume=a['resume'])
 
     # 4. the report
@@ -166,6 +170,9 @@ def cmd_train_micro(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
                     compile_mode:str='default', # with --compile: default, reduce-overhead (the step as CUDA graphs: pays when a step is many short kernels; needs --grad-accum 1), max-autotune
                     deterministic:bool=False, # deterministic algorithms: a resumed CPU run is bitwise equal to an uninterrupted one
                     resume:bool=False, # continue the checkpoint in --output-dir
+                    distill_from:str=None, # a trained model folder to distill from (same tokenizer): e.g. a speculative draft's target
+                    distill_weight:float=1.0, # with --distill-from: weight of the KL(teacher || model) term added to the loss
+                    distill_temperature:float=1.0, # with --distill-from: softmax temperature of both distributions in that term
                     sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)
                    ):
     "Train the micro model (6.8M parameters) on the embedded bilingual corpus or your text: minutes on a CPU."
@@ -194,6 +201,9 @@ def cmd_train_small(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file,
                     compile_mode:str='default', # with --compile: default, reduce-overhead (the step as CUDA graphs: pays when a step is many short kernels; needs --grad-accum 1), max-autotune
                     deterministic:bool=False, # deterministic algorithms: a resumed CPU run is bitwise equal to an uninterrupted one
                     resume:bool=False, # continue the checkpoint in --output-dir
+                    distill_from:str=None, # a trained model folder to distill from (same tokenizer): e.g. a speculative draft's target
+                    distill_weight:float=1.0, # with --distill-from: weight of the KL(teacher || model) term added to the loss
+                    distill_temperature:float=1.0, # with --distill-from: softmax temperature of both distributions in that term
                     sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)
                    ):
     "Train the small model (an 8-expert MoE, 2 active) on the embedded corpus or your text: made for one GPU."
@@ -259,6 +269,9 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
                      compile_mode:str='default', # with --compile: default, reduce-overhead (the step as CUDA graphs: pays when a step is many short kernels; needs --grad-accum 1), max-autotune
                      deterministic:bool=False, # deterministic algorithms: a resumed CPU run is bitwise equal to an uninterrupted one
                      resume:bool=False, # continue the checkpoint in --output-dir
+                     distill_from:str=None, # a trained model folder to distill from (same tokenizer): e.g. a speculative draft's target
+                     distill_weight:float=1.0, # with --distill-from: weight of the KL(teacher || model) term added to the loss
+                     distill_temperature:float=1.0, # with --distill-from: softmax temperature of both distributions in that term
                      sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)
                     ):
     "Train a model of any shape (dense, MLA, MoE, MTP): a preset plus architecture flags."

@@ -212,7 +212,8 @@ def test_train_micro_help_lists_the_flags():
     assert rc == 0 and e == ''
     for flag in ['--chinese-path', '--english-path', '--output-dir', '--data-dir', '--vocab-size', '--steps', '--tokens',
                  '--batch-size', '--seq-len', '--grad-accum', '--lr', '--warmup', '--schedule', '--eval-interval', '--seed',
-                 '--device', '--compile', '--compile-mode', '--deterministic', '--resume', '--sample-prompt']:
+                 '--device', '--compile', '--compile-mode', '--deterministic', '--resume', '--sample-prompt',
+                 '--distill-from', '--distill-weight', '--distill-temperature']:
         assert flag in o, flag
     assert '(default: output_micro)' in o
     rc, o, e = metai('train-custom', '--help')
@@ -220,6 +221,62 @@ def test_train_micro_help_lists_the_flags():
                  '--q-lora-rank', '--n-routed-experts', '--n-activated-experts', '--n-shared-experts', '--moe-ffn-dim',
                  '--n-dense-layers', '--score-func', '--mtp-depth', '--max-seq-len', '--preset']:
         assert flag in o, flag
+
+# --- distillation: a draft trained towards its target ------------------------------------------------------------
+
+def kl_to(teacher_dir, student_dir, data_dir):
+    "Mean KL(teacher || student) per token on the validation windows of `data_dir`."
+    from metai.data.tokenizer import Tokenizer
+    from metai.data.datasets import LazyTextDataset
+    from metai.train.loop import load_teacher, distill_kl
+    from metai.config import ModelConfig
+    tok = Tokenizer(str(Path(data_dir)/'tokenizer.model'))
+    cfg = ModelConfig.from_json(str(Path(student_dir)/'config.json'))
+    t, s = (load_teacher(str(d), cfg, tok, 64, torch.device('cpu')) for d in (teacher_dir, student_dir))
+    ds = LazyTextDataset(str(data_dir), 64, split='val', seed=0)
+    with torch.no_grad(): return sum(distill_kl(s(x)[0], t(x)[0]).item() for x, _ in (ds.get_batch(8) for _ in range(4))) / 4
+
+def test_distillation_pulls_the_model_towards_its_teacher(corpus, ref, tmp_path):
+    """A one-layer model trained 30 steps with `--distill-from` ends closer to its teacher (KL on held-out windows) than
+    the same model trained without it, and logs the term. The teacher is the 3-layer run's shape with fresh random
+    weights, a distribution far from the data's, so that the two runs must differ (against a teacher that has learnt
+    these few repeated sentences, the data and the teacher pull the same way)."""
+    from safetensors.torch import save_model
+    from metai.config import ModelConfig
+    from metai.model.transformer import Transformer
+    teacher = tmp_path/'teacher'; teacher.mkdir()
+    for f in ('config.json', 'tokenizer.model'): shutil.copy(ref/f, teacher/f)
+    torch.manual_seed(123); save_model(Transformer(ModelConfig.from_json(str(ref/'config.json'))), str(teacher/'model.safetensors'))
+    small = ('--hidden-dim', 48, '--num-layers', 1, '--steps', 30, '--eval-interval', 30)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'plain', 96, *small))
+    assert (rc, e) == (0, ''), e
+    rc, o, e = metai(*train_args(corpus, tmp_path/'distilled', 96, *small, '--distill-from', teacher, '--distill-weight', 2))
+    assert (rc, e) == (0, ''), e
+    assert f'distill: from {teacher}, weight 2' in o
+    recs = [json.loads(l) for l in open(tmp_path/'distilled'/'metrics.jsonl')]
+    kls = [r['distill_kl'] for r in recs if 'distill_kl' in r]
+    assert len(kls) == 30
+    plain, distilled = kl_to(teacher, tmp_path/'plain', corpus[0]/'data'), kl_to(teacher, tmp_path/'distilled', corpus[0]/'data')
+    assert distilled < 0.5 * plain, (distilled, plain)
+
+def test_distillation_bad_teacher(corpus, ref, tmp_path):
+    "A missing teacher folder, one with another vocabulary and one with another tokenizer: one-line errors, nothing written."
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-from', tmp_path/'nope'))
+    assert rc == 1 and f'{tmp_path/"nope"}: no such model folder' in one_line(e)
+    bad = tmp_path/'bad'; shutil.copytree(ref, bad, symlinks=False, ignore=shutil.ignore_patterns('checkpoints', 'data'))
+    cfg = json.loads((bad/'config.json').read_text()); cfg['vocab_size'] = 1024; (bad/'config.json').write_text(json.dumps(cfg))
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-from', bad))
+    assert rc == 1 and 'config.json: the teacher predicts 1024 tokens and the model 512' in one_line(e)
+    shutil.copy(ref/'config.json', bad/'config.json')
+    from metai.data.corpus import prepare_data
+    d, zh, en = corpus
+    other = prepare_data(chinese_path=str(zh), english_path=str(en), out_dir=str(tmp_path/'other'), vocab_size=600)
+    shutil.copy(tmp_path/'other'/'tokenizer.model', bad/'tokenizer.model')
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-from', bad))
+    assert rc == 1 and 'tokenizer.model: the teacher was trained with another tokenizer' in one_line(e)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-from', ref, '--distill-temperature', 0))
+    assert rc == 2 and '--distill-temperature' in one_line(e)
+    assert not (tmp_path/'x').exists()
 
 # --- CUDA: the training step as CUDA graphs -------------------------------------------------------------------------
 

@@ -6,13 +6,14 @@ bf16 autocast on CUDA, MoE bias balancing, MTP, periodic validation, atomic chec
 # %% auto #0
 __all__ = ['CKPT_FILES', 'PEAK_FLOPS', 'COMPILE_MODES', 'CUDA_GRAPH_MODES', 'TrainConfig', 'configure_optimizer', 'lr_at',
            'save_checkpoint', 'latest_checkpoint', 'check_config_matches', 'load_weights', 'load_train_state',
-           'evaluate', 'bytes_per_token', 'unigram_entropy', 'sample_text', 'check_compile_mode', 'compile_model',
-           'peak_flops', 'train']
+           'evaluate', 'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl', 'load_teacher',
+           'check_compile_mode', 'compile_model', 'peak_flops', 'train']
 
 # %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
 from dataclasses import dataclass, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
+from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import save_model, load_model
 from ..core import get_device, autocast, seed_everything, atomic_path, atomic_write_text, fmt_num
@@ -50,6 +51,9 @@ class TrainConfig:
     max_bad_steps: int = 5          # stop after this many non-finite losses in a row
     sample_prompt: str = ''         # prompt for the sample at each eval ('' = none)
     sample_tokens: int = 48
+    distill_from: str = ''          # a teacher model folder (same tokenizer): the loss adds distill_weight * KL(teacher || model)
+    distill_weight: float = 1.0     # weight of that term (0 = plain training)
+    distill_temperature: float = 1.0  # softmax temperature of both distributions in it
 
 # %% ../../nbs/13_train.ipynb #27f4746a
 def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.9, 0.95), device_type:str='cpu'):
@@ -180,6 +184,38 @@ def sample_text(model:nn.Module, tok, prompt:str, max_new_tokens:int=48, tempera
     model.train(was_training)
     return tok.decode(ids[0, start:].tolist())
 
+# %% ../../nbs/13_train.ipynb #a138d701
+def distill_kl(logits:Tensor, # (B, T, V) the model's logits
+               teacher_logits:Tensor, # (B, T, V) the teacher's, for the same tokens
+               temperature:float=1.0 # softmax temperature of both
+              ) -> Tensor: # () KL(teacher || model) per token, times T^2
+    "The distillation term: KL of the model's distribution from the teacher's at each position, averaged over positions."
+    s = F.log_softmax(logits.float().flatten(0, -2) / temperature, -1)          # (B*T, V)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, -1)  # (B*T, V)
+    return F.kl_div(s, t, log_target=True, reduction='batchmean') * temperature ** 2
+
+def load_teacher(path:str, # a trained model folder: config.json, model.safetensors, tokenizer.model
+                 cfg:ModelConfig, # the model being trained: the teacher must predict the same vocabulary
+                 tok, # the run's tokenizer: the teacher must have been trained with the same one
+                 seq_len:int, # the run's sequence length: the teacher must reach it
+                 device:torch.device) -> nn.Module:
+    "The frozen teacher of a distillation run (eval mode, no gradients; bf16 on CUDA); one-line errors naming what does not fit."
+    from metai.data.tokenizer import Tokenizer
+    if not os.path.isdir(path): raise FileNotFoundError(f'{path}: no such model folder (the distillation teacher)')
+    cp, tp = os.path.join(path, 'config.json'), os.path.join(path, 'tokenizer.model')
+    try: tcfg = ModelConfig.from_json(cp)
+    except (ValueError, OSError) as e: raise ValueError(f'{cp}: not a metai model config ({str(e).splitlines()[0][:160]})') from None
+    if tcfg.vocab_size != cfg.vocab_size:
+        raise ValueError(f'{cp}: the teacher predicts {tcfg.vocab_size} tokens and the model {cfg.vocab_size}: distillation needs one tokenizer')
+    if tcfg.max_seq_len < seq_len: raise ValueError(f'{cp}: the teacher reads at most {tcfg.max_seq_len} tokens, the run {seq_len} (--seq-len)')
+    if not os.path.exists(tp): raise FileNotFoundError(f'{tp}: no such file (a teacher folder carries its tokenizer)')
+    if Tokenizer(tp).sha256 != tok.sha256: raise ValueError(f'{tp}: the teacher was trained with another tokenizer than the run\'s')
+    teacher = Transformer(tcfg)
+    load_weights(teacher, os.path.join(path, 'model.safetensors'))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    if device.type == 'cuda': teacher = teacher.to(torch.bfloat16); teacher.init_freqs()  # the RoPE tables stay fp32
+    return teacher
+
 # %% ../../nbs/13_train.ipynb #6b9150fe
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
@@ -228,6 +264,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     val_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='val', seed=tc.seed)
     val_batches = [val_ds.get_batch(tc.batch_size) for _ in range(tc.eval_batches)]
     bpt = bytes_per_token(tok, val_batches)
+    teacher = load_teacher(tc.distill_from, cfg, tok, tc.seq_len, device) if tc.distill_from else None  # checked before any file is written
 
     os.makedirs(tc.out_dir, exist_ok=True)
     ck = latest_checkpoint(tc.out_dir)
@@ -252,6 +289,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
         if device.type == 'cuda' and 'rng_cuda' in state: torch.cuda.set_rng_state(state['rng_cuda'])
     shutil.copyfile(tok.path, os.path.join(tc.out_dir, 'tokenizer.model')) if os.path.abspath(tok.path) != os.path.abspath(os.path.join(tc.out_dir, 'tokenizer.model')) else None
     fwd = compile_model(model, tc) if tc.compile else model
+    t_fwd = torch.compile(teacher) if teacher is not None and tc.compile else teacher
     flops_tok, peak = cfg.flops_per_token(tc.seq_len, training=True), peak_flops(device)
     mon = monitor or Monitor(tc.out_dir, total_steps=tc.max_steps, cfg=cfg, start_step=step)
     flag = _StopFlag()
@@ -272,11 +310,17 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
         while step < tc.max_steps:
             lr = lr_at(step, tc)
             for g in opt.param_groups: g['lr'] = lr
-            loss_sum, ce_sum, load = 0.0, 0.0, None
+            loss_sum, ce_sum, kl_sum, load = 0.0, 0.0, 0.0, None
             for _ in range(tc.grad_accum):
                 x, y = train_ds.get_batch(tc.batch_size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device): _, loss, aux = fwd(x, y)
+                with autocast(device):
+                    logits, loss, aux = fwd(x, y)
+                    if teacher is not None:  # distillation: the teacher's distribution on the same tokens
+                        with torch.no_grad(): t_logits = t_fwd(x)[0]
+                        kl = distill_kl(logits, t_logits, tc.distill_temperature)
+                        loss = loss + tc.distill_weight * kl
+                        kl_sum += kl.detach().float() / tc.grad_accum
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float() / tc.grad_accum; ce_sum += aux['ce'].float() / tc.grad_accum
                 if aux.get('load') is not None: load = aux['load'] if load is None else load + aux['load']
@@ -289,7 +333,8 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
             bad_run = torch.where(bad_now, bad_run + 1, 0); n_bad = n_bad + bad_now
             step += 1
             if step % tc.log_interval == 0 or step % tc.max_bad_steps == 0 or step == tc.max_steps:  # the only host reads
-                loss_v, ce_v, gnorm_v, run_v, n_bad_v = torch.stack([loss_sum, ce_sum, gnorm.float(), bad_run.float(), n_bad.float()]).tolist()
+                loss_v, ce_v, gnorm_v, run_v, n_bad_v, kl_v = torch.stack([loss_sum, ce_sum, gnorm.float(), bad_run.float(), n_bad.float(),
+                                                                          torch.as_tensor(kl_sum, device=device, dtype=torch.float32)]).tolist()
                 if n_bad_v > bad_seen:
                     mon.message(f'step {step}: {int(n_bad_v - bad_seen)} non-finite loss(es) since step {bad_checked}; '
                                 f'updates skipped ({int(run_v)} in a row)')
@@ -305,6 +350,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 if device.type == 'cuda': rec['mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
                 if load is not None: rec['expert_load'] = (load.float().sum(0) / load.float().sum()).tolist()
                 if 'mtp_loss' in aux and aux['mtp_loss'] is not None: rec['mtp_loss'] = float(aux['mtp_loss'])
+                if teacher is not None: rec['distill_kl'] = kl_v
                 mon.log(rec)
             if step % tc.eval_interval == 0 or step == tc.max_steps or flag.stop:
                 val_loss = evaluate(model, val_batches, device)

@@ -43,24 +43,27 @@ for step in $STEPS; do
                    # context (four of the MoE step); 217 s on an H200 (4 layers did not fit 120 s)
       timeout "$(limit $step 400)" python3 scripts/bench_decode.py --out "$OUT/decode_mla_$CARD.json" \
         --models deepseek-mla --mla-only --layers 2 --mla-steps 32 2>&1 | quiet | tee "$OUT/decode_mla.log" ;;
-    speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module and a 2-layer 512-wide draft (context 512), trained on
-                   # DATA_DIR, then greedy speculation on a held-out prompt, each setting with the rounds verified through the modules and
-                   # through notebook 09b's verify_forward. Give it a 600 s device call of its own: on an H200 (2026-12-03) the target's 200
-                   # steps and the draft's 400 took 175 s together, the first compiled plain generate of the target about 115 s, and each
-                   # speculative setting takes about 70 s more (four of them: draft and MTP, each verified both ways).
+    speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module, and a 2-layer 512-wide draft (context 512) trained twice
+                   # on DATA_DIR: on its own, and distilled from the target (--distill-from); then greedy speculation on a held-out
+                   # prompt with each draft and with MTP. Give it a 600 s device call of its own: on an H200 (2026-12-03) the
+                   # target's 350 steps took 158 s with compilation, the draft's 400 steps 29 s (the distilled one also runs the
+                   # target on every batch), the first compiled plain generate of the target about 115 s, and each speculative
+                   # setting about 70 s more. `--verify-kernels both` also measures notebook 09b's verify_forward (about 70 s a setting).
                    # Speculation pays when a target step costs many draft steps: a draft's cost is its kernel count (layers), not its width.
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
       D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
       C=(--chinese-path "$D/data/corpus/zh.txt" --english-path "$D/data/corpus/en.txt" --data-dir "$D/data" --seq-len 512
          --batch-size 32 --eval-interval 1000 --sample-prompt "")
       M='import sys; from metai.cli import main; sys.exit(main())'
-      timeout "$(limit train-target 180)" python3 -c "$M" train-custom "${C[@]}" \
-        --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --steps 200 --lr 4e-4 \
+      W=(--preset micro --num-layers 2 --hidden-dim 512 --num-heads 8 --num-kv-heads 4 --mlp-dim 1536 "${C[@]}" --steps 400 --lr 2e-3 --compile)
+      timeout "$(limit train-target 170)" python3 -c "$M" train-custom "${C[@]}" \
+        --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --steps 300 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
-      timeout "$(limit train-draft 60)" python3 -c "$M" train-custom --preset micro --num-layers 2 --hidden-dim 512 --num-heads 8 \
-        --num-kv-heads 4 --mlp-dim 1536 "${C[@]}" --steps 400 --lr 2e-3 --compile --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log"
-      timeout "$(limit $step 400)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/wide2" \
-        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels both --out "$OUT/speculative_$CARD.json" 2>&1 \
+      timeout "$(limit train-draft 50)" python3 -c "$M" train-custom "${W[@]}" --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log"
+      timeout "$(limit train-draft 90)" python3 -c "$M" train-custom "${W[@]}" --distill-from "$D/target" --output-dir "$D/wide2d" 2>&1 \
+        | tail -3 | tee "$OUT/train_draft_wide2d.log"
+      timeout "$(limit $step 330)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/wide2,$D/wide2d" \
+        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels off --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;
     model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \

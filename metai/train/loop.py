@@ -289,7 +289,6 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
         if device.type == 'cuda' and 'rng_cuda' in state: torch.cuda.set_rng_state(state['rng_cuda'])
     shutil.copyfile(tok.path, os.path.join(tc.out_dir, 'tokenizer.model')) if os.path.abspath(tok.path) != os.path.abspath(os.path.join(tc.out_dir, 'tokenizer.model')) else None
     fwd = compile_model(model, tc) if tc.compile else model
-    t_fwd = torch.compile(teacher) if teacher is not None and tc.compile else teacher
     flops_tok, peak = cfg.flops_per_token(tc.seq_len, training=True), peak_flops(device)
     mon = monitor or Monitor(tc.out_dir, total_steps=tc.max_steps, cfg=cfg, start_step=step)
     flag = _StopFlag()
@@ -317,7 +316,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 with autocast(device):
                     logits, loss, aux = fwd(x, y)
                     if teacher is not None:  # distillation: the teacher's distribution on the same tokens
-                        with torch.no_grad(): t_logits = t_fwd(x)[0]
+                        with torch.no_grad(): t_logits = teacher(x)[0]  # eager: large products, and no compile to wait for
                         kl = distill_kl(logits, t_logits, tc.distill_temperature)
                         loss = loss + tc.distill_weight * kl
                         kl_sum += kl.detach().float() / tc.grad_accum

@@ -60,7 +60,7 @@ for step in $STEPS; do
         --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --steps 300 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
       timeout "$(limit train-draft 50)" python3 -c "$M" train-custom "${W[@]}" --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log"
-      timeout "$(limit train-draft 90)" python3 -c "$M" train-custom "${W[@]}" --distill-from "$D/target" --output-dir "$D/wide2d" 2>&1 \
+      timeout "$(limit train-draft 90)" python3 -c "$M" train-custom "${W[@]}" --distill-from "$D/target" --distill-weight 4 --output-dir "$D/wide2d" 2>&1 \
         | tail -3 | tee "$OUT/train_draft_wide2d.log"
       timeout "$(limit $step 330)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/wide2,$D/wide2d" \
         --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels off --out "$OUT/speculative_$CARD.json" 2>&1 \

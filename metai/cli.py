@@ -9,7 +9,7 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'usage', 'main']
 
 # %% ../nbs/20_cli.ipynb #1079c0c0
-import os, sys, inspect, difflib
+import os, sys, math, inspect, difflib
 from typing import Annotated
 from fastcore.script import anno_parser, CliError
 
@@ -70,7 +70,9 @@ def cmd_config(preset:str, # a preset (micro, small, gpt2, llama3-8b, ds-tiny, d
 # %% ../nbs/20_cli.ipynb #04c95ff3
 def _check_positive(**kw):
     for k, v in kw.items():
-        if v is not None and v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
+        if v is None: continue
+        if not math.isfinite(v): raise UsageError(f"argument --{k.replace('_', '-')}: must be a finite number, got {v}")  # nan passes every `<=`
+        if v <= 0: raise UsageError(f"argument --{k.replace('_', '-')}: must be positive, got {v}")
 
 def _check_choice(flag:str, value, choices):
     if value not in choices: raise UsageError(f"argument --{flag}: invalid choice {value!r} (choose from {', '.join(choices)})")
@@ -84,14 +86,18 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     from metai.config import ModelConfig
     from metai.core import fmt_num, get_device
     from metai.data.corpus import prepare_data
-    from metai.train.loop import TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text, COMPILE_MODES, CUDA_GRAPH_MODES
+    from metai.train.loop import (TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text, check_teacher_dir,
+                                  COMPILE_MODES, CUDA_GRAPH_MODES)
     from metai.train.monitor import plot_metrics, fmt_duration
     _check_positive(steps=a['steps'], tokens=a['tokens'], batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
                     lr=a['lr'], eval_interval=a['eval_interval'], eval_batches=a['eval_batches'], log_interval=a['log_interval'],
                     vocab_size=a['vocab_size'])
     if a['warmup'] < 0: raise UsageError(f"argument --warmup: must not be negative, got {a['warmup']}")
-    if a['distill_weight'] < 0: raise UsageError(f"argument --distill-weight: must not be negative, got {a['distill_weight']}")
+    if not (a['distill_weight'] >= 0 and math.isfinite(a['distill_weight'])):
+        raise UsageError(f"argument --distill-weight: must be a finite number >= 0, got {a['distill_weight']}")
     _check_positive(distill_temperature=a['distill_temperature'])
+    if not a['distill_from'] and (a['distill_weight'] != 1.0 or a['distill_temperature'] != 1.0):
+        raise UsageError('arguments --distill-weight and --distill-temperature: only with --distill-from')
     _check_choice('schedule', a['schedule'], ('cosine', 'wsd', 'constant'))
     _check_choice('compile-mode', a['compile_mode'], COMPILE_MODES)
     if a['compile'] and a['compile_mode'] in CUDA_GRAPH_MODES and a['grad_accum'] > 1:
@@ -108,6 +114,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     if ck and not a['resume']: raise ValueError(f'{out}: already holds a checkpoint ({ck}); pass --resume to continue it, or choose another --output-dir')
     if a['resume'] and not ck: raise ValueError(f'{out}: --resume given but there is no checkpoint to resume')
     if ck: check_config_matches(os.path.join(ck, 'config.json'), cfg)
+    if a['distill_from']: check_teacher_dir(a['distill_from'], a['seq_len'])  # what can be checked before the data are built
 
     # 2. the data: tokenizer and token files, reused when the inputs and settings hash the same
     meta = prepare_data(chinese_path=a['chinese_path'], english_path=a['english_path'], out_dir=data_dir, vocab_size=a['vocab_size'])

@@ -186,6 +186,8 @@ def test_bad_training_flags(corpus, tmp_path):
     assert rc == 2 and '--schedule' in one_line(e)
     rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--num-heads', 5))
     assert rc == 1 and 'n_heads=5' in one_line(e)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--lr', 'nan'))
+    assert rc == 2 and '--lr: must be a finite number, got nan' in one_line(e)
     rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--resume'))
     assert rc == 1 and 'no checkpoint to resume' in one_line(e)
     rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--compile', '--compile-mode', 'fastest'))
@@ -256,6 +258,11 @@ def test_distillation_pulls_the_model_towards_its_teacher(corpus, ref, tmp_path)
     recs = [json.loads(l) for l in open(tmp_path/'distilled'/'metrics.jsonl')]
     kls = [r['distill_kl'] for r in recs if 'distill_kl' in r]
     assert len(kls) == 30
+    # a teacher at weight 0 changes nothing: the same losses at every step (loading it draws no random numbers)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'zero', 96, *small, '--distill-from', teacher, '--distill-weight', 0))
+    assert (rc, e) == (0, ''), e
+    ces = lambda d: [r['ce'] for r in map(json.loads, open(d/'metrics.jsonl')) if 'ce' in r]
+    assert ces(tmp_path/'zero') == ces(tmp_path/'plain')
     plain, distilled = kl_to(teacher, tmp_path/'plain', corpus[0]/'data'), kl_to(teacher, tmp_path/'distilled', corpus[0]/'data')
     assert distilled < 0.5 * plain, (distilled, plain)
 
@@ -276,7 +283,17 @@ def test_distillation_bad_teacher(corpus, ref, tmp_path):
     assert rc == 1 and 'tokenizer.model: the teacher was trained with another tokenizer' in one_line(e)
     rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-from', ref, '--distill-temperature', 0))
     assert rc == 2 and '--distill-temperature' in one_line(e)
+    for bad_w in ('nan', 'inf', -1):
+        rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-from', ref, '--distill-weight', bad_w))
+        assert rc == 2 and '--distill-weight' in one_line(e)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--distill-weight', 2))
+    assert rc == 2 and 'only with --distill-from' in one_line(e)
     assert not (tmp_path/'x').exists()
+    # without --data-dir the data would be built inside the output folder: the teacher folder is checked first
+    args = train_args(corpus, tmp_path/'y', 96, '--distill-from', tmp_path/'nope')
+    i = args.index('--data-dir'); del args[i:i + 2]
+    rc, o, e = metai(*args)
+    assert rc == 1 and 'no such model folder' in one_line(e) and not (tmp_path/'y').exists()
 
 # --- CUDA: the training step as CUDA graphs -------------------------------------------------------------------------
 

@@ -296,8 +296,9 @@ def rows_product(x:Tensor, # (M, K) bf16, M <= 16
                 ) -> Tensor: # (M, sum N_i)
     "`cat([x @ w.T for w in ws], -1) (+ residual)` in one Triton kernel on CUDA (`gemv_rows_kernel`); `gemv_ref` elsewhere."
     Ns = [w.shape[0] for w in ws] + [0, 0]
-    if not (_kernel_ok(x, ws) and all(w.dtype == torch.bfloat16 for w in ws) and x.dim() == 2 and 1 <= x.shape[0] <= 16
-            and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))): return gemv_ref(x, ws, residual=residual)
+    if not (_kernel_ok(x, ws) and all(w.dtype == torch.bfloat16 and w.shape[1] == x.shape[-1] for w in ws) and x.dim() == 2
+            and 1 <= x.shape[0] <= 16 and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))
+            and (residual is None or residual.shape == (x.shape[0], sum(Ns)))): return gemv_ref(x, ws, residual=residual)
     M, N, K = x.shape[0], sum(Ns), ws[0].shape[1]
     x, ws = x.contiguous(), [w.contiguous() for w in ws] + [ws[0]] * (3 - len(ws))
     y = x.new_empty(M, N)

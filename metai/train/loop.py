@@ -6,8 +6,8 @@ bf16 autocast on CUDA, MoE bias balancing, MTP, periodic validation, atomic chec
 # %% auto #0
 __all__ = ['CKPT_FILES', 'PEAK_FLOPS', 'COMPILE_MODES', 'CUDA_GRAPH_MODES', 'TrainConfig', 'configure_optimizer', 'lr_at',
            'save_checkpoint', 'latest_checkpoint', 'check_config_matches', 'load_weights', 'load_train_state',
-           'evaluate', 'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl', 'load_teacher',
-           'check_compile_mode', 'compile_model', 'peak_flops', 'train']
+           'evaluate', 'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl', 'check_teacher_dir',
+           'load_teacher', 'check_compile_mode', 'compile_model', 'peak_flops', 'train']
 
 # %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
@@ -194,27 +194,40 @@ def distill_kl(logits:Tensor, # (B, T, V) the model's logits
     t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, -1)  # (B*T, V)
     return F.kl_div(s, t, log_target=True, reduction='batchmean') * temperature ** 2
 
+def check_teacher_dir(path:str, # a trained model folder: config.json, model.safetensors, tokenizer.model
+                      seq_len:int # the run's sequence length: the teacher must reach it
+                     ) -> ModelConfig: # the teacher's config
+    "What a teacher folder must pass before anything of the run is written (the CLI checks it before building the data)."
+    if not os.path.isdir(path): raise FileNotFoundError(f'{path}: no such model folder (the distillation teacher)')
+    cp, tp, wp = (os.path.join(path, f) for f in ('config.json', 'tokenizer.model', 'model.safetensors'))
+    try: tcfg = ModelConfig.from_json(cp)
+    except (ValueError, OSError) as e: raise ValueError(f'{cp}: not a metai model config ({str(e).splitlines()[0][:160]})') from None
+    if tcfg.max_seq_len < seq_len: raise ValueError(f'{cp}: the teacher reads at most {tcfg.max_seq_len} tokens, the run {seq_len} (--seq-len)')
+    for f in (tp, wp):
+        if not os.path.isfile(f): raise FileNotFoundError(f'{f}: no such file (a teacher folder holds its weights and its tokenizer)')
+    return tcfg
+
 def load_teacher(path:str, # a trained model folder: config.json, model.safetensors, tokenizer.model
                  cfg:ModelConfig, # the model being trained: the teacher must predict the same vocabulary
                  tok, # the run's tokenizer: the teacher must have been trained with the same one
                  seq_len:int, # the run's sequence length: the teacher must reach it
                  device:torch.device) -> nn.Module:
-    "The frozen teacher of a distillation run (eval mode, no gradients; bf16 on CUDA); one-line errors naming what does not fit."
+    """The frozen teacher of a distillation run (eval mode, no gradients; bf16 on CUDA); one-line errors naming what
+    does not fit. Built on the meta device and filled from the file: no random initialisation, so the run's RNG, and
+    with it the student's initial weights, are those of the same run without a teacher."""
     from metai.data.tokenizer import Tokenizer
-    if not os.path.isdir(path): raise FileNotFoundError(f'{path}: no such model folder (the distillation teacher)')
+    tcfg = check_teacher_dir(path, seq_len)
     cp, tp = os.path.join(path, 'config.json'), os.path.join(path, 'tokenizer.model')
-    try: tcfg = ModelConfig.from_json(cp)
-    except (ValueError, OSError) as e: raise ValueError(f'{cp}: not a metai model config ({str(e).splitlines()[0][:160]})') from None
     if tcfg.vocab_size != cfg.vocab_size:
-        raise ValueError(f'{cp}: the teacher predicts {tcfg.vocab_size} tokens and the model {cfg.vocab_size}: distillation needs one tokenizer')
-    if tcfg.max_seq_len < seq_len: raise ValueError(f'{cp}: the teacher reads at most {tcfg.max_seq_len} tokens, the run {seq_len} (--seq-len)')
-    if not os.path.exists(tp): raise FileNotFoundError(f'{tp}: no such file (a teacher folder carries its tokenizer)')
+        raise ValueError(f'{cp}: the teacher predicts {tcfg.vocab_size} tokens and the model {cfg.vocab_size} (distillation needs the same vocabulary)')
     if Tokenizer(tp).sha256 != tok.sha256: raise ValueError(f'{tp}: the teacher was trained with another tokenizer than the run\'s')
-    teacher = Transformer(tcfg)
-    load_weights(teacher, os.path.join(path, 'model.safetensors'))
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    if device.type == 'cuda': teacher = teacher.to(torch.bfloat16); teacher.init_freqs()  # the RoPE tables stay fp32
-    return teacher
+    with torch.device('meta'): teacher = Transformer(tcfg)
+    teacher = teacher.to_empty(device=device)
+    if tcfg.tie_embeddings: teacher.head.weight = teacher.embed.weight   # to_empty materialises the two names apart
+    if device.type == 'cuda': teacher = teacher.to(torch.bfloat16)       # before loading: the GPU never holds an fp32 copy
+    load_weights(teacher, os.path.join(path, 'model.safetensors'))       # read on the CPU, copied into the (bf16) parameters
+    teacher.init_freqs()                                                 # the RoPE tables: fp32 buffers computed, not stored
+    return teacher.eval().requires_grad_(False)
 
 # %% ../../nbs/13_train.ipynb #6b9150fe
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}

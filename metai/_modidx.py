@@ -499,6 +499,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'metai.train.loop.bytes_per_token': ('train.html#bytes_per_token', 'metai/train/loop.py'),
                                   'metai.train.loop.check_compile_mode': ('train.html#check_compile_mode', 'metai/train/loop.py'),
                                   'metai.train.loop.check_config_matches': ('train.html#check_config_matches', 'metai/train/loop.py'),
+                                  'metai.train.loop.check_distill_matches': ('train.html#check_distill_matches', 'metai/train/loop.py'),
                                   'metai.train.loop.check_teacher_dir': ('train.html#check_teacher_dir', 'metai/train/loop.py'),
                                   'metai.train.loop.compile_model': ('train.html#compile_model', 'metai/train/loop.py'),
                                   'metai.train.loop.configure_optimizer': ('train.html#configure_optimizer', 'metai/train/loop.py'),

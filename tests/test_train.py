@@ -263,6 +263,12 @@ def test_distillation_pulls_the_model_towards_its_teacher(corpus, ref, tmp_path)
     assert (rc, e) == (0, ''), e
     ces = lambda d: [r['ce'] for r in map(json.loads, open(d/'metrics.jsonl')) if 'ce' in r]
     assert ces(tmp_path/'zero') == ces(tmp_path/'plain')
+    # resuming keeps the loss: without the teacher (or with another weight) it is refused, and nothing is touched
+    before = (tmp_path/'distilled'/'metrics.jsonl').read_bytes()
+    for flags in ((), ('--distill-from', teacher, '--distill-weight', 3)):
+        rc, o, e = metai(*train_args(corpus, tmp_path/'distilled', 96, *small, '--steps', 40, '--resume', *flags))
+        assert rc == 1 and 'resume it with the same --distill-* flags' in one_line(e), e
+    assert (tmp_path/'distilled'/'metrics.jsonl').read_bytes() == before
     plain, distilled = kl_to(teacher, tmp_path/'plain', corpus[0]/'data'), kl_to(teacher, tmp_path/'distilled', corpus[0]/'data')
     assert distilled < 0.5 * plain, (distilled, plain)
 

@@ -10,7 +10,7 @@ what makes speculation pay (notebook 11).
 """
 import os, sys, argparse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import card_info, save_json, profile_fn, graph_us, short_error, sync
+from bench_common import card_info, save_json, profile_fn, graph_us, short_error
 import torch
 from metai.core import get_device, seed_everything
 from metai.config import ModelConfig
@@ -23,6 +23,14 @@ SHAPES = {  # the speculative benchmark's trained target, and issue 5's 1B Llama
     'spec-target': dict(vocab_size=8192, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=8192),
     'llama-1b': dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
 }
+
+def no_pdl(fn):
+    "`fn` with programmatic dependent launch off (read when the kernels launch, so at capture)."
+    def f():
+        kernels.PDL = False
+        try: return fn()
+        finally: kernels.PDL = True
+    return f
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -47,12 +55,6 @@ def main():
         for T in [int(t) for t in a.tokens.split(',')]:
             tok = torch.randint(0, kw['vocab_size'], (1, T), device=dev)
             pos = torch.arange(a.context, a.context + T, device=dev)
-            def no_pdl(fn):  # the same call with programmatic dependent launch off (read when the kernels launch, so at capture)
-                def f():
-                    kernels.PDL = False
-                    try: return fn()
-                    finally: kernels.PDL = True
-                return f
             fns = dict(module=lambda: forward_step(m, tok, pos, cache), verify_forward=lambda: verify_forward(m, tok, pos, cache))
             fns['verify_forward, no PDL'] = no_pdl(fns['verify_forward'])
             if T == 1: fns['decode_forward'] = lambda: decode_forward(m, tok, pos, cache)

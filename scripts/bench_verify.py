@@ -39,10 +39,13 @@ def main():
     ap.add_argument('--models', default='spec-target')
     ap.add_argument('--tokens', default='1,2,5', help='tokens per verification (γ+1)')
     ap.add_argument('--context', type=int, default=320, help='cache positions filled before the verification')
+    ap.add_argument('--compiled-tokens', default='2,5', help='T for which the module path and verify_forward are also timed '
+                    'compiled (`torch.compile`, as the speculative rounds run them; a compile each): the elementwise ops fuse')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device)
     res = dict(card=card_info(dev), settings=vars(a), models={})
+    compiled_T = [int(t) for t in a.compiled_tokens.split(',') if t]
     for name in a.models.split(','):
         kw = dict(SHAPES[name], max_seq_len=1024, rope_interleaved=True, tie_embeddings=False)
         if a.tiny: kw.update(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
@@ -58,6 +61,10 @@ def main():
             fns = dict(module=lambda: forward_step(m, tok, pos, cache), verify_forward=lambda: verify_forward(m, tok, pos, cache))
             fns['verify_forward, no PDL'] = no_pdl(fns['verify_forward'])
             if T == 1: fns['decode_forward'] = lambda: decode_forward(m, tok, pos, cache)
+            if dev.type == 'cuda' and T in compiled_T:
+                cm, cv = torch.compile(forward_step, dynamic=False), torch.compile(verify_forward, dynamic=False)
+                fns['module, compiled'] = lambda: cm(m, tok, pos, cache)
+                fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
             row = r['rows'][T] = {}
             for k, fn in fns.items():
                 with torch.no_grad():
@@ -65,7 +72,7 @@ def main():
                     except Exception as e: row[k] = dict(error=short_error(e)); print(f'{name} T={T} {k}: {row[k]["error"]}', flush=True); continue
                     prof = profile_fn(fn, dev, steps=2, top=8)
                 row[k] = dict(graph_us=us, profile=prof)
-                print(f'{name} T={T} {k:15s} graph {us or 0:9.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:9.1f} us  '
+                print(f'{name} T={T} {k:24s} graph {us or 0:9.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:9.1f} us  '
                       + '  '.join(f'{t["name"][:40]} {t["ms_per_step"] * 1e3:.0f}us x{t["calls_per_step"]:.0f}' for t in prof['top_kernels'][:4]), flush=True)
             save_json(a.out, res)
         # the products alone: gemv_rows against cuBLAS at each of the layer's shapes, T = 5

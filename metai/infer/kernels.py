@@ -402,10 +402,10 @@ def check_kernels_interpreted(timeout:float=300) -> str:
             cos, sin = torch.randn(S, D // 2), torch.randn(S, D // 2)
             caches = [torch.randn(1, S, KV, D, dtype=bf) for _ in range(2)]
             c2 = [c.clone() for c in caches]
-            for pos in (0, 5, 33):
-                qkv = torch.randn((H + 2 * KV) * D, dtype=bf)
-                a = decode_attention(qkv, *caches, torch.tensor([pos]), cos, sin, H, KV, inter, 0.25)
-                b = decode_attention_ref(qkv, *c2, torch.tensor([pos]), cos, sin, H, KV, inter, 0.25)
+            for pos, T in ((0, 1), (5, 1), (33, 1), (0, 3), (9, 5), (33, 3)):  # one token (its own kernel), then T causal tokens
+                qkv = torch.randn(T, (H + 2 * KV) * D, dtype=bf).squeeze(0)
+                a = decode_attention(qkv, *caches, torch.arange(pos, pos + T), cos, sin, H, KV, inter, 0.25)
+                b = decode_attention_ref(qkv, *c2, torch.arange(pos, pos + T), cos, sin, H, KV, inter, 0.25)
                 worsta = max(worsta, (a.float() - b.float()).abs().max().item(),
                              max((x.float() - y.float()).abs().max().item() for x, y in zip(caches, c2)))
         from metai.infer.kernels import gemv_kernel, _LONG_TILE   # the fixed tile gemv launches for long rows on a GPU,
@@ -426,22 +426,22 @@ def check_kernels_interpreted(timeout:float=300) -> str:
     return p.stdout.strip()
 
 # %% ../../nbs/09b_kernels.ipynb #43f5b2d7
-def decode_attention_ref(qkv:Tensor, # (H*D + 2*KV*D,) the q/k/v product of the new token, before RoPE
+def decode_attention_ref(qkv:Tensor, # (H*D + 2*KV*D,) the q/k/v product of the new token, before RoPE; or (T, ...) for T tokens
                          k_cache:Tensor, v_cache:Tensor, # (B, S, KV, D): row 0 is written at `input_pos` and read
-                         input_pos:Tensor, # (1,) long, the new token's position
+                         input_pos:Tensor, # (1,) long, the new token's position; or (T,) the T tokens' (consecutive) positions
                          cos:Tensor, sin:Tensor, # (L, D/2) the model's RoPE tables
                          n_heads:int, n_kv_heads:int, interleaved:bool, scale:float
-                        ) -> Tensor: # (H*D,) what `wo` reads
-    "The reference: `Attention.attend`'s ops for one token of row 0 (RoPE, index write, masked SDPA over the whole cache)."
-    D = k_cache.shape[-1]
-    q, k, v = qkv.view(1, 1, -1).split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
-    q = apply_rope(q.view(1, 1, n_heads, D), cos, sin, interleaved, positions=input_pos)       # (1, 1, H, D)
-    k = apply_rope(k.view(1, 1, n_kv_heads, D), cos, sin, interleaved, positions=input_pos)    # (1, 1, KV, D)
-    k_cache[:1, input_pos], v_cache[:1, input_pos] = k.to(k_cache.dtype), v.view(1, 1, n_kv_heads, D).to(v_cache.dtype)
-    mask = (torch.arange(k_cache.shape[1], device=qkv.device) <= input_pos).view(1, 1, 1, -1)  # (1, 1, 1, S) slots up to pos
-    y = F.scaled_dot_product_attention(q.view(1, n_kv_heads, n_heads // n_kv_heads, D), k_cache[:1].transpose(1, 2),
-                                       v_cache[:1].transpose(1, 2), attn_mask=mask, scale=scale)  # (1, KV, H/KV, D)
-    return y.reshape(n_heads * D)
+                        ) -> Tensor: # (H*D,) what `wo` reads; (T, H*D) for T tokens
+    "The reference: `Attention.attend`'s ops for the new tokens of row 0 (RoPE, index write, SDPA over the cache, causal)."
+    D, T = k_cache.shape[-1], input_pos.shape[0]
+    q, k, v = qkv.reshape(1, T, -1).split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    q = apply_rope(q.reshape(1, T, n_heads, D), cos, sin, interleaved, positions=input_pos)       # (1, T, H, D)
+    k = apply_rope(k.reshape(1, T, n_kv_heads, D), cos, sin, interleaved, positions=input_pos)    # (1, T, KV, D)
+    k_cache[:1, input_pos], v_cache[:1, input_pos] = k.to(k_cache.dtype), v.reshape(1, T, n_kv_heads, D).to(v_cache.dtype)
+    mask = (torch.arange(k_cache.shape[1], device=qkv.device) <= input_pos[:, None]).view(1, 1, T, -1)  # (1, 1, T, S)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:1].transpose(1, 2), v_cache[:1].transpose(1, 2),
+                                       attn_mask=mask, scale=scale, enable_gqa=n_heads != n_kv_heads)  # (1, H, T, D)
+    return y.transpose(1, 2).reshape(qkv.shape[:-1] + (n_heads * D,))
 
 if triton is not None:
     @triton.jit
@@ -516,45 +516,126 @@ if triton is not None:
         tl.store(acc_ptr + (slot * GP + h[:, None]) * D + e[None, :], acc)
 
     @triton.jit
-    def decode_attention_combine(ml_ptr, acc_ptr, o_ptr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
-                                 GP: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-        "KV head `program_id`: merge its splits' (max, sum, output) into the softmax-weighted output of each query head."
+    def decode_attention_combine(ml_ptr, acc_ptr, o_ptr, T, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                                 GP: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        "KV head `program_id(0)`, token `program_id(1)`: merge its splits' (max, sum, output) into each query head's output."
         if PDL: gdc_launch_dependents()
-        kvh = tl.program_id(0)
+        kvh, t = tl.program_id(0), tl.program_id(1)
         G: tl.constexpr = H // KV
         sp, h, e = tl.arange(0, SPLITS), tl.arange(0, GP), tl.arange(0, D)
         slot = kvh * SPLITS + sp[:, None]                                    # (SPLITS, 1) this head's splits
-        m = tl.load(ml_ptr + slot * 2 * GP + h[None, :])                     # (SPLITS, GP) each split's max
-        l = tl.load(ml_ptr + slot * 2 * GP + GP + h[None, :])                # and sum
-        acc = tl.load(acc_ptr + (slot * GP + h[None, :])[:, :, None] * D + e[None, None, :])  # (SPLITS, GP, D)
+        r = t * GP + h[None, :]                                              # (1, GP) the token's rows among the R
+        m = tl.load(ml_ptr + slot * 2 * R + r)                               # (SPLITS, GP) each split's max
+        l = tl.load(ml_ptr + slot * 2 * R + R + r)                           # and sum
+        acc = tl.load(acc_ptr + (slot * R + r)[:, :, None] * D + e[None, None, :])  # (SPLITS, GP, D)
         w = tl.exp(m - tl.max(m, 0)[None, :])                                # (SPLITS, GP) rescale to the common max
         o = tl.sum(acc * w[:, :, None], 0) / tl.sum(l * w, 0)[:, None]      # (GP, D)
-        tl.store(o_ptr + (kvh * G + h[:, None]) * D + e[None, :], o.to(tl.bfloat16), mask=h[:, None] < G)
+        tl.store(o_ptr + t * (H * D) + (kvh * G + h[:, None]) * D + e[None, :], o.to(tl.bfloat16), mask=h[:, None] < G)
+
+    @triton.jit
+    def _rope_rows(rp, rm, pos, cos_ptr, sin_ptr, INTERLEAVED: tl.constexpr, D: tl.constexpr):
+        "D values from each row pointer `rp` (N,) where `rm`, rotated at positions `pos` (N,), rounded to bf16 as `apply_rope`: (N, D)."
+        d = tl.arange(0, D)
+        if INTERLEAVED: i = d // 2; pd = d ^ 1; sg = tl.where(d % 2 == 0, -1.0, 1.0)           # pairs (2i, 2i+1)
+        else: i = d % (D // 2); pd = (d + D // 2) % D; sg = tl.where(d < D // 2, -1.0, 1.0)     # pairs (i, i + D/2)
+        x = tl.load(rp[:, None] + d[None, :], mask=rm[:, None], other=0.).to(tl.float32)      # (N, D)
+        xp = tl.load(rp[:, None] + pd[None, :], mask=rm[:, None], other=0.).to(tl.float32)    # each value's partner
+        c = tl.load(cos_ptr + pos[:, None] * (D // 2) + i[None, :], mask=rm[:, None], other=0.)
+        s = tl.load(sin_ptr + pos[:, None] * (D // 2) + i[None, :], mask=rm[:, None], other=0.)
+        return (x * c + sg[None, :] * xp * s).to(tl.bfloat16)
+
+    @triton.jit
+    def _attend_tile(q, k, v, ok, m_i, l_i, acc, scale, DOT_BF16: tl.constexpr):
+        "The online-softmax update of rows q (R, D) with keys k and values v (BLOCK_S, D), where `ok` (R, BLOCK_S)."
+        if DOT_BF16: sc = tl.dot(q, tl.trans(k))                            # (R, BLOCK_S) fp32 sums of exact products
+        else: sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))    # the interpreter's bf16 dot is wrong: fp32
+        sc = tl.where(ok, sc * scale, float('-inf'))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        if DOT_BF16: pv = tl.dot(p.to(tl.bfloat16), v)                      # (R, D), p rounded to bf16 as flash attention does
+        else: pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+    @triton.jit
+    def decode_attention_rows_kernel(qkv_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, ml_ptr, acc_ptr, scale, T,
+                                     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, R: tl.constexpr,
+                                     NB: tl.constexpr, S: tl.constexpr, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
+                                     BLOCK_S: tl.constexpr, TO_POS: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
+        """`decode_attention_kernel` for T new tokens at positions pos .. pos+T-1: KV head `program_id(0)` takes its
+        group's query heads of all T tokens as R = TP * GP query rows (row t * GP + g), so its scores are tensor-core
+        products; split `program_id(1)` walks its share of the cached positions 0..pos-1, and split 0 also writes the
+        T new keys and values and attends to them causally (token t sees new tokens 0..t)."""
+        if PDL: gdc_launch_dependents()
+        kvh, sp = tl.program_id(0), tl.program_id(1)
+        G: tl.constexpr = H // KV
+        ROW: tl.constexpr = (H + 2 * KV) * D                              # one token's q/k/v values
+        pos = tl.load(pos_ptr)
+        r = tl.arange(0, R)
+        t, g = r // GP, r % GP                                            # (R,) each row's token and query head
+        q = _rope_rows(qkv_ptr + t * ROW + (kvh * G + g) * D, (t < T) & (g < G), pos + t, cos_ptr, sin_ptr, INTERLEAVED, D)  # (R, D)
+        e = tl.arange(0, D)
+        m_i = tl.full((R,), -1e30, tl.float32)           # running max (finite: exp(-inf - m) is 0, never NaN), sum, output
+        l_i = tl.zeros((R,), tl.float32)
+        acc = tl.zeros((R, D), tl.float32)
+        per = tl.cdiv(tl.cdiv(pos, BLOCK_S), SPLITS) * BLOCK_S            # positions per split, whole blocks
+        lo = sp * per
+        hi = tl.minimum(lo + per, pos)
+        for s0 in range(lo if TO_POS else 0, hi if TO_POS else S, BLOCK_S):  # every row sees every cached position
+            j = s0 + tl.arange(0, BLOCK_S)
+            jm = (j >= lo) & (j < hi)
+            kv = j[:, None] * (KV * D) + kvh * D + e[None, :]             # (BLOCK_S, D)
+            k = tl.load(k_ptr + kv, mask=jm[:, None], other=0.)
+            v = tl.load(v_ptr + kv, mask=jm[:, None], other=0.)
+            m_i, l_i, acc = _attend_tile(q, k, v, jm[None, :], m_i, l_i, acc, scale, DOT_BF16)
+        if sp == 0:                                                       # the new tokens: rotate k, write k and v, attend causally
+            u = tl.arange(0, NB)
+            um = u < T
+            k = _rope_rows(qkv_ptr + u * ROW + H * D + kvh * D, um, pos + u, cos_ptr, sin_ptr, INTERLEAVED, D)  # (NB, D)
+            v = tl.load(qkv_ptr + u[:, None] * ROW + H * D + KV * D + kvh * D + e[None, :], mask=um[:, None], other=0.)
+            cb = (pos + u[:, None]) * (KV * D) + kvh * D + e[None, :]    # row 0, slots pos + u, this head
+            tl.store(k_ptr + cb, k, mask=um[:, None]); tl.store(v_ptr + cb, v, mask=um[:, None])
+            ok = (u[None, :] <= t[:, None]) & um[None, :]                 # (R, NB) causal among the new tokens
+            m_i, l_i, acc = _attend_tile(q, k, v, ok, m_i, l_i, acc, scale, DOT_BF16)
+        slot = kvh * SPLITS + sp                                          # partials: ml (KV, SPLITS, 2, R), acc (KV, SPLITS, R, D)
+        tl.store(ml_ptr + slot * 2 * R + r, m_i); tl.store(ml_ptr + slot * 2 * R + R + r, l_i)
+        tl.store(acc_ptr + (slot * R + r[:, None]) * D + e[None, :], acc)
 
 ATTN_BLOCK_S, ATTN_PROGRAMS = 16, 256  # positions per block; programs to aim for (KV heads x splits): best of 9 on an H200, notebook 90
 
 @torch.library.custom_op('metai::decode_attention', mutates_args=('k_cache', 'v_cache'))
-def decode_attention(qkv:Tensor, k_cache:Tensor, v_cache:Tensor, input_pos:Tensor, cos:Tensor, sin:Tensor,
+def decode_attention(qkv:Tensor, # (H*D + 2*KV*D,) one new token's q/k/v product; or (T, ...) for T <= 16 tokens
+                     k_cache:Tensor, v_cache:Tensor, input_pos:Tensor, cos:Tensor, sin:Tensor,
                      n_heads:int, n_kv_heads:int, interleaved:bool, scale:float) -> Tensor:
     "`decode_attention_ref` in two Triton kernels (CUDA, bf16, batch row 0, power-of-two head size); the reference elsewhere."
-    D, S = k_cache.shape[-1], k_cache.shape[1]
+    D, S, T = k_cache.shape[-1], k_cache.shape[1], input_pos.shape[0]
     ok = (triton is not None and (qkv.is_cuda or INTERPRET) and qkv.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
-          and D & (D - 1) == 0 and k_cache.is_contiguous() and v_cache.is_contiguous() and n_heads % n_kv_heads == 0)
+          and D & (D - 1) == 0 and k_cache.is_contiguous() and v_cache.is_contiguous() and n_heads % n_kv_heads == 0
+          and ((qkv.dim(), T) == (1, 1) or qkv.dim() == 2 and qkv.shape[0] == T <= 16 and D >= 16))
     if not ok: return decode_attention_ref(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale)
     KV, GP = n_kv_heads, triton.next_power_of_2(n_heads // n_kv_heads)
-    splits = 4 if INTERPRET else min(64, triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, KV)))
-    ml = qkv.new_empty(KV, splits, 2, GP, dtype=torch.float32)          # each split's running max and sum
-    acc = qkv.new_empty(KV, splits, GP, D, dtype=torch.float32)         # and its unnormalised output
-    o = qkv.new_empty(n_heads * D)
+    TP = 1 if qkv.dim() == 1 else max(triton.next_power_of_2(T), triton.cdiv(16, GP))  # token slots: rows R = TP * GP, >= 16 for tl.dot
+    R = TP * GP
+    splits = 4 if INTERPRET else max(1, min(64, triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, KV))) // TP)
+    ml = qkv.new_empty(KV, splits, 2, R, dtype=torch.float32)           # each split's running max and sum
+    acc = qkv.new_empty(KV, splits, R, D, dtype=torch.float32)          # and its unnormalised output
+    o = qkv.new_empty(qkv.shape[:-1] + (n_heads * D,))
     pdl = dict(PDL=_pdl(qkv))  # the kernels let the next product start early, but launch as usual (measured faster)
-    decode_attention_kernel[(KV, splits)](qkv.contiguous(), k_cache, v_cache, input_pos, cos.contiguous(), sin.contiguous(), ml, acc,
-                                          scale, H=n_heads, KV=KV, D=D, S=S, GP=GP, SPLITS=splits, INTERLEAVED=interleaved,
-                                          BLOCK_S=16 if INTERPRET else ATTN_BLOCK_S, TO_POS=not INTERPRET, num_warps=4, **pdl)
-    decode_attention_combine[(KV,)](ml, acc, o, H=n_heads, KV=KV, D=D, GP=GP, SPLITS=splits, num_warps=4, **pdl)
+    bs, args = 16 if INTERPRET else ATTN_BLOCK_S, (qkv.contiguous(), k_cache, v_cache, input_pos, cos.contiguous(), sin.contiguous(), ml, acc, scale)
+    if qkv.dim() == 1:
+        decode_attention_kernel[(KV, splits)](*args, H=n_heads, KV=KV, D=D, S=S, GP=GP, SPLITS=splits, INTERLEAVED=interleaved,
+                                              BLOCK_S=bs, TO_POS=not INTERPRET, num_warps=4, **pdl)
+    else:
+        decode_attention_rows_kernel[(KV, splits)](*args, T, H=n_heads, KV=KV, D=D, GP=GP, R=R, NB=16, S=S, SPLITS=splits,
+                                                   INTERLEAVED=interleaved, BLOCK_S=bs, TO_POS=not INTERPRET,
+                                                   DOT_BF16=not INTERPRET, num_warps=4, **pdl)
+    decode_attention_combine[(KV, T)](ml, acc, o, T, H=n_heads, KV=KV, D=D, GP=GP, R=R, SPLITS=splits, num_warps=4, **pdl)
     return o
 
 @decode_attention.register_fake
-def _(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale): return qkv.new_empty(n_heads * k_cache.shape[-1])
+def _(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale):
+    return qkv.new_empty(qkv.shape[:-1] + (n_heads * k_cache.shape[-1],))
+
 
 # %% ../../nbs/09b_kernels.ipynb #1129595d
 INT4_IN_DECODE = True  # int4 layers in `gemv_int4` (on an H200, 1B: 1,337 tokens/s against 1,139 through PyTorch's int4 kernel, notebook 90)
@@ -630,8 +711,8 @@ def verify_forward(model, # a metai `Transformer`
         a, f = layer.attn, layer.ffn
         if type(a) is Attention:
             qkv = fused_gemv([a.wq, a.wk, a.wv], x, layer.attn_norm)                  # (T, H*hd + 2*KV*hd)
-            q, k, v = qkv[None].split([a.wq.out_features, a.wk.out_features, a.wv.out_features], dim=-1)
-            y = a.attend(q, k, v, cos, sin, 0, cache, attn_mask=mask)[0]              # (T, H*hd)
+            y = decode_attention(qkv, cache.a[a.layer_id], cache.b[a.layer_id], input_pos, model.freqs_cos, model.freqs_sin,
+                                 a.n_heads, a.n_kv_heads, a.interleaved, a.softmax_scale)             # (T, H*hd), causal
             x = fused_gemv([a.wo], y, residual=x)
         else: x = x + a(layer.attn_norm(x[None]), cos, sin, 0, cache, attn_mask=mask)[0]
         if layer.is_moe: x = x + f(layer.ffn_norm(x[None]))[0][0]

@@ -48,7 +48,8 @@ for step in $STEPS; do
                    # prompt with each draft and with MTP. Give it a 600 s device call of its own: on an H200 (2026-12-03) the
                    # target's 350 steps took 158 s with compilation, the draft's 400 steps 29 s (the distilled one also runs the
                    # target on every batch), the first compiled plain generate of the target about 115 s, and each speculative
-                   # setting about 70 s more. `--verify-kernels both` also measures notebook 09b's verify_forward (about 70 s a setting).
+                   # setting about 35-70 s more (2026-12-03, run 6: training 236 s, plain + 3 settings 176 s). The rounds verify with
+                   # notebook 09b's verify_forward (ROWS_IN_VERIFY, on by default); `--verify-kernels both` also measures the module path.
                    # Speculation pays when a target step costs many draft steps: a draft's cost is its kernel count (layers), not its width.
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
       D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
@@ -63,7 +64,7 @@ for step in $STEPS; do
       timeout "$(limit train-draft 90)" python3 -c "$M" train-custom "${W[@]}" --distill-from "$D/target" --distill-weight 4 --output-dir "$D/wide2d" 2>&1 \
         | tail -3 | tee "$OUT/train_draft_wide2d.log"
       timeout "$(limit $step 330)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/wide2,$D/wide2d" \
-        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels off --out "$OUT/speculative_$CARD.json" 2>&1 \
+        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4,6 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels on --out "$OUT/speculative_$CARD.json" 2>&1 \
         | quiet | tee "$OUT/speculative.log" ;;
     model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \

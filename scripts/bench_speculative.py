@@ -127,8 +127,9 @@ def main():
     ap.add_argument('--new-tokens', type=int, default=256)
     ap.add_argument('--runs', type=int, default=3, help='timed calls per measurement (the median is reported)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile the forwards (auto: on CUDA)')
-    ap.add_argument('--verify-kernels', choices=['off', 'on', 'both'], default='off',
-                    help="the rounds' verification through notebook 09b's `verify_forward` (ROWS_IN_VERIFY); both: each setting twice, off first")
+    ap.add_argument('--verify-kernels', choices=['off', 'on', 'both'], default='on',
+                    help="the rounds' verification through notebook 09b's `verify_forward` (ROWS_IN_VERIFY, on by default; off: "
+                    "through the modules); both: each setting twice, off first")
     a = ap.parse_args()
     device = get_device(a.device)
     compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')

@@ -688,13 +688,14 @@ def decode_forward(model, # a metai `Transformer`
     return fused_gemv([model.head], x, model.norm).view(1, 1, -1)
 
 # %% ../../nbs/09b_kernels.ipynb #6ac90e57
-ROWS_IN_VERIFY = False  # speculative rounds verify with `verify_forward`: off, since alone it saves only 2-4% (H200, see above)
+ROWS_IN_VERIFY = True  # speculative rounds verify with `verify_forward` (H200, 1B target: 1.09 ms for 2 tokens against 1.60 compiled modules)
 
 def verify_ok(model, # a metai `Transformer`
               tokens:Tensor # (1, T) the tokens to score
              ) -> bool:
-    "Whether a verification forward should take `verify_forward`: switched on, one row of at most 16 tokens (on CPU its products run `gemv_ref`)."
-    return ROWS_IN_VERIFY and tokens.shape[0] == 1 and tokens.shape[1] <= 16
+    "Whether a verification forward should take `verify_forward`: switched on, one row of at most 16 tokens, on CUDA, a bf16 model, Triton present."
+    return (ROWS_IN_VERIFY and triton is not None and tokens.is_cuda and tokens.shape[0] == 1 and tokens.shape[1] <= 16
+            and model.embed.weight.dtype == torch.bfloat16)
 
 def verify_forward(model, # a metai `Transformer`
                    tokens:Tensor, # (1, T) the newest token and the drafts after it, T <= 16
@@ -702,7 +703,7 @@ def verify_forward(model, # a metai `Transformer`
                    cache, # the static cache (notebook 09)
                    hidden:bool=False # also return h^0 (after the final norm), what the MTP modules read
                   ): # (1, T, V) logits, and (1, T, dim) h^0 with `hidden`
-    "`forward_step` (with `hidden`, notebook 11's `forward_hidden`) for a few tokens of one row, the products in `gemv_rows`."
+    "`forward_step` (with `hidden`, notebook 11's `forward_hidden`) for a few tokens of one row: products in `gemv_rows`, attention in `decode_attention`."
     mask = (torch.arange(cache.max_seq_len, device=tokens.device) <= input_pos[:, None])[None]  # (1, T, S)
     cos, sin = model.freqs_cos[input_pos], model.freqs_sin[input_pos]            # (T, rope_dim/2)
     cache.input_pos = input_pos

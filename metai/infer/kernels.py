@@ -445,6 +445,13 @@ def decode_attention_ref(qkv:Tensor, # (H*D + 2*KV*D,) the q/k/v product of the 
 
 if triton is not None:
     @triton.jit
+    def _split_range(pos, sp, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        "Split `sp`'s share lo .. hi-1 of the cached positions 0 .. pos-1: whole blocks, counted from `pos` on the device."
+        per = tl.cdiv(tl.cdiv(pos, BLOCK_S), SPLITS) * BLOCK_S
+        lo = sp * per
+        return lo, tl.minimum(lo + per, pos)
+
+    @triton.jit
     def _attend_block(s0, lo, hi, q1, q2, k_ptr, v_ptr, kvh, d1, d2, e, m_i, l_i, acc, scale,
                       KV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
         "The online-softmax update with cached positions s0 .. s0+BLOCK_S-1 (those in lo .. hi-1)."
@@ -488,9 +495,7 @@ if triton is not None:
         m_i = tl.full((GP,), -1e30, tl.float32)          # running max (finite: exp(-inf - m) is 0, never NaN), sum, output
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        per = tl.cdiv(tl.cdiv(pos, BLOCK_S), SPLITS) * BLOCK_S            # positions per split, whole blocks
-        lo = sp * per
-        hi = tl.minimum(lo + per, pos)
+        lo, hi = _split_range(pos, sp, SPLITS, BLOCK_S)                   # this split's share of the cached positions
         if TO_POS:                                         # this split's blocks only (older Triton interpreters need a fixed bound: S)
             for s0 in range(lo, hi, BLOCK_S):
                 m_i, l_i, acc = _attend_block(s0, lo, hi, q1, q2, k_ptr, v_ptr, kvh, d1, d2, e, m_i, l_i, acc, scale, KV, D, BLOCK_S)
@@ -578,9 +583,7 @@ if triton is not None:
         m_i = tl.full((R,), -1e30, tl.float32)           # running max (finite: exp(-inf - m) is 0, never NaN), sum, output
         l_i = tl.zeros((R,), tl.float32)
         acc = tl.zeros((R, D), tl.float32)
-        per = tl.cdiv(tl.cdiv(pos, BLOCK_S), SPLITS) * BLOCK_S            # positions per split, whole blocks
-        lo = sp * per
-        hi = tl.minimum(lo + per, pos)
+        lo, hi = _split_range(pos, sp, SPLITS, BLOCK_S)                   # this split's share of the cached positions
         for s0 in range(lo if TO_POS else 0, hi if TO_POS else S, BLOCK_S):  # every row sees every cached position
             j = s0 + tl.arange(0, BLOCK_S)
             jm = (j >= lo) & (j < hi)

@@ -300,8 +300,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     "The model (weights loaded, eval mode) and tokenizer of a metai model folder."
     from metai.config import ModelConfig
     from metai.data.tokenizer import Tokenizer
-    from metai.model.transformer import Transformer
-    from metai.train.loop import load_weights
+    from metai.model.transformer import load_transformer
     if not os.path.isdir(model_dir): raise ValueError(f'{model_dir}: no such directory')
     for f in ('config.json', 'model.safetensors') + (('tokenizer.model',) if tokenizer else ()):
         p = os.path.join(model_dir, f)
@@ -310,9 +309,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     tok = Tokenizer(os.path.join(model_dir, 'tokenizer.model')) if tokenizer else None
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f'{model_dir}: tokenizer.model has {tok.vocab_size} tokens but the model only {cfg.vocab_size}')
-    model = Transformer(cfg)
-    load_weights(model, os.path.join(model_dir, 'model.safetensors'))
-    return model.to(device).eval(), tok
+    return load_transformer(model_dir, device), tok  # fp32, eval mode (notebook 07)
 
 # %% ../nbs/20_cli.ipynb #382ba9e4
 def _split_stop(stop) -> list:

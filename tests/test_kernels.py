@@ -101,18 +101,19 @@ def test_cuda_decode_attention_long():
     from metai.infer.kernels import decode_attention, decode_attention_ref
     torch.manual_seed(0)
     bf = dict(device='cuda', dtype=torch.bfloat16)
-    for H, KV, D, inter in ((32, 8, 64, True), (12, 12, 64, False), (6, 2, 128, True)):
+    for H, KV, D, inter in ((32, 8, 64, True), (12, 12, 64, False), (6, 2, 128, True), (16, 2, 64, False)):  # groups of 4, 1, 3, 8
         S = 4096
         cos, sin = torch.randn(S, D // 2, device='cuda'), torch.randn(S, D // 2, device='cuda')
         caches = [torch.randn(1, S, KV, D, **bf) for _ in range(2)]
         c2 = [c.clone() for c in caches]
-        for pos in (0, 1, 31, 32, 33, 511, 1000, 4095):
-            for T in (1, 2, 5, 16):  # one token (its own kernel; qkv (n,)), then T causal tokens (the rows kernel; qkv (T, n))
-                if pos + T > S: continue
-                qkv = torch.randn(T, (H + 2 * KV) * D, **bf).squeeze(0)
+        for pos in (0, 1, 31, 32, 33, 511, 1000, 4080, 4091, 4095):
+            for T in (1, 2, 5, 16, -1):  # one token (its own kernel; qkv (n,)), T causal tokens (the rows kernel; qkv (T, n)), -1: one as (1, n)
+                if pos + abs(T) > S: continue
+                qkv = torch.randn(abs(T), (H + 2 * KV) * D, **bf)
+                qkv, T = (qkv[0] if T == 1 else qkv), abs(T)
                 p = torch.arange(pos, pos + T, device='cuda')
                 a = decode_attention(qkv, *caches, p, cos, sin, H, KV, inter, D ** -0.5).float()
                 b = decode_attention_ref(qkv, *c2, p, cos, sin, H, KV, inter, D ** -0.5).float()
-                assert a.shape == b.shape == ((T, H * D) if T > 1 else (H * D,))
+                assert a.shape == b.shape == qkv.shape[:-1] + (H * D,)
                 assert (a - b).abs().max() <= 0.01 * b.abs().max() + 0.01, (H, KV, D, pos, T, (a - b).abs().max().item())
                 assert all((x.float() - y.float()).abs().max() <= 0.02 * y.float().abs().max() for x, y in zip(caches, c2)), (H, KV, D, pos, T)

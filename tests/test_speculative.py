@@ -340,6 +340,7 @@ def test_cuda_static_rounds_verify_forward(monkeypatch):
     monkeypatch.setattr(K, 'ROWS_IN_VERIFY', True)
     target = build(tiny(mtp_depth=1), seed=0).cuda().to(torch.bfloat16); target.init_freqs()
     draft = noisy_copy(target, 0.3)
+    assert K.verify_ok(target, torch.zeros(1, 5, dtype=torch.long, device='cuda')) and K.verify_ok(draft, torch.zeros(1, 2, dtype=torch.long, device='cuda'))
     prompt = list(range(3, 14))
     ref = generate(target, prompt, 40, temperature=0, compile=True)
     for out in (speculative_generate(target, draft, prompt, 40, gamma=4, temperature=0, compile=True)[0],

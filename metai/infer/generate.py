@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..core import get_device
 from ..data.tokenizer import Tokenizer, apply_chat_template
-from ..model.transformer import Transformer
+from ..model.transformer import Transformer, load_transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
 from .kernels import decode_forward, fused_decode_ok
 
@@ -517,11 +517,9 @@ def load_model_dir(path, # a metai checkpoint directory or a local Hugging Face 
                    dtype:torch.dtype|None=None # weights' dtype (default: bf16 on CUDA, fp32 elsewhere)
                   ) -> tuple[Transformer, Tokenizer|None]:
     "`(model, tokenizer)` from a checkpoint directory; the tokenizer is None when the directory has no `tokenizer.model`."
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isdir(path): raise FileNotFoundError(f'{path}: no such model directory')
-    cfg_file, w_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
+    cfg_file = os.path.join(path, 'config.json')
     if not os.path.isfile(cfg_file): raise FileNotFoundError(f'{cfg_file}: missing (a model directory holds config.json and model.safetensors)')
     try:
         with open(cfg_file, encoding='utf-8') as f: d = json.load(f)
@@ -534,18 +532,7 @@ def load_model_dir(path, # a metai checkpoint directory or a local Hugging Face 
     elif isinstance(d, dict) and 'model_type' in d:  # a Hugging Face checkpoint
         from metai.model.hf import from_hf
         model = from_hf(path, dtype=dtype, device=device)
-    else:
-        cfg = ModelConfig.from_json(cfg_file)
-        if not os.path.isfile(w_file): raise FileNotFoundError(f'{w_file}: missing')
-        with torch.device('meta'): model = Transformer(cfg)
-        model = model.to_empty(device=device)
-        if cfg.tie_embeddings: model.head.weight = model.embed.weight   # to_empty materialises the two names apart
-        try: missing, unexpected = load_model(model, w_file, strict=False, device=str(device))
-        except (SafetensorError, OSError) as e: raise ValueError(f'{w_file}: unreadable safetensors file ({str(e).splitlines()[0]})') from None
-        except RuntimeError as e: raise ValueError(f'{w_file}: weights do not fit config.json ({str(e).splitlines()[0][:200]})') from None
-        if missing or unexpected: raise ValueError(f'{w_file}: weights do not fit config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})')
-        model = model.to(dtype)
-        model.init_freqs()  # RoPE tables: fp32 buffers computed from the config, not stored
+    else: model = load_transformer(path, device, dtype)  # notebook 07: built on the meta device, filled from model.safetensors
     model.eval()
     tok = None
     if os.path.isfile(os.path.join(path, 'tokenizer.model')):

@@ -8,7 +8,8 @@ six kernels instead of about a dozen."""
 # %% auto #0
 __all__ = ['INTERPRET', 'PDL', 'ATTN_BLOCK_S', 'ATTN_PROGRAMS', 'INT4_IN_DECODE', 'ROWS_IN_VERIFY', 'prologue', 'gemv_ref',
            'gemv', 'gemv_rows', 'rows_product', 'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref',
-           'decode_attention', 'fused_gemv', 'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward']
+           'decode_attention', 'fused_gemv', 'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward',
+           'mtp_rows_step']
 
 # %% ../../nbs/09b_kernels.ipynb #53e4bb1b
 import os, sys, subprocess, textwrap
@@ -619,6 +620,8 @@ def decode_attention(qkv:Tensor, # (H*D + 2*KV*D,) one new token's q/k/v product
     KV, GP = n_kv_heads, triton.next_power_of_2(n_heads // n_kv_heads)
     TP = 1 if qkv.dim() == 1 else max(triton.next_power_of_2(T), triton.cdiv(16, GP))  # token slots: rows R = TP * GP, >= 16 for tl.dot
     R = TP * GP
+    if qkv.dim() == 2 and R * D > 64 * 128:  # a tile that would spill registers or outgrow shared memory (wide groups, many tokens)
+        return decode_attention_ref(qkv, k_cache, v_cache, input_pos, cos, sin, n_heads, n_kv_heads, interleaved, scale)
     splits = 4 if INTERPRET else max(1, min(64, triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, KV))) // TP)
     ml = qkv.new_empty(KV, splits, 2, R, dtype=torch.float32)           # each split's running max and sum
     acc = qkv.new_empty(KV, splits, R, D, dtype=torch.float32)          # and its unnormalised output
@@ -700,6 +703,21 @@ def verify_ok(model, # a metai `Transformer`
     return (ROWS_IN_VERIFY and triton is not None and tokens.is_cuda and tokens.shape[0] == 1 and tokens.shape[1] <= 16
             and model.embed.weight.dtype == torch.bfloat16)
 
+def _rows_layer(model, layer, # a metai `Transformer` and one of its blocks (a main layer or an MTP module's)
+                x:Tensor, # (T, dim) the residual stream of T tokens of one row
+                input_pos:Tensor, cache, cos:Tensor, sin:Tensor, mask:Tensor # as `verify_forward` makes them
+               ) -> Tensor: # (T, dim)
+    "One block for a few tokens of one row: products in `gemv_rows`, attention in `decode_attention` (MLA and MoE through the modules)."
+    a, f = layer.attn, layer.ffn
+    if type(a) is Attention:
+        qkv = fused_gemv([a.wq, a.wk, a.wv], x, layer.attn_norm)                  # (T, H*hd + 2*KV*hd)
+        y = decode_attention(qkv, cache.a[a.layer_id], cache.b[a.layer_id], input_pos, model.freqs_cos, model.freqs_sin,
+                             a.n_heads, a.n_kv_heads, a.interleaved, a.softmax_scale)             # (T, H*hd), causal
+        x = fused_gemv([a.wo], y, residual=x)
+    else: x = x + a(layer.attn_norm(x[None]), cos, sin, 0, cache, attn_mask=mask)[0]
+    if layer.is_moe: return x + f(layer.ffn_norm(x[None]))[0][0]
+    return fused_gemv([f.w2], fused_gemv([f.w1, f.w3], x, layer.ffn_norm), residual=x, silu=True)
+
 def verify_forward(model, # a metai `Transformer`
                    tokens:Tensor, # (1, T) the newest token and the drafts after it, T <= 16
                    input_pos:Tensor, # (T,) long, their positions
@@ -711,17 +729,26 @@ def verify_forward(model, # a metai `Transformer`
     cos, sin = model.freqs_cos[input_pos], model.freqs_sin[input_pos]            # (T, rope_dim/2)
     cache.input_pos = input_pos
     x = model.embed(tokens)[0]                                                   # (T, dim) the residual stream
-    for layer in model.layers:
-        a, f = layer.attn, layer.ffn
-        if type(a) is Attention:
-            qkv = fused_gemv([a.wq, a.wk, a.wv], x, layer.attn_norm)                  # (T, H*hd + 2*KV*hd)
-            y = decode_attention(qkv, cache.a[a.layer_id], cache.b[a.layer_id], input_pos, model.freqs_cos, model.freqs_sin,
-                                 a.n_heads, a.n_kv_heads, a.interleaved, a.softmax_scale)             # (T, H*hd), causal
-            x = fused_gemv([a.wo], y, residual=x)
-        else: x = x + a(layer.attn_norm(x[None]), cos, sin, 0, cache, attn_mask=mask)[0]
-        if layer.is_moe: x = x + f(layer.ffn_norm(x[None]))[0][0]
-        else: x = fused_gemv([f.w2], fused_gemv([f.w1, f.w3], x, layer.ffn_norm), residual=x, silu=True)
+    for layer in model.layers: x = _rows_layer(model, layer, x, input_pos, cache, cos, sin, mask)
     cache.input_pos = None
     if not hidden: return fused_gemv([model.head], x, model.norm)[None]          # (1, T, V), the norm in the head's prologue
     h = model.norm(x)                                                            # (T, dim) h^0
     return fused_gemv([model.head], h)[None], h[None]
+
+def mtp_rows_step(model, # a metai `Transformer` with MTP modules
+                  k:int, # module index (depth k+1)
+                  h:Tensor, # (1, T, dim) the previous depth's representation at positions `input_pos` (depth 1: h^0)
+                  tokens:Tensor, # (1, T) the tokens t_{i+k+1} to embed
+                  input_pos:Tensor, # (T,) long, positions i
+                  cache # static cache holding the MTP slots
+                 ): # (1, T, V) logits for t_{i+k+2}, (1, T, dim) h^{k+1} (before the head norm)
+    "Notebook 11's `mtp_step` for a few positions of one row, with `verify_forward`'s kernels."
+    m = model.mtp[k]
+    mask = (torch.arange(cache.max_seq_len, device=tokens.device) <= input_pos[:, None])[None]  # (1, T, S)
+    cos, sin = model.freqs_cos[input_pos], model.freqs_sin[input_pos]
+    x = fused_gemv([m.eh_proj], torch.cat([m.enorm(model.embed(tokens)[0]), m.hnorm(h[0])], dim=-1))  # (T, dim), embedding first
+    cache.input_pos = input_pos
+    x = _rows_layer(model, m.block, x, input_pos, cache, cos, sin, mask)
+    cache.input_pos = None
+    return fused_gemv([model.head], x, m.norm)[None], x[None]
+

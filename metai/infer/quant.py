@@ -17,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from safetensors import SafetensorError
-from safetensors.torch import save_file, load_model, load_file
+from safetensors.torch import save_file, load_file
 from ..core import atomic_path, atomic_write_text
 from ..config import ModelConfig
 from ..model.moe import MoE, moe_experts
-from ..model.transformer import Transformer
+from ..model.transformer import Transformer, load_weights, load_transformer
 
 # %% ../../nbs/12_quant.ipynb #833edbb3
 GROUP_SIZES = (32, 64, 128, 256)  # group sizes PyTorch's int4 matmul kernels accept
@@ -501,10 +501,7 @@ def load_quantized(path:str, # a directory written by `save_quantized` / `quanti
         try: _load_nf4(model, wpath, plan, qc['group_size'])
         except (SafetensorError, OSError) as e: raise ValueError(f'{wpath}: unreadable safetensors file ({str(e).splitlines()[0]})') from None
     else:
-        try: missing, unexpected = load_model(model, wpath, strict=False)
-        except (SafetensorError, OSError) as e: raise ValueError(f'{wpath}: unreadable safetensors file ({str(e).splitlines()[0]})') from None
-        except RuntimeError as e: raise ValueError(f'{wpath}: weights do not fit the model ({str(e).splitlines()[0][:200]})') from None
-        if missing or unexpected: raise ValueError(f'{wpath}: weights do not fit the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})')
+        load_weights(model, wpath)  # notebook 07: strict, one-line errors
     model.init_freqs(device='cpu')
     model.quant_config = {k: qc[k] for k in ('method', 'group_size', 'include_head', 'scale_dtype', 'linear', 'experts', 'skipped', 'report') if k in qc}
     model = model.to(device or 'cpu').eval()
@@ -518,15 +515,10 @@ def load_quantized(path:str, # a directory written by `save_quantized` / `quanti
 def load_fp_model(model_dir:str # a checkpoint directory with config.json and model.safetensors
                  ) -> Transformer:
     "Load an fp `Transformer` (CPU, eval mode) from `model_dir`, with one-line errors."
-    cfg = _read_config(model_dir)
+    _read_config(model_dir)  # its message says what a model directory holds
     path = os.path.join(model_dir, 'model.safetensors')
     if not os.path.isfile(path): raise FileNotFoundError(f'{path}: no such file')
-    model = Transformer(cfg)
-    try: missing, unexpected = load_model(model, path, strict=False)
-    except (SafetensorError, OSError) as e: raise ValueError(f'{path}: unreadable safetensors file ({str(e).splitlines()[0]})') from None
-    except RuntimeError as e: raise ValueError(f'{path}: weights do not fit config.json ({str(e).splitlines()[0][:200]})') from None
-    if missing or unexpected: raise ValueError(f'{path}: weights do not fit config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})')
-    return model.eval()
+    return load_transformer(model_dir)  # notebook 07: built on the meta device, filled from the file
 
 def quantize_dir(model_dir:str, # fp checkpoint: config.json, model.safetensors, tokenizer.model
                  out_dir:str, # where to write the quantized checkpoint

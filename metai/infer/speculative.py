@@ -17,7 +17,7 @@ from torch import Tensor
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
 from . import kernels
-from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok
+from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok, mtp_rows_step
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, ChatSession, TextStreamer, load_model_dir,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles)
 
@@ -347,7 +347,8 @@ def _spec_round(target, draft, # the two models
     tok = seq.index_select(1, pos)                                           # (1, 2)
     drafts, qs = [], []
     for i in range(gamma):                                                   # γ draft forwards: the first over 2 tokens, then 1
-        step = decode_forward if i and fused_decode_ok(draft, tok) else forward_step  # one token: the fused kernels (notebook 09b)
+        step = (decode_forward if i and fused_decode_ok(draft, tok) else     # one token: the fused kernels (notebook 09b)
+                verify_forward if verify_ok(draft, tok) else forward_step)  # two: the verification's kernels
         lg = step(draft, tok, pos, draft_cache)[:, -1]                       # (1, V)
         d, q = _draw(lg, temperature, top_k, top_p)
         drafts.append(d); qs.append(q); tok, pos = d[:, None], p + 1 + i
@@ -367,10 +368,11 @@ def _mtp_round(model, # a metai `Transformer` with one MTP module
     "One round of MTP self-speculation for one row: fixed shapes, no host sync."
     j = torch.arange(gamma + 1, device=seq.device)                           # (γ+1,)
     win = p - 1 - gamma + j                                                  # (γ+1,) p-1-γ .. p-1: every MTP slot that may be stale
-    lg, hk = mtp_step(model, 0, hidden.index_select(1, win), seq.index_select(1, win + 1), win, cache)  # (1, γ+1, V), (1, γ+1, dim)
+    mtp = mtp_rows_step if verify_ok(model, seq[:, :gamma + 1]) else mtp_step  # the verification's kernels where they apply (notebook 09b)
+    lg, hk = mtp(model, 0, hidden.index_select(1, win), seq.index_select(1, win + 1), win, cache)  # (1, γ+1, V), (1, γ+1, dim)
     drafts, qs = [], []
     for s in range(gamma):  # draft s+1 (position p+1+s); after the first, the module again with its own output as h^0
-        if s: lg, hk = mtp_step(model, 0, hk[:, -1:], drafts[-1][:, None], p - 1 + s, cache)
+        if s: lg, hk = mtp(model, 0, hk[:, -1:], drafts[-1][:, None], p - 1 + s, cache)
         d, q = _draw(lg[:, -1], temperature, top_k, top_p)
         drafts.append(d); qs.append(q)
     dr = torch.stack(drafts, 1)                                              # (1, γ)

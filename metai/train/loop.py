@@ -6,20 +6,19 @@ bf16 autocast on CUDA, MoE bias balancing, MTP, periodic validation, atomic chec
 # %% auto #0
 __all__ = ['CKPT_FILES', 'DISTILL_FIELDS', 'PEAK_FLOPS', 'COMPILE_MODES', 'CUDA_GRAPH_MODES', 'TrainConfig',
            'configure_optimizer', 'lr_at', 'save_checkpoint', 'latest_checkpoint', 'check_config_matches',
-           'load_weights', 'load_train_state', 'evaluate', 'bytes_per_token', 'unigram_entropy', 'sample_text',
-           'distill_kl', 'check_teacher_dir', 'load_teacher', 'check_distill_matches', 'check_compile_mode',
-           'compile_model', 'peak_flops', 'train']
+           'load_train_state', 'evaluate', 'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl',
+           'check_teacher_dir', 'load_teacher', 'check_distill_matches', 'check_compile_mode', 'compile_model',
+           'peak_flops', 'train']
 
 # %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
 from dataclasses import dataclass, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from safetensors import SafetensorError
-from safetensors.torch import save_model, load_model
+from safetensors.torch import save_model
 from ..core import get_device, autocast, seed_everything, atomic_path, atomic_write_text, fmt_num
 from ..config import ModelConfig
-from ..model.transformer import Transformer
+from ..model.transformer import Transformer, load_weights, load_transformer  # load_weights: resume (notebook 07)
 
 # %% ../../nbs/13_train.ipynb #4be0c099
 @dataclass
@@ -126,15 +125,6 @@ def check_config_matches(path:str, cfg:ModelConfig):
         if a != b: raise ValueError(f'{path}: checkpoint was trained with {f.name}={a!r}, but the requested model has {f.name}={b!r} '
                                     '(use another --output-dir, or the same model settings)')
 
-def load_weights(model:nn.Module, path:str):
-    "Load `model.safetensors` strictly into `model`; one-line errors for missing, truncated or mismatched files."
-    if not os.path.exists(path): raise FileNotFoundError(f'{path}: no such file')
-    try: missing, unexpected = load_model(model, path, strict=False)
-    except (SafetensorError, OSError) as e: raise ValueError(f'{path}: unreadable safetensors file ({str(e).splitlines()[0]})') from None
-    except RuntimeError as e: raise ValueError(f'{path}: weights do not fit the model ({str(e).splitlines()[0][:200]})') from None
-    if missing or unexpected:
-        raise ValueError(f'{path}: weights do not fit the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})')
-
 def load_train_state(path:str) -> dict:
     "Load `train_state.pt` without unpickling arbitrary objects."
     try: return torch.load(path, map_location='cpu', weights_only=True)
@@ -222,13 +212,8 @@ def load_teacher(path:str, # a trained model folder: config.json, model.safetens
     if tcfg.vocab_size != cfg.vocab_size:
         raise ValueError(f'{cp}: the teacher predicts {tcfg.vocab_size} tokens and the model {cfg.vocab_size} (distillation needs the same vocabulary)')
     if Tokenizer(tp).sha256 != tok.sha256: raise ValueError(f'{tp}: the teacher was trained with another tokenizer than the run\'s')
-    with torch.device('meta'): teacher = Transformer(tcfg)
-    teacher = teacher.to_empty(device=device)
-    if tcfg.tie_embeddings: teacher.head.weight = teacher.embed.weight   # to_empty materialises the two names apart
-    if device.type == 'cuda': teacher = teacher.to(torch.bfloat16)       # before loading: the GPU never holds an fp32 copy
-    load_weights(teacher, os.path.join(path, 'model.safetensors'))       # read on the CPU, copied into the (bf16) parameters
-    teacher.init_freqs()                                                 # the RoPE tables: fp32 buffers computed, not stored
-    return teacher.eval().requires_grad_(False)
+    teacher = load_transformer(path, device, torch.bfloat16 if device.type == 'cuda' else torch.float32)  # notebook 07: meta, then the file
+    return teacher.requires_grad_(False)
 
 DISTILL_FIELDS = ('distill_from', 'distill_weight', 'distill_temperature')
 def check_distill_matches(path:str, # a checkpoint's train_config.json

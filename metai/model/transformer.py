@@ -182,7 +182,7 @@ def num_params(self:Transformer, include_mtp:bool=False # also count the MTP mod
     skip = set() if include_mtp else {id(p) for p in self.mtp.parameters()}
     return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
-# %% ../../nbs/07_model.ipynb #aba8e9d9
+# %% ../../nbs/07_model.ipynb #b033558f
 def load_weights(model:nn.Module, # a model built from the folder's config.json (any device and dtype: tensors are copied in)
                  path:str # its model.safetensors
                 ):

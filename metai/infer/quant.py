@@ -514,11 +514,8 @@ def load_quantized(path:str, # a directory written by `save_quantized` / `quanti
 # %% ../../nbs/12_quant.ipynb #e238ea49
 def load_fp_model(model_dir:str # a checkpoint directory with config.json and model.safetensors
                  ) -> Transformer:
-    "Load an fp `Transformer` (CPU, eval mode) from `model_dir`, with one-line errors."
-    _read_config(model_dir)  # its message says what a model directory holds
-    path = os.path.join(model_dir, 'model.safetensors')
-    if not os.path.isfile(path): raise FileNotFoundError(f'{path}: no such file')
-    return load_transformer(model_dir)  # notebook 07: built on the meta device, filled from the file
+    "Load an fp `Transformer` (CPU, eval mode) from `model_dir`, with one-line errors (notebook 07's `load_transformer`)."
+    return load_transformer(model_dir)
 
 def quantize_dir(model_dir:str, # fp checkpoint: config.json, model.safetensors, tokenizer.model
                  out_dir:str, # where to write the quantized checkpoint

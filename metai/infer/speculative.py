@@ -368,8 +368,9 @@ def _mtp_round(model, # a metai `Transformer` with one MTP module
     "One round of MTP self-speculation for one row: fixed shapes, no host sync."
     j = torch.arange(gamma + 1, device=seq.device)                           # (γ+1,)
     win = p - 1 - gamma + j                                                  # (γ+1,) p-1-γ .. p-1: every MTP slot that may be stale
-    mtp = mtp_rows_step if verify_ok(model, seq[:, :gamma + 1]) else mtp_step  # the verification's kernels where they apply (notebook 09b)
-    lg, hk = mtp(model, 0, hidden.index_select(1, win), seq.index_select(1, win + 1), win, cache)  # (1, γ+1, V), (1, γ+1, dim)
+    nxt = seq.index_select(1, win + 1)                                       # (1, γ+1) the tokens the module embeds
+    mtp = mtp_rows_step if verify_ok(model, nxt) else mtp_step               # the verification's kernels where they apply (notebook 09b)
+    lg, hk = mtp(model, 0, hidden.index_select(1, win), nxt, win, cache)     # (1, γ+1, V), (1, γ+1, dim)
     drafts, qs = [], []
     for s in range(gamma):  # draft s+1 (position p+1+s); after the first, the module again with its own output as h^0
         if s: lg, hk = mtp(model, 0, hk[:, -1:], drafts[-1][:, None], p - 1 + s, cache)

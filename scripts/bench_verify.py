@@ -16,11 +16,13 @@ from metai.core import get_device, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache, forward_step
-from metai.infer.kernels import decode_forward, verify_forward, gemv_rows
+from metai.infer.kernels import decode_forward, verify_forward, gemv_rows, mtp_rows_step
 import metai.infer.kernels as kernels
+import metai.infer.speculative as spec
 
 SHAPES = {  # the speculative benchmark's trained target, and issue 5's 1B Llama shape
     'spec-target': dict(vocab_size=8192, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=8192),
+    'spec-draft': dict(vocab_size=8192, dim=512, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=1536),
     'llama-1b': dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
 }
 
@@ -41,6 +43,10 @@ def main():
     ap.add_argument('--context', type=int, default=320, help='cache positions filled before the verification')
     ap.add_argument('--compiled-tokens', default='2,5', help='T for which the module path and verify_forward are also timed '
                     'compiled (`torch.compile`, as the speculative rounds run them; a compile each): the elementwise ops fuse')
+    ap.add_argument('--mtp-round-gammas', default='', help='also time whole compiled MTP rounds (spec-target with one MTP module) '
+                    'at these γ, with the module through `mtp_rows_step` and through `mtp_step`')
+    ap.add_argument('--draft-round-gammas', default='', help='also time whole compiled draft-model rounds (spec-draft drafting for '
+                    'spec-target) at these γ, with the first draft step through `verify_forward` and through `forward_step`')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device)
@@ -89,6 +95,67 @@ def main():
                 print(f'{name} T=5 {pname:5s} gemv_rows {t_rows:7.1f} us  cuBLAS {t_lin:7.1f} us', flush=True)
         save_json(a.out, res)
         del m, cache
+    if (a.mtp_round_gammas or a.draft_round_gammas) and dev.type == 'cuda': res['rounds'] = time_rounds(a, dev, res)
+    save_json(a.out, res)
     print(f'wrote {a.out}')
+
+def build(name, dev, a, **over):
+    kw = dict(SHAPES[name], max_seq_len=1024, rope_interleaved=True, tie_embeddings=False, **over)
+    if a.tiny: kw.update(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    seed_everything(0)
+    with torch.device(dev): m = Transformer(ModelConfig(**kw).validate())
+    m = m.to(torch.bfloat16).eval(); m.init_freqs()
+    return m
+
+def gl(s): return [int(x) for x in s.split(',') if x]
+
+def time_rounds(a, dev, res) -> dict:
+    "Whole rounds (notebook 11's `_spec_round` / `_mtp_round`, compiled as the rounds run them) in a CUDA graph, and their draft steps alone."
+    out = {}
+    t, d = build('spec-target', dev, a, mtp_depth=1), build('spec-draft', dev, a)
+    V, C, W = t.cfg.vocab_size, a.context, 1024
+    cache, dcache = make_cache(t, 1, W, mtp=True), make_cache(d, 1, W, mtp=False)
+    with torch.no_grad():
+        ids = torch.randint(0, V, (1, C), device=dev)
+        forward_step(t, ids, torch.arange(C, device=dev), cache); forward_step(d, ids, torch.arange(C, device=dev), dcache)
+    seq = torch.randint(0, V, (1, W), device=dev); p = torch.full((1,), C, device=dev); p0 = p.clone()
+    hidden = torch.randn(1, W, t.cfg.dim, device=dev, dtype=torch.bfloat16)
+    # the steps alone: the MTP module over 2 positions, the draft over 2 tokens, module path against the verification's kernels
+    h2, tok2, pos2 = hidden[:, C - 2:C], seq[:, C - 1:C + 1], torch.arange(C - 2, C, device=dev)
+    steps = {'mtp 2 positions: mtp_step': (spec.mtp_step, (t, 0, h2, tok2, pos2, cache)),
+             'mtp 2 positions: mtp_rows_step': (mtp_rows_step, (t, 0, h2, tok2, pos2, cache)),
+             'draft 2 tokens: forward_step': (forward_step, (d, tok2, pos2 + 1, dcache)),
+             'draft 2 tokens: verify_forward': (verify_forward, (d, tok2, pos2 + 1, dcache)),
+             'draft 1 token: decode_forward': (decode_forward, (d, tok2[:, :1], pos2[:1] + 1, dcache))}
+    for k, (f, args) in steps.items():
+        cf = torch.compile(f, dynamic=False)
+        with torch.no_grad():
+            try: us = graph_us(lambda: cf(*args))
+            except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
+        out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
+    # whole rounds: p reset before each (the round advances it); greedy
+    real_ok, real_mtp = spec.verify_ok, kernels.MTP_ROWS
+    runs = ([(g, f'mtp round γ={g}: mtp_rows_step', dict(MTP_ROWS=True)) for g in gl(a.mtp_round_gammas)] +
+            [(g, f'mtp round γ={g}: mtp_step', dict(MTP_ROWS=False)) for g in gl(a.mtp_round_gammas)] +
+            [(g, f'draft round γ={g}: rows', {}) for g in gl(a.draft_round_gammas)] +
+            [(g, f'draft round γ={g}: first draft step forward_step', dict(verify_ok=lambda m, x: m is t and real_ok(m, x)))
+             for g in gl(a.draft_round_gammas)])
+    for g, k, patch in runs:
+        hist = torch.zeros(g + 1, dtype=torch.long, device=dev)
+        for n, v in patch.items(): setattr(kernels if n == 'MTP_ROWS' else spec, n, v)
+        torch._dynamo.reset()
+        try:
+            if k.startswith('mtp'):
+                f = torch.compile(spec._mtp_round, fullgraph=True, dynamic=False)
+                fn = lambda: (p.fill_(C), f(t, seq, p, hidden, cache, hist, p0, g, 0.0, None, None))
+            else:
+                f = torch.compile(spec._spec_round, fullgraph=True, dynamic=False)
+                fn = lambda: (p.fill_(C), f(t, d, seq, p, cache, dcache, hist, g, 0.0, None, None))
+            with torch.no_grad(): us = graph_us(fn)
+            out[k] = dict(graph_us=us); print(f'{k:48s} graph {us:8.1f} us', flush=True)
+        except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True)
+        finally: spec.verify_ok, kernels.MTP_ROWS = real_ok, real_mtp
+        save_json(a.out, dict(res, rounds=out))
+    return out
 
 if __name__ == '__main__': main()

@@ -307,7 +307,8 @@ def test_bench_script_trained_dirs(tmp_path):
 @pytest.mark.parametrize('arch', ['GQA', 'MLA+MoE'])
 def test_static_rounds_verify_forward(arch, monkeypatch):
     "Rounds that verify with notebook 09b's `verify_forward` (on CPU its references): the same greedy output and accept counts."
-    import metai.infer.speculative as S
+    import metai.infer.speculative as S, metai.infer.kernels as K
+    monkeypatch.setattr(K, 'MTP_ROWS', True)  # the MTP module through `mtp_rows_step` too (off by default: no faster in a round)
     target = build(tiny(mtp_depth=1) if arch == 'GQA' else tiny(mtp_depth=1, **DS), seed=0)
     draft = noisy_copy(target, 0.3)
     prompt = list(range(3, 14))
@@ -337,7 +338,7 @@ def test_cuda_compiled_greedy_identical(gamma):
 def test_cuda_static_rounds_verify_forward(monkeypatch):
     "bf16 rounds in CUDA graphs verified by `verify_forward` (`gemv_rows`): the target's own greedy choices, mostly plain greedy's."
     import metai.infer.kernels as K
-    monkeypatch.setattr(K, 'ROWS_IN_VERIFY', True)
+    monkeypatch.setattr(K, 'ROWS_IN_VERIFY', True); monkeypatch.setattr(K, 'MTP_ROWS', True)
     target = build(tiny(mtp_depth=1), seed=0).cuda().to(torch.bfloat16); target.init_freqs()
     draft = noisy_copy(target, 0.3)
     assert K.verify_ok(target, torch.zeros(1, 5, dtype=torch.long, device='cuda')) and K.verify_ok(draft, torch.zeros(1, 2, dtype=torch.long, device='cuda'))

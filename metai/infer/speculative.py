@@ -369,7 +369,7 @@ def _mtp_round(model, # a metai `Transformer` with one MTP module
     j = torch.arange(gamma + 1, device=seq.device)                           # (γ+1,)
     win = p - 1 - gamma + j                                                  # (γ+1,) p-1-γ .. p-1: every MTP slot that may be stale
     nxt = seq.index_select(1, win + 1)                                       # (1, γ+1) the tokens the module embeds
-    mtp = mtp_rows_step if verify_ok(model, nxt) else mtp_step               # the verification's kernels where they apply (notebook 09b)
+    mtp = mtp_rows_step if kernels.MTP_ROWS and verify_ok(model, nxt) else mtp_step  # notebook 09b's kernels: off (the round measured slower)
     lg, hk = mtp(model, 0, hidden.index_select(1, win), nxt, win, cache)     # (1, γ+1, V), (1, γ+1, dim)
     drafts, qs = [], []
     for s in range(gamma):  # draft s+1 (position p+1+s); after the first, the module again with its own output as h^0
@@ -431,7 +431,7 @@ def _compiled_round(mtp:bool):
 def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden=None) -> _SpecRounds:
     "The `_SpecRounds` for these models, caches and setting, reused while they are the same (a few recent ones)."
     models = [target] + ([] if draft is None else [draft])
-    key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs, kernels.ROWS_IN_VERIFY,  # captured graphs keep the switch
+    key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs, kernels.ROWS_IN_VERIFY, kernels.MTP_ROWS,  # captured graphs keep the switches
            None if hidden is None else tuple(hidden.shape), tuple(t.data_ptr() for m in models for t in m.parameters()))
     return lru_get(_SPEC, key, lambda: _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden), 4)
 

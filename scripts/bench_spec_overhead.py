@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""What a whole speculative `generate` costs beyond its rounds: random bf16 weights of `bench_verify.py`'s spec-target
+(one MTP module) and spec-draft, 64-token prompt, greedy, compiled, rounds in CUDA graphs; wall time and rounds at 256
+and 32 new tokens, for the models built in memory and for the same weights saved and loaded back through
+`load_model_dir` (the path `bench_speculative.py` and the CLI take); then one call under the profiler. Compare
+`ms_per_round` with `bench_verify.py --draft-round-gammas 4 --mtp-round-gammas 1` (one round in a CUDA graph).
+
+    python scripts/bench_spec_overhead.py --out bench/results/spec_overhead_h200.json
+    python scripts/bench_spec_overhead.py --device cpu --tiny --out /tmp/spec_overhead.json   # a quick check of the script
+"""
+import os, sys, time, json, argparse, tempfile
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import card_info, save_json
+from bench_verify import build
+import torch
+from safetensors.torch import save_model
+from metai.core import get_device
+from metai.infer.speculative import speculative_generate, mtp_speculative_generate
+from metai.infer.generate import load_model_dir
+from metai.infer.cache import make_cache
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--out', required=True)
+    ap.add_argument('--device', default=None)
+    ap.add_argument('--order', default='direct,loaded', help='which models are measured first: built in memory (direct) or loaded back')
+    ap.add_argument('--tiny', action='store_true')
+    a = ap.parse_args()
+    dev = get_device(a.device); cuda = dev.type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    res = dict(card=card_info(dev), settings=vars(a), cases={})
+    t, d = build('spec-target', dev, a, mtp_depth=1), build('spec-draft', dev, a)
+    tmp = tempfile.mkdtemp()
+    for m, sub in ((t, 'target'), (d, 'draft')):
+        os.makedirs(f'{tmp}/{sub}'); m.cfg.to_json(f'{tmp}/{sub}/config.json'); save_model(m, f'{tmp}/{sub}/model.safetensors')
+    dt = t.embed.weight.dtype
+    models = dict(direct=(t, d), loaded=tuple(load_model_dir(f'{tmp}/{s}', device=dev, dtype=dt)[0] for s in ('target', 'draft')))
+    prompt = torch.randint(0, t.cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def timed(fn, runs=3):
+        for _ in range(2): fn()
+        ts = []
+        for _ in range(runs):
+            sync(); t0 = time.perf_counter(); r = fn(); sync(); ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2], r
+
+    def case(name, tg, dr, g, n):
+        S = -(-(64 + n + g) // 8) * 8
+        c = make_cache(tg, 1, S, mtp=dr is None)
+        if dr is None:
+            h = torch.zeros(1, S, tg.cfg.dim, device=dev, dtype=dt)
+            fn = lambda: mtp_speculative_generate(tg, prompt, n, gamma=g, temperature=0, seed=0, cache=c, hidden=h, compile=cuda)
+        else:
+            dc = make_cache(dr, 1, S, mtp=False)
+            fn = lambda: speculative_generate(tg, dr, prompt, n, gamma=g, temperature=0, seed=0, cache=c, draft_cache=dc, compile=cuda)
+        s, (out, st) = timed(fn)
+        r = res['cases'][name] = dict(ms=s * 1e3, rounds=st['target_forwards'], ms_per_round=s * 1e3 / st['target_forwards'], new=len(out))
+        print(f'{name:28s} {r["ms"]:8.1f} ms  {r["rounds"]:4d} rounds  {r["ms_per_round"]:.3f} ms per round', flush=True)
+        save_json(a.out, res)
+        return fn
+
+    first = None
+    for which in a.order.split(','):
+        tg, dr = models[which]
+        for n in (256, 32):
+            f = case(f'{which}: draft γ=4, {n} new', tg, dr, 4, n); first = first or f
+            case(f'{which}: MTP γ=1, {n} new', tg, None, 1, n)
+    if cuda:  # one call under the profiler: the GPU's busy time against the wall time
+        from torch.profiler import profile, ProfilerActivity
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sync(); t0 = time.perf_counter(); first(); sync(); wall = time.perf_counter() - t0
+        ka = prof.key_averages()
+        res['profile'] = dict(case=a.order.split(',')[0] + ': draft γ=4, 256 new', wall_ms=wall * 1e3,
+                              gpu_kernel_ms=sum(e.self_device_time_total for e in ka) / 1e3,
+                              top_cpu=[dict(name=e.key, self_cpu_ms=e.self_cpu_time_total / 1e3, calls=e.count)
+                                       for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:12]])
+        print(f'profile: wall {wall * 1e3:.1f} ms, GPU kernels {res["profile"]["gpu_kernel_ms"]:.1f} ms', flush=True)
+    save_json(a.out, res)
+    print(f'wrote {a.out}')
+
+if __name__ == '__main__': main()

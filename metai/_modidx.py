@@ -273,6 +273,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels.fused_decode_ok': ('kernels.html#fused_decode_ok', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.fused_gemv': ('kernels.html#fused_gemv', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv': ('kernels.html#gemv', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels.gemv_few': ('kernels.html#gemv_few', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv_int4': ('kernels.html#gemv_int4', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv_ref': ('kernels.html#gemv_ref', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv_rows': ('kernels.html#gemv_rows', 'metai/infer/kernels.py'),

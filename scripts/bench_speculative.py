@@ -130,7 +130,10 @@ def main():
     ap.add_argument('--verify-kernels', choices=['off', 'on', 'both'], default='on',
                     help="the rounds' verification through notebook 09b's `verify_forward` (ROWS_IN_VERIFY, on by default; off: "
                     "through the modules); both: each setting twice, off first")
+    ap.add_argument('--few-rows', type=int, default=None, help="verifications (and draft steps) of at most this many tokens take "
+                    "notebook 09b's `gemv_few` for their products (FEW_ROWS; default: the library's setting)")
     a = ap.parse_args()
+    if a.few_rows is not None: metai_kernels.FEW_ROWS = a.few_rows
     device = get_device(a.device)
     compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32

@@ -26,6 +26,14 @@ SHAPES = {  # the speculative benchmark's trained target, and issue 5's 1B Llama
     'llama-1b': dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
 }
 
+def few(fn, n:int):
+    "`fn` with `kernels.FEW_ROWS = n` (read when the products launch, so at capture; a compiled caller recompiles on it)."
+    def f():
+        old, kernels.FEW_ROWS = kernels.FEW_ROWS, n
+        try: return fn()
+        finally: kernels.FEW_ROWS = old
+    return f
+
 def no_pdl(fn):
     "`fn` with programmatic dependent launch off (read when the kernels launch, so at capture)."
     def f():
@@ -47,6 +55,8 @@ def main():
                     'at these γ, with the module through `mtp_rows_step` and through `mtp_step`')
     ap.add_argument('--draft-round-gammas', default='', help='also time whole compiled draft-model rounds (spec-draft drafting for '
                     'spec-target) at these γ, with the first draft step through `verify_forward` and through `forward_step`')
+    ap.add_argument('--few-rows', type=int, default=0, help='also time verifications of at most this many tokens (and the rounds) '
+                    'with `gemv_few` (FEW_ROWS, notebook 09b) in place of the tensor-core products')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device)
@@ -71,6 +81,8 @@ def main():
                 cm, cv = torch.compile(forward_step, dynamic=False), torch.compile(verify_forward, dynamic=False)
                 fns['module, compiled'] = lambda: cm(m, tok, pos, cache)
                 fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
+                if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = few(fns['verify_forward, compiled'], a.few_rows)
+            if T <= a.few_rows: fns['verify_forward, gemv_few'] = few(fns['verify_forward'], a.few_rows)
             row = r['rows'][T] = {}
             for k, fn in fns.items():
                 with torch.no_grad():
@@ -127,22 +139,26 @@ def time_rounds(a, dev, res) -> dict:
              'draft 2 tokens: forward_step': (forward_step, (d, tok2, pos2 + 1, dcache)),
              'draft 2 tokens: verify_forward': (verify_forward, (d, tok2, pos2 + 1, dcache)),
              'draft 1 token: decode_forward': (decode_forward, (d, tok2[:, :1], pos2[:1] + 1, dcache))}
+    if a.few_rows:
+        steps.update({k + ', gemv_few': v for k, v in steps.items() if 'rows_step' in k or 'verify_forward' in k})
     for k, (f, args) in steps.items():
         cf = torch.compile(f, dynamic=False)
         with torch.no_grad():
-            try: us = graph_us(lambda: cf(*args))
+            try: us = graph_us(few(lambda: cf(*args), a.few_rows if k.endswith('gemv_few') else 0))
             except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
         out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
     # whole rounds: p reset before each (the round advances it); greedy
-    real_ok, real_mtp = spec.verify_ok, kernels.MTP_ROWS
+    real_ok, real_mtp, real_few = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS
     runs = ([(g, f'mtp round γ={g}: mtp_rows_step', dict(MTP_ROWS=True)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'mtp round γ={g}: mtp_step', dict(MTP_ROWS=False)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'draft round γ={g}: rows', {}) for g in gl(a.draft_round_gammas)] +
             [(g, f'draft round γ={g}: first draft step forward_step', dict(verify_ok=lambda m, x: m is t and real_ok(m, x)))
              for g in gl(a.draft_round_gammas)])
+    if a.few_rows:  # the same rounds with the products of up to FEW_ROWS rows in `gemv_few`
+        runs += [(g, k + f', gemv_few <= {a.few_rows} rows', dict(pt, FEW_ROWS=a.few_rows)) for g, k, pt in runs]
     for g, k, patch in runs:
         hist = torch.zeros(g + 1, dtype=torch.long, device=dev)
-        for n, v in patch.items(): setattr(kernels if n == 'MTP_ROWS' else spec, n, v)
+        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS') else spec, n, v)
         torch._dynamo.reset()
         try:
             if k.startswith('mtp'):
@@ -154,7 +170,7 @@ def time_rounds(a, dev, res) -> dict:
             with torch.no_grad(): us = graph_us(fn)
             out[k] = dict(graph_us=us); print(f'{k:48s} graph {us:8.1f} us', flush=True)
         except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True)
-        finally: spec.verify_ok, kernels.MTP_ROWS = real_ok, real_mtp
+        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS = real_ok, real_mtp, real_few
         save_json(a.out, dict(res, rounds=out))
     return out
 

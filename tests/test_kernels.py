@@ -11,9 +11,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
 @pytest.mark.skipif(triton is None, reason='Triton is not installed')
 def test_kernels_interpreted():
-    "The kernels: every prologue/epilogue, 1 and 3 weights, a row count no tile divides, GQA/MHA attention: close to the references."
-    bf16, int4, attention = map(float, check_kernels_interpreted().split()[1::2])
-    assert bf16 <= 0.07 and int4 <= 0.07 and attention <= 0.07, (bf16, int4, attention)
+    """The kernels: every prologue/epilogue, 1 and 3 weights, a row count no tile divides, GQA/MHA attention: close to the
+    references; `gemv_few` equal, row for row, to the one-row `gemv`."""
+    bf16, int4, attention, few = map(float, check_kernels_interpreted().split()[1::2])
+    assert bf16 <= 0.07 and int4 <= 0.07 and attention <= 0.07 and few == 0, (bf16, int4, attention, few)
 
 def llama(**kw):
     d = dict(vocab_size=1024, dim=256, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=704, max_seq_len=128, init_std=0.05)
@@ -79,20 +80,28 @@ def test_cuda_int4_fused_decode_matches():
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_gemv_rows_and_verify_forward():
-    "`gemv_rows` at the 1B shapes for 1, 5 and 9 rows against the reference; `verify_forward` against `forward_step` (bf16)."
+@pytest.mark.parametrize('few', [0, 4])
+def test_cuda_gemv_rows_and_verify_forward(few, monkeypatch):
+    """`gemv_rows` at the 1B shapes for 1-4, 5 and 9 rows against the reference, with up to `few` rows through `gemv_few`
+    (each row of 1-2 then equal to `gemv` of that row: the same tile); `verify_forward` against `forward_step` (bf16)."""
+    import metai.infer.kernels as K_
     from metai.infer.kernels import gemv_rows, verify_forward
+    monkeypatch.setattr(K_, 'FEW_ROWS', few)
     torch.manual_seed(0)
     bf = dict(device='cuda', dtype=torch.bfloat16)
     for K, Ns, kw in [(2048, (2048, 512, 512), 'norm'), (8192, (2048,), 'silu'), (2048, (2048,), 'res'), (2048, (128256,), 'norm')]:
         ws = [torch.randn(n, K, **bf) / K ** 0.5 for n in Ns]
-        for M in (1, 5, 9):
+        for M in (1, 2, 3, 4, 5, 9):
             x = torch.randn(M, 2 * K if kw == 'silu' else K, **bf)
             a = dict(norm=torch.rand(K, **bf) + 0.5) if kw == 'norm' else dict(residual=torch.randn(M, sum(Ns), **bf)) if kw == 'res' else {}
             y, ref = gemv_rows(x, ws, silu=kw == 'silu', **a).float(), gemv_ref(x, ws, silu=kw == 'silu', **a).float()
             assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-2, (K, Ns, kw, M, (y - ref).abs().max().item())
+            if M <= min(few, 2):  # `_LONG_TILE`'s columns: the same sums as the one-row kernel, row for row
+                rows = torch.stack([gemv(x[i], ws, silu=kw == 'silu', **{k: v[i] if k == 'residual' else v for k, v in a.items()})
+                                    for i in range(M)]).float()
+                assert torch.equal(y, rows), (K, Ns, kw, M, (y - rows).abs().max().item())
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
-    assert_steps_match(m, verify_forward, T=5)
+    for T in ((2, 5) if few else (5,)): assert_steps_match(m, verify_forward, T=T)
 
 @pytest.mark.cuda
 @cuda

@@ -2,7 +2,8 @@
 """What a whole speculative `generate` costs beyond its rounds: random bf16 weights of `bench_verify.py`'s spec-target
 (one MTP module) and spec-draft, 64-token prompt, greedy, compiled, rounds in CUDA graphs; wall time and rounds at 256
 and 32 new tokens, for the models built in memory and for the same weights saved and loaded back through
-`load_model_dir` (the path `bench_speculative.py` and the CLI take); then one call under the profiler. Compare
+`load_model_dir` (the path `bench_speculative.py` and the CLI take) and through the previous loader (an fp32 model
+filled, then cast); then one call under the profiler. Compare
 `ms_per_round` with `bench_verify.py --draft-round-gammas 4 --mtp-round-gammas 1` (one round in a CUDA graph).
 
     python scripts/bench_spec_overhead.py --out bench/results/spec_overhead_h200.json
@@ -13,17 +14,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, save_json
 from bench_verify import build
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_model, load_model
+from metai.config import ModelConfig
+from metai.model.transformer import Transformer
 from metai.core import get_device
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
 from metai.infer.generate import load_model_dir
 from metai.infer.cache import make_cache
 
+def load_cast(path, dev, dtype):
+    "The same folder loaded the way `load_model_dir` did before `load_transformer`: an fp32 model filled, then cast."
+    cfg = ModelConfig.from_json(os.path.join(path, 'config.json'))
+    with torch.device('meta'): m = Transformer(cfg)
+    m = m.to_empty(device=dev)
+    if cfg.tie_embeddings: m.head.weight = m.embed.weight
+    load_model(m, os.path.join(path, 'model.safetensors'), strict=True, device=str(dev))
+    m = m.to(dtype); m.init_freqs()
+    return m.eval()
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--out', required=True)
     ap.add_argument('--device', default=None)
-    ap.add_argument('--order', default='direct,loaded', help='which models are measured first: built in memory (direct) or loaded back')
+    ap.add_argument('--order', default='loaded,cast,direct', help='the models in the order measured: loaded back through '
+                    '`load_model_dir` (loaded), loaded as an fp32 model then cast (cast, the previous loader), built in memory (direct)')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device); cuda = dev.type == 'cuda'
@@ -34,7 +48,8 @@ def main():
     for m, sub in ((t, 'target'), (d, 'draft')):
         os.makedirs(f'{tmp}/{sub}'); m.cfg.to_json(f'{tmp}/{sub}/config.json'); save_model(m, f'{tmp}/{sub}/model.safetensors')
     dt = t.embed.weight.dtype
-    models = dict(direct=(t, d), loaded=tuple(load_model_dir(f'{tmp}/{s}', device=dev, dtype=dt)[0] for s in ('target', 'draft')))
+    models = dict(direct=(t, d), loaded=tuple(load_model_dir(f'{tmp}/{s}', device=dev, dtype=dt)[0] for s in ('target', 'draft')),
+                  cast=tuple(load_cast(f'{tmp}/{s}', dev, dt) for s in ('target', 'draft')))
     prompt = torch.randint(0, t.cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def timed(fn, runs=3):

@@ -19,7 +19,8 @@ from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.core import get_device
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
-from metai.infer.generate import load_model_dir
+from metai.infer.generate import load_model_dir, prefill
+from metai.infer.speculative import forward_hidden, mtp_step
 from metai.infer.cache import make_cache
 
 def load_cast(path, dev, dtype):
@@ -74,9 +75,20 @@ def main():
         save_json(a.out, res)
         return fn
 
+    def prompt_phase(name, tg, dr):  # what a call does before its rounds, eagerly: both caches filled, or h^0 and the MTP slots
+        ids = torch.tensor([prompt[:-1]], device=dev); pos = torch.arange(len(prompt) - 1, device=dev)
+        c, dc = make_cache(tg, 1, 128, mtp=True), make_cache(dr, 1, 128, mtp=False)
+        def draft_fill(): prefill(tg, ids, c); prefill(dr, ids, dc)
+        def mtp_fill(): h = forward_hidden(tg, ids, pos, c)[1]; mtp_step(tg, 0, h[:, :-1], ids[:, 1:], pos[:-1], c)
+        for k, f in ((f'{name}: draft prompt phase', draft_fill), (f'{name}: MTP prompt phase', mtp_fill)):
+            with torch.no_grad(): s_, _ = timed(f)
+            res['cases'][k] = dict(ms=s_ * 1e3)
+            print(f'{k:28s} {s_ * 1e3:8.1f} ms', flush=True)
+
     first = None
     for which in a.order.split(','):
         tg, dr = models[which]
+        prompt_phase(which, tg, dr)
         for n in (256, 32):
             f = case(f'{which}: draft γ=4, {n} new', tg, dr, 4, n); first = first or f
             case(f'{which}: MTP γ=1, {n} new', tg, None, 1, n)

@@ -83,7 +83,7 @@ def test_cuda_int4_fused_decode_matches():
 @pytest.mark.parametrize('few', [0, 4])
 def test_cuda_gemv_rows_and_verify_forward(few, monkeypatch):
     """`gemv_rows` at the 1B shapes for 1-4, 5 and 9 rows against the reference, with up to `few` rows through `gemv_few`
-    (each row of 1-2 then equal to `gemv` of that row: the same tile); `verify_forward` against `forward_step` (bf16)."""
+    (each row then within bf16 rounding of `gemv` of that row); `verify_forward` against `forward_step` (bf16)."""
     import metai.infer.kernels as K_
     from metai.infer.kernels import gemv_rows, verify_forward
     monkeypatch.setattr(K_, 'FEW_ROWS', few)
@@ -96,10 +96,10 @@ def test_cuda_gemv_rows_and_verify_forward(few, monkeypatch):
             a = dict(norm=torch.rand(K, **bf) + 0.5) if kw == 'norm' else dict(residual=torch.randn(M, sum(Ns), **bf)) if kw == 'res' else {}
             y, ref = gemv_rows(x, ws, silu=kw == 'silu', **a).float(), gemv_ref(x, ws, silu=kw == 'silu', **a).float()
             assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-2, (K, Ns, kw, M, (y - ref).abs().max().item())
-            if M <= min(few, 2):  # `_LONG_TILE`'s columns: the same sums as the one-row kernel, row for row
+            if M <= few:  # each row as the one-row kernel gives it, up to the order of the last sum (bit for bit under the interpreter)
                 rows = torch.stack([gemv(x[i], ws, silu=kw == 'silu', **{k: v[i] if k == 'residual' else v for k, v in a.items()})
                                     for i in range(M)]).float()
-                assert torch.equal(y, rows), (K, Ns, kw, M, (y - rows).abs().max().item())
+                assert (y - rows).abs().max() <= rows.abs().max() / 128, (K, Ns, kw, M, (y - rows).abs().max().item())
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
     for T in ((2, 5) if few else (5,)): assert_steps_match(m, verify_forward, T=T)
 

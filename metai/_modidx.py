@@ -493,6 +493,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'metai.model.transformer.Transformer.num_params': ( 'model.html#transformer.num_params',
                                                                                              'metai/model/transformer.py'),
                                          'metai.model.transformer._ce': ('model.html#_ce', 'metai/model/transformer.py'),
+                                         'metai.model.transformer._kl': ('model.html#_kl', 'metai/model/transformer.py'),
                                          'metai.model.transformer.load_transformer': ( 'model.html#load_transformer',
                                                                                        'metai/model/transformer.py'),
                                          'metai.model.transformer.load_weights': ('model.html#load_weights', 'metai/model/transformer.py')},

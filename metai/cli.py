@@ -225,7 +225,7 @@ CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_h
                 'n_shared_experts': 'n_shared_experts', 'moe_ffn_dim': 'moe_ffn_dim', 'n_dense_layers': 'n_dense_layers',
                 'score_func': 'score_func', 'n_expert_groups': 'n_expert_groups', 'n_limited_groups': 'n_limited_groups',
                 'route_scale': 'route_scale', 'aux_loss_alpha': 'aux_loss_alpha', 'bias_update_speed': 'bias_update_speed',
-                'mtp_depth': 'mtp_depth'}
+                'mtp_depth': 'mtp_depth', 'mtp_distill': 'mtp_distill'}
 
 def cmd_train_custom(preset:str='micro', # the preset the model starts from; the flags below change it
                      hidden_dim:int=None, # model width (dim)
@@ -254,6 +254,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
                      aux_loss_alpha:float=None, # load-balance loss weight
                      bias_update_speed:float=None, # aux-loss-free balancing step (sigmoid router)
                      mtp_depth:int=None, # multi-token prediction modules (0 = off)
+                     mtp_distill:float=None, # with --mtp-depth: weight of KL(main head || MTP head) in each depth's loss, for MTP self-speculation (0 = off)
                      chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                      output_dir:str='output_custom', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl

@@ -47,6 +47,7 @@ class ModelConfig:
     # multi-token prediction
     mtp_depth: int = 0              # MTP modules (0 = off)
     mtp_loss_weight: float = 0.3    # lambda on the averaged MTP loss
+    mtp_distill: float = 0.0        # weight of KL(main head at i+k+1 || depth-k head at i) in each depth's loss (0 = off)
     # rotary embeddings and YaRN
     rope_theta: float = 10000.0     # RoPE base
     rope_interleaved: bool = False  # pairs (x[2i], x[2i+1]) as in DeepSeek; False = half-split as in Llama/NeoX
@@ -85,7 +86,7 @@ _STRS = {'attn_type': ('gqa', 'mla'), 'score_func': ('softmax', 'sigmoid')}
 _POSITIVE = ('vocab_size', 'dim', 'n_layers', 'n_heads', 'max_seq_len', 'original_seq_len')
 _NONNEG = ('n_kv_heads', 'head_dim', 'q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim',
            'ffn_dim', 'n_routed_experts', 'n_shared_experts', 'n_activated_experts', 'moe_ffn_dim', 'n_dense_layers',
-           'mtp_depth', 'index_n_heads', 'aux_loss_alpha', 'bias_update_speed', 'mtp_loss_weight', 'mscale', 'mscale_all_dim')
+           'mtp_depth', 'index_n_heads', 'aux_loss_alpha', 'bias_update_speed', 'mtp_loss_weight', 'mtp_distill', 'mscale', 'mscale_all_dim')
 _POS_FLOATS = ('rope_theta', 'norm_eps', 'init_std', 'route_scale')
 
 @patch

@@ -58,7 +58,7 @@ def config_to_hf(cfg:ModelConfig, # the metai config
              tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, rope_theta=float(cfg.rope_theta),
              rope_scaling=yarn or None, rope_parameters=rope_parameters, bos_token_id=None, eos_token_id=None,
              dtype=str(dtype).removeprefix('torch.'), torch_dtype=str(dtype).removeprefix('torch.'))
-    metai = dict(bias_update_speed=cfg.bias_update_speed, mtp_loss_weight=cfg.mtp_loss_weight)
+    metai = dict(bias_update_speed=cfg.bias_update_speed, mtp_loss_weight=cfg.mtp_loss_weight, mtp_distill=cfg.mtp_distill)
     if mt == 'llama':
         d.update(architectures=['LlamaForCausalLM'], model_type='llama', num_key_value_heads=cfg.kv_heads,
                  head_dim=cfg.hd, mlp_bias=False)
@@ -126,7 +126,7 @@ def config_from_hf(d:dict, # the content of an HF `config.json`
                  tie_embeddings=bool(d.get('tie_word_embeddings', False)), norm_eps=float(d.get('rms_norm_eps', 1e-6)),
                  init_std=float(d.get('initializer_range', 0.02)), **_rope_from_hf(d, where, mt))
         meta = d.get('metai') or {}
-        for k in ('bias_update_speed', 'mtp_loss_weight'):
+        for k in ('bias_update_speed', 'mtp_loss_weight', 'mtp_distill'):
             if k in meta: c[k] = meta[k]
         if mt == 'llama':
             kv = d.get('num_key_value_heads') or H

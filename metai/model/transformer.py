@@ -73,6 +73,16 @@ def _ce(logits:Tensor, # (B, T, V)
     n = (targets != -100).sum().clamp(min=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction='sum') / n
 
+def _kl(p_logits:Tensor, # (B, T, V) the distribution to match (detached here)
+        q_logits:Tensor, # (B, T, V) the one that learns
+        targets:Tensor # (B, T) -100 = a position left out, as in `_ce`
+       ) -> Tensor:
+    "Mean KL(softmax(p) || softmax(q)) over the positions whose target is not -100 (0 if there are none)."
+    keep = targets != -100
+    kl = F.kl_div(F.log_softmax(q_logits.float(), -1), F.log_softmax(p_logits.detach().float(), -1), log_target=True,
+                  reduction='none').sum(-1)                                  # (B, T)
+    return (kl * keep).sum() / keep.sum().clamp(min=1)
+
 class Transformer(nn.Module):
     "A decoder-only language model: dense GQA (Llama-style) up to DeepSeek-V3 (MLA, MoE, MTP), chosen by `cfg`."
     def __init__(self, cfg:ModelConfig # model config (validated here)
@@ -120,7 +130,10 @@ class Transformer(nn.Module):
             if use_mtp and n > 0:
                 lk, hk, a = self.mtp_forward(k, hk[:, :n], tokens[:, k+1:], start_pos, cache)
                 if a is not None: moe_aux.append(a['aux_loss']); loads.append(a['load'])
-                if targets is not None: mtp_ce.append(_ce(lk, targets[:, k+1:]))
+                if targets is not None:      # self-distillation: the main head's choice at i+k+1 is what verifies this draft
+                    lt = _ce(lk, targets[:, k+1:])
+                    if self.cfg.mtp_distill > 0: lt = lt + self.cfg.mtp_distill * _kl(logits[:, k+1:], lk, targets[:, k+1:])
+                    mtp_ce.append(lt)
                 mtp_logits.append(lk)
             elif m.block.is_moe:             # a zero load row, so rows always match the model's gates
                 loads.append(torch.zeros(self.cfg.n_routed_experts, dtype=torch.long, device=tokens.device))

@@ -53,6 +53,8 @@ for step in $STEPS; do
                    # Speculation pays when a target step costs many draft steps: a draft's cost is its kernel count (layers), not its width.
                    # The distilled draft trains 800 steps with weight 16 (run 6: 400 steps, weight 4, acceptance 0.80; on the CPU twice the
                    # steps raised its top-1 agreement with the target from 0.67 to 0.76, weight 16 to 0.70: bench/NOTES.md).
+                   # The target's MTP module trains with self-distillation (--mtp-distill 1: on the CPU its drafts' agreement with the
+                   # model's own next choice rose from 0.58 to 0.66 for 0.6% more main loss, scripts/exp_mtp_distill.py; runs 1-7 had it off).
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
       D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
       C=(--chinese-path "$D/data/corpus/zh.txt" --english-path "$D/data/corpus/en.txt" --data-dir "$D/data" --seq-len 512
@@ -60,7 +62,7 @@ for step in $STEPS; do
       M='import sys; from metai.cli import main; sys.exit(main())'
       W=(--preset micro --num-layers 2 --hidden-dim 512 --num-heads 8 --num-kv-heads 4 --mlp-dim 1536 "${C[@]}" --steps 400 --lr 2e-3 --compile)
       timeout "$(limit train-target 170)" python3 -c "$M" train-custom "${C[@]}" \
-        --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --steps 300 --lr 4e-4 \
+        --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --mtp-distill 1 --steps 300 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
       timeout "$(limit train-draft 50)" python3 -c "$M" train-custom "${W[@]}" --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log"
       timeout "$(limit train-draft-distilled 150)" python3 -c "$M" train-custom "${W[@]}" --steps 800 --distill-from "$D/target" --distill-weight 16 \

@@ -310,14 +310,15 @@ def test_generate_draft_speculation_is_greedy_exact(tiny_run):
     assert 'accept' in err.lower(), err                     # acceptance rate reported on stderr
 
 def test_generate_mtp_speculation(tmp_path, tiny_run):
-    "A model with an MTP module drafts for itself; greedy output equals plain greedy."
+    "A model with an MTP module (trained with self-distillation) drafts for itself; greedy output equals plain greedy."
     d = tmp_path
     rc, out, err = metai('train-custom', '--chinese-path', tiny_run.parent/'zh.txt', '--english-path', tiny_run.parent/'en.txt',
                          '--output-dir', d/'run', '--data-dir', tiny_run/'data', '--vocab-size', 512, '--hidden-dim', 64, '--num-layers', 2,
-                         '--num-heads', 4, '--num-kv-heads', 2, '--mlp-dim', 128, '--mtp-depth', 1, '--seq-len', 64, '--max-seq-len', 128,
-                         '--batch-size', 8, '--steps', 10, '--warmup', 2, '--eval-interval', 10, '--device', 'cpu', '--sample-prompt', '',
-                         env={'METAI_PLAIN': '1'})
+                         '--num-heads', 4, '--num-kv-heads', 2, '--mlp-dim', 128, '--mtp-depth', 1, '--mtp-distill', 2, '--seq-len', 64,
+                         '--max-seq-len', 128, '--batch-size', 8, '--steps', 10, '--warmup', 2, '--eval-interval', 10, '--device', 'cpu',
+                         '--sample-prompt', '', env={'METAI_PLAIN': '1'})
     assert rc == 0, err
+    assert json.loads((d/'run'/'config.json').read_text())['mtp_distill'] == 2.0
     base = ('generate', '--model-dir', d/'run', '--prompt', 'the cat', '--max-new-tokens', 16, '--device', 'cpu', '--temperature', 0)
     rc, plain, err = metai(*base); assert rc == 0, err
     rc, spec, err = metai(*base, '--mtp-speculate'); assert rc == 0, err

@@ -18,7 +18,7 @@ from torch import Tensor
 from safetensors.torch import save_model
 from ..core import get_device, autocast, seed_everything, atomic_path, atomic_write_text, fmt_num
 from ..config import ModelConfig
-from ..model.transformer import Transformer, load_weights, load_transformer  # load_weights: resume (notebook 07)
+from ..model.transformer import Transformer, load_weights, load_transformer, mean_kl  # load_weights: resume (notebook 07)
 
 # %% ../../nbs/13_train.ipynb #4be0c099
 @dataclass
@@ -181,9 +181,7 @@ def distill_kl(logits:Tensor, # (B, T, V) the model's logits
                temperature:float=1.0 # softmax temperature of both
               ) -> Tensor: # () KL(teacher || model) per token, times T^2
     "The distillation term: KL of the model's distribution from the teacher's at each position, averaged over positions."
-    s = F.log_softmax(logits.float().flatten(0, -2) / temperature, -1)          # (B*T, V)
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, -1)  # (B*T, V)
-    return F.kl_div(s, t, log_target=True, reduction='batchmean') * temperature ** 2
+    return mean_kl(teacher_logits.float() / temperature, logits.float() / temperature) * temperature ** 2  # notebook 07
 
 def check_teacher_dir(path:str, # a trained model folder: config.json, model.safetensors, tokenizer.model
                       seq_len:int # the run's sequence length: the teacher must reach it

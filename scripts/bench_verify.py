@@ -26,20 +26,12 @@ SHAPES = {  # the speculative benchmark's trained target, and issue 5's 1B Llama
     'llama-1b': dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
 }
 
-def few(fn, n:int):
-    "`fn` with `kernels.FEW_ROWS = n` (read when the products launch, so at capture; a compiled caller recompiles on it)."
+def switched(fn, name:str, value):
+    "`fn` with `kernels.<name>` set to `value` (read when the kernels launch, so at capture; a compiled caller recompiles on it)."
     def f():
-        old, kernels.FEW_ROWS = kernels.FEW_ROWS, n
+        old = getattr(kernels, name); setattr(kernels, name, value)
         try: return fn()
-        finally: kernels.FEW_ROWS = old
-    return f
-
-def no_pdl(fn):
-    "`fn` with programmatic dependent launch off (read when the kernels launch, so at capture)."
-    def f():
-        kernels.PDL = False
-        try: return fn()
-        finally: kernels.PDL = True
+        finally: setattr(kernels, name, old)
     return f
 
 def main():
@@ -63,11 +55,7 @@ def main():
     res = dict(card=card_info(dev), settings=vars(a), models={})
     compiled_T = [int(t) for t in a.compiled_tokens.split(',') if t]
     for name in a.models.split(','):
-        kw = dict(SHAPES[name], max_seq_len=1024, rope_interleaved=True, tie_embeddings=False)
-        if a.tiny: kw.update(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
-        seed_everything(0)
-        with torch.device(dev): m = Transformer(ModelConfig(**kw).validate())
-        m = m.to(torch.bfloat16).eval(); m.init_freqs()
+        m = build(name, dev, a); kw = m.cfg.to_dict()
         cache = make_cache(m, 1, 1024, mtp=False)
         with torch.no_grad(): forward_step(m, torch.randint(0, kw['vocab_size'], (1, a.context), device=dev), torch.arange(a.context, device=dev), cache)
         r = res['models'][name] = dict(config=kw, params=m.num_params(), rows={})
@@ -75,14 +63,14 @@ def main():
             tok = torch.randint(0, kw['vocab_size'], (1, T), device=dev)
             pos = torch.arange(a.context, a.context + T, device=dev)
             fns = dict(module=lambda: forward_step(m, tok, pos, cache), verify_forward=lambda: verify_forward(m, tok, pos, cache))
-            fns['verify_forward, no PDL'] = no_pdl(fns['verify_forward'])
+            fns['verify_forward, no PDL'] = switched(fns['verify_forward'], 'PDL', False)
             if T == 1: fns['decode_forward'] = lambda: decode_forward(m, tok, pos, cache)
             if dev.type == 'cuda' and T in compiled_T:
                 cm, cv = torch.compile(forward_step, dynamic=False), torch.compile(verify_forward, dynamic=False)
                 fns['module, compiled'] = lambda: cm(m, tok, pos, cache)
                 fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
-                if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = few(fns['verify_forward, compiled'], a.few_rows)
-            if T <= a.few_rows: fns['verify_forward, gemv_few'] = few(fns['verify_forward'], a.few_rows)
+                if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = switched(fns['verify_forward, compiled'], 'FEW_ROWS', a.few_rows)
+            if T <= a.few_rows: fns['verify_forward, gemv_few'] = switched(fns['verify_forward'], 'FEW_ROWS', a.few_rows)
             row = r['rows'][T] = {}
             for k, fn in fns.items():
                 with torch.no_grad():
@@ -144,7 +132,7 @@ def time_rounds(a, dev, res) -> dict:
     for k, (f, args) in steps.items():
         cf = torch.compile(f, dynamic=False)
         with torch.no_grad():
-            try: us = graph_us(few(lambda: cf(*args), a.few_rows if k.endswith('gemv_few') else 0))
+            try: us = graph_us(switched(lambda: cf(*args), 'FEW_ROWS', a.few_rows if k.endswith('gemv_few') else 0))
             except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
         out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
     # whole rounds: p reset before each (the round advances it); greedy

@@ -49,8 +49,8 @@ def main():
                     'spec-target) at these γ, with the first draft step through `verify_forward` and through `forward_step`')
     ap.add_argument('--few-rows', type=int, default=0, help='also time verifications of at most this many tokens (and the rounds) '
                     'with `gemv_few` (FEW_ROWS, notebook 09b) in place of the tensor-core products')
-    ap.add_argument('--prologue-apart', action='store_true', help='also time the compiled verifications, steps and rounds with '
-                    'the RMSNorm / SwiGLU before each product in a kernel of its own (ROWS_PROLOGUE off, notebook 09b)')
+    ap.add_argument('--round-temperatures', default='0', help='sampling temperatures of the whole rounds (0: greedy); each '
+                    'round is also profiled, so a sampled round can be set against a greedy one kernel by kernel')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device)
@@ -71,7 +71,6 @@ def main():
                 cm, cv = torch.compile(forward_step, dynamic=False), torch.compile(verify_forward, dynamic=False)
                 fns['module, compiled'] = lambda: cm(m, tok, pos, cache)
                 fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
-                if a.prologue_apart: fns['verify_forward, prologue apart, compiled'] = switched(fns['verify_forward, compiled'], 'ROWS_PROLOGUE', False)
                 if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = switched(fns['verify_forward, compiled'], 'FEW_ROWS', a.few_rows)
             if T <= a.few_rows: fns['verify_forward, gemv_few'] = switched(fns['verify_forward'], 'FEW_ROWS', a.few_rows)
             row = r['rows'][T] = {}
@@ -130,43 +129,43 @@ def time_rounds(a, dev, res) -> dict:
              'draft 2 tokens: forward_step': (forward_step, (d, tok2, pos2 + 1, dcache)),
              'draft 2 tokens: verify_forward': (verify_forward, (d, tok2, pos2 + 1, dcache)),
              'draft 1 token: decode_forward': (decode_forward, (d, tok2[:, :1], pos2[:1] + 1, dcache))}
-    rows_steps = [k for k in steps if 'rows_step' in k or 'verify_forward' in k]
-    if a.few_rows: steps.update({k + ', gemv_few': steps[k] for k in rows_steps})
-    if a.prologue_apart: steps.update({k + ', prologue apart': steps[k] for k in rows_steps})
+    if a.few_rows:
+        steps.update({k + ', gemv_few': v for k, v in steps.items() if 'rows_step' in k or 'verify_forward' in k})
     for k, (f, args) in steps.items():
         cf = torch.compile(f, dynamic=False)
-        fn = switched(lambda: cf(*args), 'FEW_ROWS', a.few_rows if k.endswith('gemv_few') else 0)
         with torch.no_grad():
-            try: us = graph_us(switched(fn, 'ROWS_PROLOGUE', not k.endswith('prologue apart')))
+            try: us = graph_us(switched(lambda: cf(*args), 'FEW_ROWS', a.few_rows if k.endswith('gemv_few') else 0))
             except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
         out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
     # whole rounds: p reset before each (the round advances it); greedy
-    real_ok, real_mtp, real_few, real_pro = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.ROWS_PROLOGUE
+    real_ok, real_mtp, real_few = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS
     runs = ([(g, f'mtp round γ={g}: mtp_rows_step', dict(MTP_ROWS=True)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'mtp round γ={g}: mtp_step', dict(MTP_ROWS=False)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'draft round γ={g}: rows', {}) for g in gl(a.draft_round_gammas)] +
             [(g, f'draft round γ={g}: first draft step forward_step', dict(verify_ok=lambda m, x: m is t and real_ok(m, x)))
              for g in gl(a.draft_round_gammas)])
-    base = list(runs)
     if a.few_rows:  # the same rounds with the products of up to FEW_ROWS rows in `gemv_few`
-        runs += [(g, k + f', gemv_few <= {a.few_rows} rows', dict(pt, FEW_ROWS=a.few_rows)) for g, k, pt in base]
-    if a.prologue_apart:  # and with each product's prologue in a kernel of its own
-        runs += [(g, k + ', prologue apart', dict(pt, ROWS_PROLOGUE=False)) for g, k, pt in base]
+        runs += [(g, k + f', gemv_few <= {a.few_rows} rows', dict(pt, FEW_ROWS=a.few_rows)) for g, k, pt in runs]
+    temps = [float(x) for x in a.round_temperatures.split(',') if x]
+    runs = [(g, k if T == 0 else f'{k}, temperature {T:g}', dict(pt, T=T)) for T in temps for g, k, pt in runs]
     for g, k, patch in runs:
+        T = patch.pop('T')
         hist = torch.zeros(g + 1, dtype=torch.long, device=dev)
-        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS', 'ROWS_PROLOGUE') else spec, n, v)
+        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS') else spec, n, v)
         torch._dynamo.reset()
         try:
             if k.startswith('mtp'):
                 f = torch.compile(spec._mtp_round, fullgraph=True, dynamic=False)
-                fn = lambda: (p.fill_(C), f(t, seq, p, hidden, cache, hist, p0, g, 0.0, None, None))
+                fn = lambda: (p.fill_(C), f(t, seq, p, hidden, cache, hist, p0, g, T, None, None))
             else:
                 f = torch.compile(spec._spec_round, fullgraph=True, dynamic=False)
-                fn = lambda: (p.fill_(C), f(t, d, seq, p, cache, dcache, hist, g, 0.0, None, None))
-            with torch.no_grad(): us = graph_us(fn)
-            out[k] = dict(graph_us=us); print(f'{k:48s} graph {us:8.1f} us', flush=True)
+                fn = lambda: (p.fill_(C), f(t, d, seq, p, cache, dcache, hist, g, T, None, None))
+            with torch.no_grad(): us = graph_us(fn); prof = profile_fn(fn, dev, steps=2, top=12)
+            out[k] = dict(graph_us=us, profile=prof)
+            print(f'{k:48s} graph {us:8.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:8.1f} us  '
+                  + '  '.join(f'{x["name"][:32]} {x["ms_per_step"] * 1e3:.0f}us x{x["calls_per_step"]:.0f}' for x in prof['top_kernels'][:5]), flush=True)
         except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True)
-        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.ROWS_PROLOGUE = real_ok, real_mtp, real_few, real_pro
+        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS = real_ok, real_mtp, real_few
         save_json(a.out, dict(res, rounds=out))
     return out
 

@@ -280,6 +280,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels.mtp_rows_step': ('kernels.html#mtp_rows_step', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.prologue': ('kernels.html#prologue', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.rows_product': ('kernels.html#rows_product', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels.rows_prologue': ('kernels.html#rows_prologue', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.verify_forward': ('kernels.html#verify_forward', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.verify_ok': ('kernels.html#verify_ok', 'metai/infer/kernels.py')},
             'metai.infer.quant': { 'metai.infer.quant.Int4Experts': ('quant.html#int4experts', 'metai/infer/quant.py'),

@@ -132,8 +132,11 @@ def main():
                     "through the modules); both: each setting twice, off first")
     ap.add_argument('--few-rows', type=int, default=None, help="verifications (and draft steps) of at most this many tokens take "
                     "notebook 09b's `gemv_few` for their products (FEW_ROWS; default: the library's setting)")
+    ap.add_argument('--prologue-kernel', choices=['on', 'off'], default=None, help="the verifications compute each product's "
+                    "RMSNorm / SwiGLU in notebook 09b's `rows_prologue` kernel (PROLOGUE_KERNEL; default: the library's setting)")
     a = ap.parse_args()
     if a.few_rows is not None: metai_kernels.FEW_ROWS = a.few_rows
+    if a.prologue_kernel is not None: metai_kernels.PROLOGUE_KERNEL = a.prologue_kernel == 'on'
     device = get_device(a.device)
     compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32

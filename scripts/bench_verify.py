@@ -49,6 +49,8 @@ def main():
                     'spec-target) at these γ, with the first draft step through `verify_forward` and through `forward_step`')
     ap.add_argument('--few-rows', type=int, default=0, help='also time verifications of at most this many tokens (and the rounds) '
                     'with `gemv_few` (FEW_ROWS, notebook 09b) in place of the tensor-core products')
+    ap.add_argument('--prologue-kernel', action='store_true', help='also time the compiled verifications, steps and rounds '
+                    'with f(x) before each product in `rows_prologue` (PROLOGUE_KERNEL, notebook 09b) instead of inductor kernels')
     ap.add_argument('--round-temperatures', default='0', help='sampling temperatures of the whole rounds (0: greedy); each '
                     'round is also profiled, so a sampled round can be set against a greedy one kernel by kernel')
     ap.add_argument('--tiny', action='store_true')
@@ -71,6 +73,7 @@ def main():
                 cm, cv = torch.compile(forward_step, dynamic=False), torch.compile(verify_forward, dynamic=False)
                 fns['module, compiled'] = lambda: cm(m, tok, pos, cache)
                 fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
+                if a.prologue_kernel: fns['verify_forward, prologue kernel, compiled'] = switched(fns['verify_forward, compiled'], 'PROLOGUE_KERNEL', True)
                 if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = switched(fns['verify_forward, compiled'], 'FEW_ROWS', a.few_rows)
             if T <= a.few_rows: fns['verify_forward, gemv_few'] = switched(fns['verify_forward'], 'FEW_ROWS', a.few_rows)
             row = r['rows'][T] = {}
@@ -129,29 +132,34 @@ def time_rounds(a, dev, res) -> dict:
              'draft 2 tokens: forward_step': (forward_step, (d, tok2, pos2 + 1, dcache)),
              'draft 2 tokens: verify_forward': (verify_forward, (d, tok2, pos2 + 1, dcache)),
              'draft 1 token: decode_forward': (decode_forward, (d, tok2[:, :1], pos2[:1] + 1, dcache))}
-    if a.few_rows:
-        steps.update({k + ', gemv_few': v for k, v in steps.items() if 'rows_step' in k or 'verify_forward' in k})
+    rows_steps = [k for k in steps if 'rows_step' in k or 'verify_forward' in k]
+    if a.few_rows: steps.update({k + ', gemv_few': steps[k] for k in rows_steps})
+    if a.prologue_kernel: steps.update({k + ', prologue kernel': steps[k] for k in rows_steps})
     for k, (f, args) in steps.items():
         cf = torch.compile(f, dynamic=False)
+        fn = switched(lambda: cf(*args), 'FEW_ROWS', a.few_rows if k.endswith('gemv_few') else 0)
         with torch.no_grad():
-            try: us = graph_us(switched(lambda: cf(*args), 'FEW_ROWS', a.few_rows if k.endswith('gemv_few') else 0))
+            try: us = graph_us(switched(fn, 'PROLOGUE_KERNEL', k.endswith('prologue kernel')))
             except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
         out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
     # whole rounds: p reset before each (the round advances it); greedy
-    real_ok, real_mtp, real_few = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS
+    real_ok, real_mtp, real_few, real_pk = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL
     runs = ([(g, f'mtp round γ={g}: mtp_rows_step', dict(MTP_ROWS=True)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'mtp round γ={g}: mtp_step', dict(MTP_ROWS=False)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'draft round γ={g}: rows', {}) for g in gl(a.draft_round_gammas)] +
             [(g, f'draft round γ={g}: first draft step forward_step', dict(verify_ok=lambda m, x: m is t and real_ok(m, x)))
              for g in gl(a.draft_round_gammas)])
+    base = list(runs)
     if a.few_rows:  # the same rounds with the products of up to FEW_ROWS rows in `gemv_few`
-        runs += [(g, k + f', gemv_few <= {a.few_rows} rows', dict(pt, FEW_ROWS=a.few_rows)) for g, k, pt in runs]
+        runs += [(g, k + f', gemv_few <= {a.few_rows} rows', dict(pt, FEW_ROWS=a.few_rows)) for g, k, pt in base]
+    if a.prologue_kernel:  # and with f(x) in `rows_prologue`
+        runs += [(g, k + ', prologue kernel', dict(pt, PROLOGUE_KERNEL=True)) for g, k, pt in base]
     temps = [float(x) for x in a.round_temperatures.split(',') if x]
     runs = [(g, k if T == 0 else f'{k}, temperature {T:g}', dict(pt, T=T)) for T in temps for g, k, pt in runs]
     for g, k, patch in runs:
         T = patch.pop('T')
         hist = torch.zeros(g + 1, dtype=torch.long, device=dev)
-        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS') else spec, n, v)
+        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS', 'PROLOGUE_KERNEL') else spec, n, v)
         torch._dynamo.reset()
         try:
             if k.startswith('mtp'):
@@ -165,7 +173,7 @@ def time_rounds(a, dev, res) -> dict:
             print(f'{k:48s} graph {us:8.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:8.1f} us  '
                   + '  '.join(f'{x["name"][:32]} {x["ms_per_step"] * 1e3:.0f}us x{x["calls_per_step"]:.0f}' for x in prof['top_kernels'][:5]), flush=True)
         except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True)
-        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS = real_ok, real_mtp, real_few
+        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL = real_ok, real_mtp, real_few, real_pk
         save_json(a.out, dict(res, rounds=out))
     return out
 

@@ -80,13 +80,15 @@ def test_cuda_int4_fused_decode_matches():
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize('few', [0, 4])
-def test_cuda_gemv_rows_and_verify_forward(few, monkeypatch):
-    """`gemv_rows` at the 1B shapes for 1-4, 5 and 9 rows against the reference, with up to `few` rows through `gemv_few`
-    (each row then within bf16 rounding of `gemv` of that row); `verify_forward` against `forward_step` (bf16)."""
+@pytest.mark.parametrize('few,pk', [(0, False), (0, True), (4, False)])
+def test_cuda_gemv_rows_and_verify_forward(few, pk, monkeypatch):
+    """`gemv_rows` at the 1B shapes for 1-4, 5 and 9 rows against the reference, with f(x) in its own Triton kernel
+    (`pk`, `PROLOGUE_KERNEL`) or not, and with up to `few` rows through `gemv_few` (each row then within bf16 rounding of
+    `gemv` of that row); `verify_forward` against `forward_step` (bf16)."""
     import metai.infer.kernels as K_
     from metai.infer.kernels import gemv_rows, verify_forward
     monkeypatch.setattr(K_, 'FEW_ROWS', few)
+    monkeypatch.setattr(K_, 'PROLOGUE_KERNEL', pk)
     torch.manual_seed(0)
     bf = dict(device='cuda', dtype=torch.bfloat16)
     for K, Ns, kw in [(2048, (2048, 512, 512), 'norm'), (8192, (2048,), 'silu'), (2048, (2048,), 'res'), (2048, (128256,), 'norm')]:
@@ -100,8 +102,13 @@ def test_cuda_gemv_rows_and_verify_forward(few, monkeypatch):
                 rows = torch.stack([gemv(x[i], ws, silu=kw == 'silu', **{k: v[i] if k == 'residual' else v for k, v in a.items()})
                                     for i in range(M)]).float()
                 assert (y - rows).abs().max() <= rows.abs().max() / 128, (K, Ns, kw, M, (y - rows).abs().max().item())
+    if pk:  # the prologue kernel alone: as the modules compute f(x), up to bf16 rounding
+        from metai.infer.kernels import rows_prologue, prologue
+        x, g = torch.randn(5, 2 * 8192, **bf), torch.rand(2048, **bf) + 0.5
+        for a, ref in ((rows_prologue(x[:, :2048].contiguous(), g), prologue(x[:, :2048], g)), (rows_prologue(x, silu=True), prologue(x, silu=True))):
+            assert (a.float() - ref.float()).abs().max() <= ref.float().abs().max() / 128
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
-    for T in ((2, 5) if few else (5,)): assert_steps_match(m, verify_forward, T=T)
+    for T in ((2, 5) if few or pk else (5,)): assert_steps_match(m, verify_forward, T=T)
 
 @pytest.mark.cuda
 @cuda

@@ -142,7 +142,7 @@ def time_rounds(a, dev, res) -> dict:
             try: us = graph_us(switched(fn, 'PROLOGUE_KERNEL', k.endswith('prologue kernel')))
             except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
         out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
-    # whole rounds: p reset before each (the round advances it); greedy
+    # whole rounds: p reset before each (the round advances it); greedy, and sampled at each of --round-temperatures
     real_ok, real_mtp, real_few, real_pk = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL
     runs = ([(g, f'mtp round γ={g}: mtp_rows_step', dict(MTP_ROWS=True)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'mtp round γ={g}: mtp_step', dict(MTP_ROWS=False)) for g in gl(a.mtp_round_gammas)] +

@@ -359,8 +359,8 @@ def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for t
               silu:bool=False # each row reads silu(a) * b
              ) -> Tensor: # (M, sum N_i)
     """`gemv` for M <= 16 rows (a speculative round's verification): f(x) as the modules compute it (under `torch.compile`
-    one fused elementwise kernel), then `rows_product`, which reads each weight once for all rows; or, for at most
-    `FEW_ROWS` rows, `gemv_few`."""
+    one fused elementwise kernel; with `PROLOGUE_KERNEL`, `rows_prologue`'s Triton kernel), then `rows_product`, which
+    reads each weight once for all rows; or, for at most `FEW_ROWS` rows, `gemv_few`."""
     if x.dim() == 2 and x.shape[0] <= FEW_ROWS: return gemv_few(x, ws, norm, eps, residual, silu)
     f = rows_prologue if PROLOGUE_KERNEL and (norm is not None or silu) else prologue
     return rows_product(f(x, norm, eps, silu), ws, residual)

@@ -3,15 +3,17 @@
 (one MTP module) and spec-draft, 64-token prompt, greedy, compiled, rounds in CUDA graphs; wall time and rounds at 256
 and 32 new tokens, for the models built in memory and for the same weights saved and loaded back through
 `load_model_dir` (the path `bench_speculative.py` and the CLI take) and through the previous loader (an fp32 model
-filled, then cast); then one call under the profiler. Compare
+filled, then cast); then one call under the profiler. `--temperatures 0,0.8` adds sampled calls, and `--profile-each`
+puts every 256-token call under the profiler (its kernels and their busy time against the wall time). Compare
 `ms_per_round` with `bench_verify.py --draft-round-gammas 4 --mtp-round-gammas 1` (one round in a CUDA graph).
 
     python scripts/bench_spec_overhead.py --out bench/results/spec_overhead_h200.json
+    python scripts/bench_spec_overhead.py --order direct --temperatures 0,0.8 --profile-each --out bench/results/spec_overhead_h200_t.json
     python scripts/bench_spec_overhead.py --device cpu --tiny --out /tmp/spec_overhead.json   # a quick check of the script
 """
-import os, sys, time, json, argparse, tempfile
+import os, re, sys, time, json, argparse, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import card_info, save_json
+from bench_common import card_info, save_json, profile_fn
 from bench_verify import build
 import torch
 from safetensors.torch import save_model, load_model
@@ -39,6 +41,11 @@ def main():
     ap.add_argument('--device', default=None)
     ap.add_argument('--order', default='loaded,cast,direct', help='the models in the order measured: loaded back through '
                     '`load_model_dir` (loaded), loaded as an fp32 model then cast (cast, the previous loader), built in memory (direct)')
+    ap.add_argument('--temperatures', default='0', help='sampling temperatures of the calls (0: greedy)')
+    ap.add_argument('--new-tokens', default='256,32')
+    ap.add_argument('--profile-each', action='store_true', help='each call of the first --new-tokens also under the profiler')
+    ap.add_argument('--cases', default='draft,mtp', help='draft-model calls, MTP calls, or both')
+    ap.add_argument('--trace', default=None, help='with --profile-each: also write each timeline as a Chrome trace in this folder')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device); cuda = dev.type == 'cuda'
@@ -60,18 +67,24 @@ def main():
             sync(); t0 = time.perf_counter(); r = fn(); sync(); ts.append(time.perf_counter() - t0)
         return sorted(ts)[len(ts) // 2], r
 
-    def case(name, tg, dr, g, n):
+    def case(name, tg, dr, g, n, T=0.0):
         S = -(-(64 + n + g) // 8) * 8
         c = make_cache(tg, 1, S, mtp=dr is None)
         if dr is None:
             h = torch.zeros(1, S, tg.cfg.dim, device=dev, dtype=dt)
-            fn = lambda: mtp_speculative_generate(tg, prompt, n, gamma=g, temperature=0, seed=0, cache=c, hidden=h, compile=cuda)
+            fn = lambda: mtp_speculative_generate(tg, prompt, n, gamma=g, temperature=T, seed=0, cache=c, hidden=h, compile=cuda)
         else:
             dc = make_cache(dr, 1, S, mtp=False)
-            fn = lambda: speculative_generate(tg, dr, prompt, n, gamma=g, temperature=0, seed=0, cache=c, draft_cache=dc, compile=cuda)
+            fn = lambda: speculative_generate(tg, dr, prompt, n, gamma=g, temperature=T, seed=0, cache=c, draft_cache=dc, compile=cuda)
         s, (out, st) = timed(fn)
         r = res['cases'][name] = dict(ms=s * 1e3, rounds=st['target_forwards'], ms_per_round=s * 1e3 / st['target_forwards'], new=len(out))
         print(f'{name:28s} {r["ms"]:8.1f} ms  {r["rounds"]:4d} rounds  {r["ms_per_round"]:.3f} ms per round', flush=True)
+        if a.profile_each and n == ns[0]:
+            tr = None if a.trace is None else os.path.join(a.trace, re.sub(r'[^A-Za-z0-9.]+', '_', name) + '.json')
+            if tr: os.makedirs(a.trace, exist_ok=True)
+            prof = r['profile'] = profile_fn(fn, dev, steps=2, top=12, trace=tr)
+            print(f'  profiled: wall {prof["wall_ms_per_step"]:.1f} ms, kernels {prof["kernel_ms_per_step"]:.1f} ms  '
+                  + '  '.join(f'{x["name"][:32]} {x["ms_per_step"]:.2f}ms x{x["calls_per_step"]:.0f}' for x in prof['top_kernels'][:6]), flush=True)
         save_json(a.out, res)
         return fn
 
@@ -85,14 +98,16 @@ def main():
             res['cases'][k] = dict(ms=s_ * 1e3)
             print(f'{k:28s} {s_ * 1e3:8.1f} ms', flush=True)
 
-    first = None
+    first, ns = None, [int(x) for x in a.new_tokens.split(',')]
     for which in a.order.split(','):
         tg, dr = models[which]
         prompt_phase(which, tg, dr)
-        for n in (256, 32):
-            f = case(f'{which}: draft γ=4, {n} new', tg, dr, 4, n); first = first or f
-            case(f'{which}: MTP γ=1, {n} new', tg, None, 1, n)
-    if cuda:  # one call under the profiler: the GPU's busy time against the wall time
+        for T in [float(x) for x in a.temperatures.split(',')]:
+            tn = '' if T == 0 else f', temperature {T:g}'
+            for n in ns:
+                if 'draft' in a.cases: f = case(f'{which}: draft γ=4, {n} new{tn}', tg, dr, 4, n, T); first = first or f
+                if 'mtp' in a.cases: case(f'{which}: MTP γ=1, {n} new{tn}', tg, None, 1, n, T)
+    if cuda and first is not None:  # one call under the profiler: the GPU's busy time against the wall time
         from torch.profiler import profile, ProfilerActivity
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             sync(); t0 = time.perf_counter(); first(); sync(); wall = time.perf_counter() - t0

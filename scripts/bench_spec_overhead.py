@@ -3,12 +3,13 @@
 (one MTP module) and spec-draft, 64-token prompt, greedy, compiled, rounds in CUDA graphs; wall time and rounds at 256
 and 32 new tokens, for the models built in memory and for the same weights saved and loaded back through
 `load_model_dir` (the path `bench_speculative.py` and the CLI take) and through the previous loader (an fp32 model
-filled, then cast); then one call under the profiler. `--temperatures 0,0.8` adds sampled calls, and `--profile-each`
-puts every 256-token call under the profiler (its kernels and their busy time against the wall time). Compare
+filled, then cast); then one call under the profiler. `--temperatures 0,0.8` adds sampled calls, `--replays-in-flight 1,2`
+measures each call with each setting, and `--profile-each` puts every call of the first `--new-tokens` under the
+profiler (its kernels and their busy time against the wall time). Compare
 `ms_per_round` with `bench_verify.py --draft-round-gammas 4 --mtp-round-gammas 1` (one round in a CUDA graph).
 
     python scripts/bench_spec_overhead.py --out bench/results/spec_overhead_h200.json
-    python scripts/bench_spec_overhead.py --order direct --temperatures 0,0.8 --profile-each --out bench/results/spec_overhead_h200_t.json
+    python scripts/bench_spec_overhead.py --order direct --temperatures 0,0.8 --replays-in-flight 1,2 --new-tokens 256 --profile-each --out /tmp/so.json
     python scripts/bench_spec_overhead.py --device cpu --tiny --out /tmp/spec_overhead.json   # a quick check of the script
 """
 import os, re, sys, time, json, argparse, tempfile
@@ -23,6 +24,7 @@ from metai.core import get_device
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
 from metai.infer.generate import load_model_dir, prefill
 from metai.infer.speculative import forward_hidden, mtp_step
+import metai.infer.speculative as spec
 from metai.infer.cache import make_cache
 
 def load_cast(path, dev, dtype):
@@ -44,6 +46,8 @@ def main():
     ap.add_argument('--temperatures', default='0', help='sampling temperatures of the calls (0: greedy)')
     ap.add_argument('--new-tokens', default='256,32')
     ap.add_argument('--profile-each', action='store_true', help='each call of the first --new-tokens also under the profiler')
+    ap.add_argument('--replays-in-flight', default='', help='batch-1 rounds: replays launched before the host reads the oldest '
+                    "(REPLAYS_IN_FLIGHT; a comma list: each is measured; default: the library's setting)")
     ap.add_argument('--cases', default='draft,mtp', help='draft-model calls, MTP calls, or both')
     ap.add_argument('--trace', default=None, help='with --profile-each: also write each timeline as a Chrome trace in this folder')
     ap.add_argument('--tiny', action='store_true')
@@ -102,8 +106,9 @@ def main():
     for which in a.order.split(','):
         tg, dr = models[which]
         prompt_phase(which, tg, dr)
-        for T in [float(x) for x in a.temperatures.split(',')]:
-            tn = '' if T == 0 else f', temperature {T:g}'
+        for T, rif in [(float(x), r) for x in a.temperatures.split(',') for r in [int(r) for r in a.replays_in_flight.split(',') if r] or [None]]:
+            tn = ('' if T == 0 else f', temperature {T:g}') + ('' if rif is None else f', in flight {rif}')
+            if rif is not None: spec.REPLAYS_IN_FLIGHT = rif
             for n in ns:
                 if 'draft' in a.cases: f = case(f'{which}: draft γ=4, {n} new{tn}', tg, dr, 4, n, T); first = first or f
                 if 'mtp' in a.cases: case(f'{which}: MTP γ=1, {n} new{tn}', tg, None, 1, n, T)

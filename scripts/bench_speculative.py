@@ -134,7 +134,11 @@ def main():
                     "notebook 09b's `gemv_few` for their products (FEW_ROWS; default: the library's setting)")
     ap.add_argument('--prologue-kernel', choices=['on', 'off'], default=None, help="the verifications compute each product's "
                     "RMSNorm / SwiGLU in notebook 09b's `rows_prologue` kernel (PROLOGUE_KERNEL; default: the library's setting)")
+    ap.add_argument('--replays-in-flight', default='', help="batch-1 rounds: replays launched before the host reads the oldest "
+                    "(REPLAYS_IN_FLIGHT; a comma list: each is measured, e.g. 1,2; default: the library's setting)")
     a = ap.parse_args()
+    import metai.infer.speculative as metai_spec
+    rifs = [int(x) for x in a.replays_in_flight.split(',') if x] or [None]
     if a.few_rows is not None: metai_kernels.FEW_ROWS = a.few_rows
     if a.prologue_kernel is not None: metai_kernels.PROLOGUE_KERNEL = a.prologue_kernel == 'on'
     device = get_device(a.device)
@@ -183,19 +187,21 @@ def main():
             base = rt['plain'].get('tokens_per_s')
             print(f'  T={T}: plain {base or 0:10,.1f} tokens/s  {rt["plain"].get("distinct_new_tokens", 0)} distinct of {a.new_tokens} new tokens '
                   f'{rt["plain"].get("error", "")}', flush=True)
-            for g, vk in [(g, vk) for g in (gammas if draft is not None else mtp_gammas)
-                          for vk in ({'off': [False], 'on': [True], 'both': [False, True]}[a.verify_kernels])]:
+            for g, vk, rif in [(g, vk, rif) for g in (gammas if draft is not None else mtp_gammas)
+                               for vk in ({'off': [False], 'on': [True], 'both': [False, True]}[a.verify_kernels]) for rif in rifs]:
                 metai_kernels.ROWS_IN_VERIFY = vk
                 rows = vk and metai_kernels.verify_ok(target, torch.zeros(1, g + 1, dtype=torch.long, device=device))  # on CUDA, bf16
                 if vk and not rows and a.verify_kernels == 'both':  # the switch changes nothing here: measured once
                     metai_kernels.ROWS_IN_VERIFY = rows_default; continue
-                key = f'gamma={g}' + (' verify_forward' if rows else '')
+                key = f'gamma={g}' + (' verify_forward' if rows else '') + ('' if rif is None else f' in flight {rif}')
+                rif_default = metai_spec.REPLAYS_IN_FLIGHT
+                if rif is not None: metai_spec.REPLAYS_IN_FLIGHT = rif
                 try:
                     s = bench_spec(target, draft, prompt, a.new_tokens, g, T, compile, a.runs, device)
                     if base: s['speedup'] = s['tokens_per_s'] / base
                     if base and T == 0: s['same_prefix_as_plain'] = same_prefix(s['new_tokens'], rt['plain']['new_tokens'])
                 except Exception as e: s = dict(error=short_error(e))
-                finally: metai_kernels.ROWS_IN_VERIFY = rows_default
+                finally: metai_kernels.ROWS_IN_VERIFY, metai_spec.REPLAYS_IN_FLIGHT = rows_default, rif_default
                 rt[key] = s
                 print(f'  T={T}: {key} {s.get("tokens_per_s", 0):10,.1f} tokens/s  acceptance {s.get("acceptance_rate", 0):.2f}  '
                       f'{s.get("tokens_per_target_forward", 0):.2f} tokens/forward  speed-up {s.get("speedup", 0):.2f}x'

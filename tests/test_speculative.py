@@ -365,3 +365,25 @@ def test_cuda_static_rounds():
     runs = [speculative_generate(target, draft, prompt, 40, gamma=3, temperature=0.8, seed=5, compile=True, cache=tc, draft_cache=dc)[0]
             for _ in range(3)]  # the first captures the graphs, the others replay them
     assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 40
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_static_rounds_in_flight(monkeypatch):
+    "Two replays in flight on CUDA (pinned copies, events): the rounds, stops and stats of one in flight; a seed still reproduces a sample."
+    target = build(tiny(mtp_depth=1), seed=0).cuda()
+    draft = noisy_copy(target, 0.3).cuda()
+    prompt = list(range(3, 14))
+    ref = generate(target, prompt, 60, temperature=0)
+    res = {}
+    for n in (1, 2):
+        monkeypatch.setattr(S, 'REPLAYS_IN_FLIGHT', n)
+        r = res[n] = [speculative_generate(target, draft, prompt, 60, gamma=3, temperature=0, compile=True),
+                      mtp_speculative_generate(target, prompt, 60, gamma=1, temperature=0, compile=True),
+                      speculative_generate(target, draft, prompt, 60, gamma=3, temperature=0, compile=True, eos_id=ref[30])]
+        assert r[0][0] == r[1][0] == ref and r[2][0] == ref[:ref.index(ref[30])]
+        tc, dc = make_cache(target, 1, 96, mtp=False), make_cache(draft, 1, 96, mtp=False)
+        runs = [speculative_generate(target, draft, prompt, 60, gamma=3, temperature=0.8, seed=5, compile=True, cache=tc, draft_cache=dc)[0]
+                for _ in range(2)]
+        assert runs[0] == runs[1] and len(runs[0]) == 60
+    for (a, sa), (b, sb) in zip(res[1], res[2]):
+        assert sa['accept_counts'] == sb['accept_counts'] and sa['cached'] == sb['cached'] and sa['draft_cached'] == sb['draft_cached']

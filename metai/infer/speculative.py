@@ -195,12 +195,12 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
                               graphs=compile and device.type == 'cuda', hidden=hidden)
             p0 = p = int(n[0] - 1)
             sr.start(seq, p, hidden)
-            k, ahead, last = gamma + 1, [], (p, [0] * (gamma + 1))     # ahead: R of each replay launched, not yet read
+            k, ahead, last = gamma + 1, [], (p - 1, [0] * (gamma + 1)) # ahead: R of each replay launched, not yet read
             while act[0]:
                 # R rounds emit at most R(γ+1) tokens: launch only rounds still needed if every replay ahead emits its most
                 left, p_hi = n_new_[0] - out_len[0] - k * sum(ahead), p + k * sum(ahead)
                 R = next((r for r in (ROUNDS_PER_GRAPH, 1) if p_hi + r * k <= S and left > (r * k if r > 1 else 0)), 0)
-                if R and len(ahead) < REPLAYS_IN_FLIGHT: sr.launch(R); ahead.append(R); continue
+                if R and len(ahead) < REPLAYS_IN_FLIGHT: sr.launch(R, p + 1, p_hi + R * k + 1); ahead.append(R); continue
                 if not ahead: break
                 ahead.pop(0); p_new, toks, p0_, h_ = sr.read(p)      # the one host sync per R rounds
                 seq_h[0, p + 1:p_new + 1] = toks
@@ -415,27 +415,27 @@ class _SpecRounds:
         self.seq.copy_(seq); self.p.fill_(p); self.p0.fill_(p); self.hist.zero_(); self.pending.clear()
         if self.hidden is not None: self.hidden.copy_(hidden)
 
-    def launch(self, R:int):
-        "R more rounds (a replay of their CUDA graph, or eagerly), their state then copied to the host without a wait."
+    def launch(self, R:int, lo:int, hi:int):
+        "R more rounds (a replay of their CUDA graph, or eagerly), then their state and tokens `lo:hi` copied to the host without a wait."
         if not self.use_graphs: self._body(R)
         else:
             if R not in self.graphs:  # warm-up: no more rounds than the caches have room for; the entries it writes lie
                 state = [t for t in (self.seq, self.p, self.p0, self.hist, self.hidden) if t is not None]  # at or above p-1
                 self.graphs[R] = capture_graph(self.seq.device, lambda: self._body(min(2, R)), lambda: self._body(R), state)
             self.graphs[R].replay()
-        st = torch.cat([self.p, self.p0, self.hist, self.seq[0]])            # (2 + γ+1 + W,) p, p0, hist, the tokens
+        st = torch.cat([self.p, self.p0, self.hist, self.seq[0, lo:hi]])     # (2 + γ+1 + hi-lo,) p, p0, hist, the tokens
         cuda = st.device.type == 'cuda'
         buf = torch.empty(st.shape, dtype=st.dtype, pin_memory=cuda).copy_(st, non_blocking=cuda)
         ev = torch.cuda.Event() if cuda else None
-        if cuda: ev.record()
-        self.pending.append((buf, ev))
+        if cuda: ev.record(torch.cuda.current_stream(st.device))               # the stream of the model's GPU
+        self.pending.append((buf, ev, lo))
 
     def read(self, p:int) -> tuple[int, list, int, list]:
         "The oldest launch's results, `p` the newest token's position before it: (new p, the tokens after p, p0, hist)."
-        buf, ev = self.pending.pop(0)
+        buf, ev, lo = self.pending.pop(0)
         if ev is not None: ev.synchronize()                                  # the host waits for this launch only
-        v, g = buf.tolist(), self.gamma
-        return v[0], v[3 + g + p + 1:3 + g + v[0] + 1], v[1], v[2:3 + g]
+        v, g = buf.tolist(), self.gamma                                      # lo <= p+1: launched after the reads before it
+        return v[0], v[3 + g + p + 1 - lo:3 + g + v[0] + 1 - lo], v[1], v[2:3 + g]
 
 _ROUND_FN, _SPEC = {}, {}
 def _compiled_round(mtp:bool):

@@ -64,13 +64,18 @@ for step in $STEPS; do
       timeout "$(limit train-target 170)" python3 -c "$M" train-custom "${C[@]}" \
         --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --mtp-distill 1 --steps 300 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
-      timeout "$(limit train-draft 50)" python3 -c "$M" train-custom "${W[@]}" --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log"
-      timeout "$(limit train-draft-distilled 150)" python3 -c "$M" train-custom "${W[@]}" --steps 800 --distill-from "$D/target" --distill-weight 16 \
-        --output-dir "$D/wide2d" 2>&1 \
-        | tail -3 | tee "$OUT/train_draft_wide2d.log"
-      timeout "$(limit $step 330)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$D/wide2,$D/wide2d" \
-        --mtp-dir "$D/target" --prompt-data "$D/data" --gammas 4,6 --mtp-gammas 1 --temperatures 0 --runs 2 --verify-kernels on --out "$OUT/speculative_$CARD.json" 2>&1 \
-        | quiet | tee "$OUT/speculative.log" ;;
+      # SPEC_DRAFTS: the drafts to train and measure (wide2: on its own, wide2d: distilled); SPEC_ARGS: bench_speculative.py's
+      # settings, e.g. SPEC_DRAFTS=wide2d SPEC_ARGS="--gammas 6 --mtp-gammas 1 --temperatures 0,0.8 --replays-in-flight 1,2"
+      DRAFTS=${SPEC_DRAFTS:-wide2 wide2d}; DIRS=""
+      for w in $DRAFTS; do DIRS="$DIRS${DIRS:+,}$D/$w"; done
+      case " $DRAFTS " in *" wide2 "*)
+        timeout "$(limit train-draft 50)" python3 -c "$M" train-custom "${W[@]}" --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log" ;; esac
+      case " $DRAFTS " in *" wide2d "*)
+        timeout "$(limit train-draft-distilled 150)" python3 -c "$M" train-custom "${W[@]}" --steps 800 --distill-from "$D/target" --distill-weight 16 \
+          --output-dir "$D/wide2d" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2d.log" ;; esac
+      timeout "$(limit $step 330)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$DIRS" \
+        --mtp-dir "$D/target" --prompt-data "$D/data" ${SPEC_ARGS:---gammas 4,6 --mtp-gammas 1 --temperatures 0} --runs 2 --verify-kernels on \
+        --out "$OUT/speculative_$CARD.json" 2>&1 | quiet | tee "$OUT/speculative.log" ;;
     model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \
         --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 | quiet | tail -20 | tee "$OUT/model.log" ;;

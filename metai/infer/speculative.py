@@ -222,7 +222,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
             st['accept_counts'] = [u + v for u, v in zip(st['accept_counts'], h)]
         while act.any():
             g = max(0, min(gamma, S - n[act].max()))                # fewer drafts only where the context ends
-            if mtp and (c[act] < n[act] - 1).any(): g = 0           # no h^0 yet (the prompt): a plain target step first
+            if mtp and ((c[act] < n[act] - 1) | (n[act] < 2)).any(): g = 0  # no h^0 yet (the prompt, or a one-token one): a plain target step first
             drafts, qs = [], []
             nd = torch.tensor(n, device=device)                     # n on the device: the round's one copy to it (the GPU is idle here)
             if g and not mtp:   # 1. the draft model proposes g tokens, one forward each

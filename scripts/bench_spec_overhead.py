@@ -102,16 +102,17 @@ def main():
             res['cases'][k] = dict(ms=s_ * 1e3)
             print(f'{k:28s} {s_ * 1e3:8.1f} ms', flush=True)
 
-    first, ns = None, [int(x) for x in a.new_tokens.split(',')]
+    first, ns, rif_default = None, [int(x) for x in a.new_tokens.split(',')], spec.REPLAYS_IN_FLIGHT
     for which in a.order.split(','):
         tg, dr = models[which]
         prompt_phase(which, tg, dr)
         for T, rif in [(float(x), r) for x in a.temperatures.split(',') for r in [int(r) for r in a.replays_in_flight.split(',') if r] or [None]]:
             tn = ('' if T == 0 else f', temperature {T:g}') + ('' if rif is None else f', in flight {rif}')
-            if rif is not None: spec.REPLAYS_IN_FLIGHT = rif
+            spec.REPLAYS_IN_FLIGHT = rif_default if rif is None else rif
             for n in ns:
                 if 'draft' in a.cases: f = case(f'{which}: draft γ=4, {n} new{tn}', tg, dr, 4, n, T); first = first or f
                 if 'mtp' in a.cases: case(f'{which}: MTP γ=1, {n} new{tn}', tg, None, 1, n, T)
+    spec.REPLAYS_IN_FLIGHT = rif_default
     if cuda and first is not None:  # one call under the profiler: the GPU's busy time against the wall time
         from torch.profiler import profile, ProfilerActivity
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

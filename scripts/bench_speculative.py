@@ -39,6 +39,7 @@ from metai.infer.cache import make_cache
 from metai.infer.generate import generate, load_model_dir
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
 import metai.infer.kernels as metai_kernels
+import metai.infer.speculative as metai_spec
 
 
 def round8(n:int) -> int: return -(-n // 8) * 8
@@ -137,7 +138,6 @@ def main():
     ap.add_argument('--replays-in-flight', default='', help="batch-1 rounds: replays launched before the host reads the oldest "
                     "(REPLAYS_IN_FLIGHT; a comma list: each is measured, e.g. 1,2; default: the library's setting)")
     a = ap.parse_args()
-    import metai.infer.speculative as metai_spec
     rifs = [int(x) for x in a.replays_in_flight.split(',') if x] or [None]
     if a.few_rows is not None: metai_kernels.FEW_ROWS = a.few_rows
     if a.prologue_kernel is not None: metai_kernels.PROLOGUE_KERNEL = a.prologue_kernel == 'on'

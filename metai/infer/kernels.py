@@ -502,12 +502,13 @@ def check_kernels_interpreted(timeout:float=300) -> str:
             worst = max(worst, (gemv_rows(H, wr[:1], silu=True, residual=R[:, :32]).float()
                                 - gemv_ref(H, wr[:1], silu=True, residual=R[:, :32]).float()).abs().max().item())
         import metai.infer.kernels as K_                                     # the same, with f(x) in `rows_prologue`'s kernel
-        K_.PROLOGUE_KERNEL = True
-        for M in (1, 5):
-            X, R, H = (torch.randn(M, n, generator=gr).to(bf) for n in (K, 96, 2 * K))
-            worst = max(worst, (gemv_rows(X, wr, norm=g, residual=R).float() - gemv_ref(X, wr, norm=g, residual=R).float()).abs().max().item(),
-                        (gemv_rows(H, wr[:1], silu=True).float() - gemv_ref(H, wr[:1], silu=True).float()).abs().max().item())
-        K_.PROLOGUE_KERNEL = False
+        real, K_.PROLOGUE_KERNEL = K_.PROLOGUE_KERNEL, True
+        try:
+            for M in (1, 5):
+                X, R, H = (torch.randn(M, n, generator=gr).to(bf) for n in (K, 96, 2 * K))
+                worst = max(worst, (gemv_rows(X, wr, norm=g, residual=R).float() - gemv_ref(X, wr, norm=g, residual=R).float()).abs().max().item(),
+                            (gemv_rows(H, wr[:1], silu=True).float() - gemv_ref(H, wr[:1], silu=True).float()).abs().max().item())
+        finally: K_.PROLOGUE_KERNEL = real                                   # the setting as it was, even after a failure
         wz = [torch.randn(n, 100, generator=gr).to(bf) / 16 for n in (32, 16, 37)]      # K no tile divides, a ragged last weight
         X, gz = torch.randn(7, 100, generator=gr).to(bf), (torch.rand(100, generator=gr) + 0.5).to(bf)
         worst = max(worst, (gemv_rows(X, wz, norm=gz).float() - gemv_ref(X, wz, norm=gz).float()).abs().max().item())

@@ -56,21 +56,22 @@ for step in $STEPS; do
                    # The target's MTP module trains with self-distillation (--mtp-distill 1: on the CPU its drafts' agreement with the
                    # model's own next choice rose from 0.58 to 0.66 for 0.6% more main loss, scripts/exp_mtp_distill.py; runs 1-7 had it off).
       [ -n "${DATA_DIR:-}" ] || { echo "speculative: needs DATA_DIR"; continue; }
-      D=$(mktemp -d); cp -r "$DATA_DIR" "$D/data"
+      # SPEC_DIR: train into this folder and keep it; a later run with the same SPEC_DIR (a warm machine) reuses what is there
+      D=${SPEC_DIR:-$(mktemp -d)}; mkdir -p "$D"; [ -d "$D/data" ] || cp -r "$DATA_DIR" "$D/data"
       C=(--chinese-path "$D/data/corpus/zh.txt" --english-path "$D/data/corpus/en.txt" --data-dir "$D/data" --seq-len 512
          --batch-size 32 --eval-interval 1000 --sample-prompt "")
       M='import sys; from metai.cli import main; sys.exit(main())'
       W=(--preset micro --num-layers 2 --hidden-dim 512 --num-heads 8 --num-kv-heads 4 --mlp-dim 1536 "${C[@]}" --steps 400 --lr 2e-3 --compile)
-      timeout "$(limit train-target 170)" python3 -c "$M" train-custom "${C[@]}" \
+      [ -f "$D/target/model.safetensors" ] || timeout "$(limit train-target 170)" python3 -c "$M" train-custom "${C[@]}" \
         --hidden-dim 2048 --num-layers 16 --num-heads 16 --num-kv-heads 4 --mlp-dim 8192 --mtp-depth 1 --mtp-distill 1 --steps 300 --lr 4e-4 \
         --compile --output-dir "$D/target" 2>&1 | tail -3 | tee "$OUT/train_target.log"
       # SPEC_DRAFTS: the drafts to train and measure (wide2: on its own, wide2d: distilled); SPEC_ARGS: bench_speculative.py's
       # settings, e.g. SPEC_DRAFTS=wide2d SPEC_ARGS="--gammas 6 --mtp-gammas 1 --temperatures 0,0.8 --replays-in-flight 1,2"
       DRAFTS=${SPEC_DRAFTS:-wide2 wide2d}; DIRS=""
       for w in $DRAFTS; do DIRS="$DIRS${DIRS:+,}$D/$w"; done
-      case " $DRAFTS " in *" wide2 "*)
+      case " $DRAFTS " in *" wide2 "*) [ -f "$D/wide2/model.safetensors" ] ||
         timeout "$(limit train-draft 50)" python3 -c "$M" train-custom "${W[@]}" --output-dir "$D/wide2" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2.log" ;; esac
-      case " $DRAFTS " in *" wide2d "*)
+      case " $DRAFTS " in *" wide2d "*) [ -f "$D/wide2d/model.safetensors" ] ||
         timeout "$(limit train-draft-distilled 150)" python3 -c "$M" train-custom "${W[@]}" --steps 800 --distill-from "$D/target" --distill-weight 16 \
           --output-dir "$D/wide2d" 2>&1 | tail -3 | tee "$OUT/train_draft_wide2d.log" ;; esac
       timeout "$(limit $step 330)" python3 scripts/bench_speculative.py --target-dir "$D/target" --draft-dir "$DIRS" \

@@ -5,7 +5,9 @@ and 32 new tokens, for the models built in memory and for the same weights saved
 `load_model_dir` (the path `bench_speculative.py` and the CLI take) and through the previous loader (an fp32 model
 filled, then cast); then one call under the profiler. `--temperatures 0,0.8` adds sampled calls, `--replays-in-flight 1,2`
 measures each call with each setting, and `--profile-each` puts every call of the first `--new-tokens` under the
-profiler (its kernels and their busy time against the wall time). Compare
+profiler (its kernels and their busy time against the wall time). Every call also records, without the profiler, the
+host's time inside each CUDA graph launch (`CUDAGraph.replay`) and inside each wait for a replay's results (the
+rounds' event), so a call's wall time splits into launching, waiting and the host's own work. Compare
 `ms_per_round` with `bench_verify.py --draft-round-gammas 4 --mtp-round-gammas 1` (one round in a CUDA graph).
 
     python scripts/bench_spec_overhead.py --out bench/results/spec_overhead_h200.json
@@ -22,8 +24,8 @@ from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.core import get_device
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
-from metai.infer.generate import load_model_dir, prefill
-from metai.infer.speculative import forward_hidden, mtp_step
+from metai.infer.generate import load_model_dir, prefill, fast_prefill
+from metai.infer.speculative import forward_hidden, mtp_step, mtp_prompt_phase
 import metai.infer.speculative as spec
 from metai.infer.cache import make_cache
 
@@ -36,6 +38,17 @@ def load_cast(path, dev, dtype):
     load_model(m, os.path.join(path, 'model.safetensors'), strict=True, device=str(dev))
     m = m.to(dtype); m.init_freqs()
     return m.eval()
+
+HOST = dict(launch=[], wait=[])  # host seconds inside each graph launch and each wait for a replay's copy, this call
+
+def time_host_calls():
+    "Wrap `CUDAGraph.replay` and `Event.synchronize` so that each call's host time is appended to HOST (no sync added)."
+    def wrap(cls, name, key):
+        f = getattr(cls, name)
+        def timed_call(self, *args, **kw):
+            t0 = time.perf_counter(); r = f(self, *args, **kw); HOST[key].append(time.perf_counter() - t0); return r
+        setattr(cls, name, timed_call)
+    wrap(torch.cuda.CUDAGraph, 'replay', 'launch'); wrap(torch.cuda.Event, 'synchronize', 'wait')
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -53,6 +66,7 @@ def main():
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device); cuda = dev.type == 'cuda'
+    if cuda: time_host_calls()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = dict(card=card_info(dev), settings=vars(a), cases={})
     t, d = build('spec-target', dev, a, mtp_depth=1), build('spec-draft', dev, a)
@@ -66,10 +80,13 @@ def main():
 
     def timed(fn, runs=3):
         for _ in range(2): fn()
-        ts = []
+        ts, host = [], []
         for _ in range(runs):
+            for v in HOST.values(): v.clear()
             sync(); t0 = time.perf_counter(); r = fn(); sync(); ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2], r
+            host.append({k: list(v) for k, v in HOST.items()})
+        i = sorted(range(runs), key=lambda i: ts[i])[runs // 2]  # the median call, with its host times
+        return ts[i], r, host[i]
 
     def case(name, tg, dr, g, n, T=0.0):
         S = -(-(64 + n + g) // 8) * 8
@@ -80,9 +97,15 @@ def main():
         else:
             dc = make_cache(dr, 1, S, mtp=False)
             fn = lambda: speculative_generate(tg, dr, prompt, n, gamma=g, temperature=T, seed=0, cache=c, draft_cache=dc, compile=cuda)
-        s, (out, st) = timed(fn)
+        s, (out, st), host = timed(fn)
         r = res['cases'][name] = dict(ms=s * 1e3, rounds=st['target_forwards'], ms_per_round=s * 1e3 / st['target_forwards'], new=len(out))
-        print(f'{name:28s} {r["ms"]:8.1f} ms  {r["rounds"]:4d} rounds  {r["ms_per_round"]:.3f} ms per round', flush=True)
+        L, Wt = sorted(host['launch']), host['wait']
+        if L:  # each launch's host time: the GPU cannot start a replay before its launch returns
+            r['host'] = dict(launches=len(L), launch_ms=sum(L) * 1e3, launch_median_ms=L[len(L) // 2] * 1e3, launch_max_ms=L[-1] * 1e3,
+                             waits=len(Wt), wait_ms=sum(Wt) * 1e3, other_ms=(s - sum(L) - sum(Wt)) * 1e3)
+        print(f'{name:28s} {r["ms"]:8.1f} ms  {r["rounds"]:4d} rounds  {r["ms_per_round"]:.3f} ms per round'
+              + (f'  host: {len(L)} launches {r["host"]["launch_ms"]:.1f} ms (median {r["host"]["launch_median_ms"]:.3f}), '
+                 f'waiting {r["host"]["wait_ms"]:.1f} ms, other {r["host"]["other_ms"]:.1f} ms' if L else ''), flush=True)
         if a.profile_each and n == ns[0]:
             tr = None if a.trace is None else os.path.join(a.trace, re.sub(r'[^A-Za-z0-9.]+', '_', name) + '.json')
             if tr: os.makedirs(a.trace, exist_ok=True)
@@ -92,13 +115,18 @@ def main():
         save_json(a.out, res)
         return fn
 
-    def prompt_phase(name, tg, dr):  # what a call does before its rounds, eagerly: both caches filled, or h^0 and the MTP slots
-        ids = torch.tensor([prompt[:-1]], device=dev); pos = torch.arange(len(prompt) - 1, device=dev)
-        c, dc = make_cache(tg, 1, 128, mtp=True), make_cache(dr, 1, 128, mtp=False)
+    def prompt_phase(name, tg, dr):  # what a call does before its rounds: both caches filled, or h^0 and the MTP slots;
+        ids = torch.tensor([prompt[:-1]], device=dev); pos = torch.arange(len(prompt) - 1, device=dev)  # eagerly (the calls
+        c, dc = make_cache(tg, 1, 128, mtp=True), make_cache(dr, 1, 128, mtp=False)                  # before run 6), then
+        seq = torch.tensor([prompt + [0] * 80], device=dev)                                           # as the calls run it
+        h = torch.zeros(1, 128, tg.cfg.dim, device=dev, dtype=dt)
         def draft_fill(): prefill(tg, ids, c); prefill(dr, ids, dc)
         def mtp_fill(): h = forward_hidden(tg, ids, pos, c)[1]; mtp_step(tg, 0, h[:, :-1], ids[:, 1:], pos[:-1], c)
-        for k, f in ((f'{name}: draft prompt phase', draft_fill), (f'{name}: MTP prompt phase', mtp_fill)):
-            with torch.no_grad(): s_, _ = timed(f)
+        def draft_fill_compiled(): fast_prefill(tg, ids, c, 0, cuda); fast_prefill(dr, ids, dc, 0, cuda)
+        def mtp_fill_compiled(): mtp_prompt_phase(tg, seq, h, c, 0, 0, len(prompt), 128, cuda)
+        for k, f in ((f'{name}: draft prompt phase, eager', draft_fill), (f'{name}: MTP prompt phase, eager', mtp_fill),
+                     (f'{name}: draft prompt phase', draft_fill_compiled), (f'{name}: MTP prompt phase', mtp_fill_compiled)):
+            with torch.no_grad(): s_, _, _ = timed(f)
             res['cases'][k] = dict(ms=s_ * 1e3)
             print(f'{k:28s} {s_ * 1e3:8.1f} ms', flush=True)
 

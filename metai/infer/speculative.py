@@ -6,8 +6,8 @@ Greedy output identical to plain greedy decoding, sampled output with the same d
 
 # %% auto #0
 __all__ = ['ROUNDS_PER_GRAPH', 'REPLAYS_IN_FLIGHT', 'speculative_accept', 'greedy_accept', 'chisquare_pvalue', 'forward_hidden',
-           'mtp_step', 'speculative_generate', 'mtp_speculative_generate', 'load_draft_model', 'format_stats',
-           'SpeculativeChatSession']
+           'mtp_step', 'mtp_prompt_phase', 'speculative_generate', 'mtp_speculative_generate', 'load_draft_model',
+           'format_stats', 'SpeculativeChatSession']
 
 # %% ../../nbs/11_speculative.ipynb #22dfa733
 import os, time, numbers
@@ -18,8 +18,8 @@ from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
 from . import kernels
 from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok, mtp_rows_step
-from .generate import (logits_to_probs, multinomial_no_sync, prefill, ChatSession, TextStreamer, load_model_dir,
-                                  capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles)
+from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, TextStreamer, load_model_dir,
+                                  capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles, _compile_settings)
 
 # %% ../../nbs/11_speculative.ipynb #9f36a957
 def speculative_accept(draft_tokens:Tensor, # (B, g) long, the draft's proposals x_1..x_g
@@ -182,15 +182,10 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
     with _seeded(seed, device):
         if fast and act[0] and n[0] - 1 >= (gamma + 1 if mtp else 1):  # batch 1: whole rounds of fixed shapes, R per CUDA graph
             if mtp:  # the MTP window reaches γ+1 positions back: h^0 and the MTP slots up to the newest token first
-                if c[0] < n[0] - 1:
-                    hidden[:, c[0]:n[0] - 1] = forward_hidden(target, seq[:, c[0]:n[0] - 1], window(c[0], n[0] - 2), cache)[1]
-                    c[0] = n[0] - 1
-                if cd[0] < n[0] - 1:
-                    mtp_step(target, 0, hidden[:, cd[0]:n[0] - 1], seq[:, cd[0] + 1:n[0]], window(cd[0], n[0] - 2), cache)
-                    cd[0] = n[0] - 1
-            else:
-                for m_, cc, k in ((target, cache, c), (draft, draft_cache, cd)):  # both caches up to the newest token
-                    if k[0] < n[0] - 1: prefill(m_, seq[:, k[0]:n[0] - 1], cc, int(k[0])); k[0] = n[0] - 1
+                c[0], cd[0] = mtp_prompt_phase(target, seq, hidden, cache, int(c[0]), int(cd[0]), int(n[0]), S, compile)
+            else:    # both caches up to the newest token, through `generate`'s prefill (padded and compiled on CUDA)
+                for m_, cc, k in ((target, cache, c), (draft, draft_cache, cd)):
+                    if k[0] < n[0] - 1: fast_prefill(m_, seq[:, k[0]:n[0] - 1], cc, int(k[0]), compile); k[0] = n[0] - 1
             sr = _spec_rounds(target, draft, cache, draft_cache, gamma, (float(temperature), top_k, top_p), Wmax,
                               graphs=compile and device.type == 'cuda', hidden=hidden)
             p0 = p = int(n[0] - 1)
@@ -321,7 +316,7 @@ def _clone(out):
 
 # %% ../../nbs/11_speculative.ipynb #d7f7cc09
 ROUNDS_PER_GRAPH = 4  # speculative rounds per CUDA graph replay (one host sync each)
-REPLAYS_IN_FLIGHT = 1  # replays launched before the host reads the oldest (2: the next is queued while the host reads; not yet timed on a GPU)
+REPLAYS_IN_FLIGHT = 2  # replays launched before the host reads the oldest (2: the next one is queued while the host reads)
 
 def _draw(lg:Tensor, temperature:float, top_k:int|None, top_p:float|None):
     "(B, V) logits -> the (B,) drafted token and the (B, V) distribution it was drawn from (None when greedy)."
@@ -451,6 +446,41 @@ def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, 
     key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs, kernels.ROWS_IN_VERIFY, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL,  # captured graphs keep the switches
            None if hidden is None else tuple(hidden.shape), tuple(t.data_ptr() for m in models for t in m.parameters()))
     return lru_get(_SPEC, key, lambda: _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden), 4)
+
+def _hidden_state(model, tokens, input_pos, cache): return forward_hidden(model, tokens, input_pos, cache)[1]  # h^0 alone: no head
+def _mtp_slots(model, h, tokens, input_pos, cache): mtp_step(model, 0, h, tokens, input_pos, cache)            # the slots alone
+
+_PROMPT = {}
+def mtp_prompt_phase(model, # a metai `Transformer` with an MTP module
+                     seq:Tensor, # (1, W) tokens by position, W > S
+                     hidden:Tensor, # (1, >= S, dim) h^0 by position: filled for positions c..n-2
+                     cache:KVCache, # static cache with the MTP slots: main layers filled for c..n-2, the first slot for cd..n-2
+                     c:int, cd:int, n:int, # the main layers hold positions < c, the MTP slot those < cd; n tokens so far
+                     S:int, # positions the caches and `hidden` have room for
+                     compile:bool=False, # on CUDA: each window padded to a prefill bucket and compiled (as `generate`'s prefill)
+                     pad:bool|None=None # pad the windows (default: with `compile` on CUDA); padded positions are written, never read
+                    ) -> tuple[int, int]: # the new (c, cd): both n-1
+    "Before MTP's static rounds: h^0 and the first MTP slot up to the newest token, the MTP counterpart of `prefill`."
+    dev = seq.device
+    fast = compile and dev.type == 'cuda'
+    pad = fast if pad is None else pad
+    if fast and not _PROMPT:
+        _allow_recompiles()
+        _PROMPT.update((f, torch.compile(f, fullgraph=True, dynamic=False)) for f in (_hidden_state, _mtp_slots))
+    fh, fm = (_PROMPT[_hidden_state], _PROMPT[_mtp_slots]) if fast else (_hidden_state, _mtp_slots)
+    def width(lo):  # the window run from position lo: up to n-2, or padded to the next bucket where it fits
+        T = n - 1 - lo
+        Tb = next((b for b in PREFILL_BUCKETS if b >= T), T)
+        return Tb if pad and lo + Tb <= S else T
+    with _compile_settings(dev), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        if c < n - 1:
+            W = width(c)                                                  # fresh tensors: fixed shapes and aligned inputs
+            h = fh(model, seq[:, c:c + W].clone(), torch.arange(c, c + W, device=dev), cache)       # (1, W, dim)
+            hidden[:, c:n - 1] = h[:, :n - 1 - c]
+        if cd < n - 1:
+            W = width(cd)
+            fm(model, hidden[:, cd:cd + W].clone(), seq[:, cd + 1:cd + 1 + W].clone(), torch.arange(cd, cd + W, device=dev), cache)
+    return n - 1, n - 1
 
 # %% ../../nbs/11_speculative.ipynb #eb583540
 @torch.no_grad()

@@ -4,7 +4,7 @@
 #
 #   OUT=/tmp/bench GPT_FAST_DIR=~/gpt-fast NANOGPT_DIR=~/nanoGPT DATA_DIR=output_micro/data bash scripts/bench_all.sh [STEP ...]
 #
-# STEPs (default: all, in this order): cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative model train fp8.
+# STEPs (default: all, in this order): cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative graph-launch model train fp8.
 # The baselines are public code checked out beside metai (gpt-fast for decode-dense, nanoGPT for train); a step
 # whose baseline folder is not given runs without it. DATA_DIR is a `metai prepare-data` folder (with corpus/zh.txt
 # and corpus/en.txt), needed by speculative (it trains a target/draft pair on it) and by train's quality check.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}; mkdir -p "$OUT"
 CARD=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((c for c in ('h200', 'h100', 'a100', 'l40s') if c in n), 'gpu'))")
 export PYTHONUNBUFFERED=1
-STEPS=${*:-cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative model train fp8}
+STEPS=${*:-cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative graph-launch model train fp8}
 quiet() { grep -v -e 'arn' -e 'softmax' -e 'self.gen' -e 'capture_end' -e 'reduction' -e '^$'; }
 limit() { local v="LIMIT_${1//-/_}"; echo "${!v:-$2}"; }
 
@@ -85,9 +85,11 @@ for step in $STEPS; do
       timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" --extra-modes reduce-overhead \
         ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$OUT/train_$CARD.json" --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 \
         | quiet | tail -20 | tee "$OUT/train.log" ;;
+    graph-launch)  # the host's time inside a CUDA graph launch by what the graph holds (Triton / aten kernels, cuBLAS, RNG, copies); under a minute
+      timeout "$(limit $step 120)" python3 scripts/bench_graph_launch.py --out "$OUT/graph_launch_$CARD.json" 2>&1 | quiet | tee "$OUT/graph_launch.log" ;;
     fp8)           # would FP8 products pay for gpt2's linear shapes? bf16 vs per-tensor fp8 with its casts, per shape and per step
       timeout "$(limit $step 150)" python3 scripts/bench_fp8.py --out "$OUT/fp8_$CARD.json" 2>&1 | quiet | tee "$OUT/fp8.log" ;;
-    *) echo "unknown step: $step (cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative model train fp8)"; exit 2 ;;
+    *) echo "unknown step: $step (cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative graph-launch model train fp8)"; exit 2 ;;
   esac
 done
 echo "== done ($(date -u +%H:%M:%S)): $OUT"

@@ -63,10 +63,17 @@ def main():
                     "(REPLAYS_IN_FLIGHT; a comma list: each is measured; default: the library's setting)")
     ap.add_argument('--cases', default='draft,mtp', help='draft-model calls, MTP calls, or both')
     ap.add_argument('--trace', default=None, help='with --profile-each: also write each timeline as a Chrome trace in this folder')
+    ap.add_argument('--graph-dump', default=None, help='keep every CUDA graph captured and write each as a DOT file in this folder at '
+                    'the end (cudaGraphDebugDotPrint), with its nodes counted by type')
     ap.add_argument('--tiny', action='store_true')
     a = ap.parse_args()
     dev = get_device(a.device); cuda = dev.type == 'cuda'
     if cuda: time_host_calls()
+    graphs, now = [], ['setup']  # with --graph-dump: (case being measured, graph) for every capture
+    if cuda and a.graph_dump:
+        begin = torch.cuda.CUDAGraph.capture_begin
+        def capture_begin(self, *args, **kw): self.enable_debug_mode(); graphs.append((now[0], self)); return begin(self, *args, **kw)
+        torch.cuda.CUDAGraph.capture_begin = capture_begin
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = dict(card=card_info(dev), settings=vars(a), cases={})
     t, d = build('spec-target', dev, a, mtp_depth=1), build('spec-draft', dev, a)
@@ -90,6 +97,7 @@ def main():
 
     def case(name, tg, dr, g, n, T=0.0):
         S = -(-(64 + n + g) // 8) * 8
+        now[0] = name
         c = make_cache(tg, 1, S, mtp=dr is None)
         if dr is None:
             h = torch.zeros(1, S, tg.cfg.dim, device=dev, dtype=dt)
@@ -151,6 +159,19 @@ def main():
                               top_cpu=[dict(name=e.key, self_cpu_ms=e.self_cpu_time_total / 1e3, calls=e.count)
                                        for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:12]])
         print(f'profile: wall {wall * 1e3:.1f} ms, GPU kernels {res["profile"]["gpu_kernel_ms"]:.1f} ms', flush=True)
+    if graphs:  # what each captured graph holds: a launch's host time may depend on its node types, not only their number
+        os.makedirs(a.graph_dump, exist_ok=True)
+        kinds = r'\b(KERNEL|MEMCPY|MEMSET|HOST|EVENT_RECORD|WAIT_EVENT|EMPTY|MEM_ALLOC|MEM_FREE|CONDITIONAL|CHILD_GRAPH|BATCH_MEM_OP)\b'
+        res['graphs'] = []
+        for i, (name, g) in enumerate(graphs):
+            path = os.path.join(a.graph_dump, f'graph_{i}.dot')
+            try: g.debug_dump(path)
+            except Exception as e: res['graphs'].append(dict(case=name, error=str(e)[:200])); continue
+            text = open(path).read()
+            counts = {}
+            for k in re.findall(kinds, text): counts[k] = counts.get(k, 0) + 1
+            res['graphs'].append(dict(case=name, file=os.path.basename(path), bytes=len(text), node_types=counts))
+            print(f'graph {i} ({name}): {counts}', flush=True)
     save_json(a.out, res)
     print(f'wrote {a.out}')
 

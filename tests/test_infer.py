@@ -262,6 +262,16 @@ def test_cuda_graph_decode_equals_eager(name):
     assert a == generate(m, prompts[0], 30, seed=11, **kw) and a != generate(m, prompts[0], 30, seed=12, **kw)
     cache = make_cache(m, 1, 64, mtp=False)  # one cache: the first call captures, the second replays; same seed, same tokens
     assert generate(m, prompts[1], 30, seed=5, cache=cache, **kw) == generate(m, prompts[1], 30, seed=5, cache=cache, **kw)
+    ref = generate(m, prompts[1], 30, temperature=0)  # streamed and stopped: each replay read while the next one runs
+    got = []
+    class Sink:
+        def put(self, t): got.append(t)
+        def end(self): pass
+    assert generate(m, prompts[1], 30, temperature=0, compile=True, stream=Sink()) == ref and got == ref
+    stop = ref[13]
+    assert generate(m, prompts[1], 30, temperature=0, compile=True, eos_id=stop, check_every=4) == ref[:ref.index(stop)]
+    assert generate(m, prompts, 30, temperature=0, compile=True, eos_id=stop) == \
+           [r[:r.index(stop)] if stop in r else r for r in generate(m, prompts, 30, temperature=0)]
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

@@ -359,6 +359,13 @@ def _seeded(seed:int|None, device:torch.device):
 
 # %% ../../nbs/10_generate.ipynb #217ce9d8
 @torch.no_grad()
+def _to_host(x:Tensor) -> tuple[Tensor, torch.cuda.Event|None]:
+    "A copy of `x` on the host: from CUDA into pinned memory, queued without a wait, with an event that marks its end."
+    if x.device.type != 'cuda': return x.cpu().clone(), None
+    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+    ev = torch.cuda.Event(); ev.record(torch.cuda.current_stream(x.device))
+    return buf, ev
+
 def generate(model, # a metai `Transformer` (eval mode)
              prompt_ids, # one prompt (list of ids) or a batch of prompts of different lengths (list of lists)
              max_new_tokens:int=256, # new tokens per prompt, at most (fewer at a stop or at the end of the context)
@@ -451,14 +458,19 @@ def generate(model, # a metai `Transformer` (eval mode)
             while True:
                 if t < p_max: tok = torch.where(forced[:, t:t+1], seq[:, t:t+1], tok)  # rows still inside their prompt
                 seq[:, t] = tok[:, 0]
-                if t + 1 - t0 >= sync_every or t == end - 1:
-                    consume(t0, seq[:, t0:t + 1].tolist()); t0 = t + 1
-                    if all(done) or t == end - 1: break
+                if t == end - 1: consume(t0, seq[:, t0:t + 1].tolist()); break
+                block = None
+                if t + 1 - t0 >= sync_every: block, t0 = (_to_host(seq[:, t0:t + 1]), t0), t + 1  # read once the next steps are queued
                 left = end - 1 - t                                             # steps still to take (>= 1)
                 n = 1 if t < p_max else chunk if left >= chunk else 1 << (left.bit_length() - 1)  # whole chunks past the prompts, then halves
                 toks, tok, seen = steps(n)                                     # tokens for positions t+1 .. t+n
                 if n > 1: seq[:, t + 1:t + n] = toks[:, :n - 1]                  # the last one is written above, next round
                 t += n
+                if block:                                                      # the GPU runs those steps while the host reads
+                    (buf, ev), b0 = block
+                    if ev is not None: ev.synchronize()
+                    consume(b0, buf.tolist())
+                    if all(done): break                                        # (the steps just queued are thrown away)
     for s in streams:
         if s is not None: s.end()
     return out[0] if single else out

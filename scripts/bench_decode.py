@@ -136,11 +136,18 @@ def add_ratios(r:dict, compile:bool):
         r['int4_speedup_vs_bf16'] = int4 / r['metai_compiled']['tokens_per_s']  # the faster int4 path
 
 
+class CountingStream:
+    "A streamer that only counts the tokens `generate` hands it: the host reads every replay, as `metai generate` and `chat` do."
+    def __init__(self): self.n = 0
+    def put(self, t): self.n += 1
+    def end(self): pass
+
 def bench_metai(model, prompt:list, n_new:int, compile:bool, runs:int, device, freeze:bool=False, chunk:int|None=None,
-                kernels:bool=True, profile:bool=False, trace:str|None=None) -> dict:
+                kernels:bool=True, profile:bool=False, trace:str|None=None, streamed:bool=False) -> dict:
     "metai `generate` (sampling, no stop token) with a persistent static cache, after warm-up; `chunk` steps per CUDA graph."
     cache = make_cache(model, 1, round8(len(prompt) + n_new), mtp=False)  # reused: the CUDA graphs keep its addresses
-    kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk, kernels=kernels)
+    kw = dict(temperature=0.8, top_k=200, compile=compile, freeze=freeze, cache=cache, chunk=chunk, kernels=kernels,
+              stream=CountingStream() if streamed else None)
     t_first = wall(lambda: generate(model, prompt, n_new, **kw), device)  # compiles and records
     generate(model, prompt, n_new, **kw)
     out = []
@@ -283,6 +290,7 @@ def main():
     ap.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     ap.add_argument('--no-eager', action='store_true', help='skip metai without compile')
     ap.add_argument('--no-chunk1', action='store_true', help='skip metai compiled with one decode step per CUDA graph')
+    ap.add_argument('--streamed', action='store_true', help='also time metai compiled with a streamer (the host reads every replay, as the CLI does)')
     ap.add_argument('--chunks', default='', help='also time metai compiled with these decode steps per CUDA graph (comma-separated; the default is 8)')
     ap.add_argument('--profile', action='store_true', help="also profile one generate call of metai's default compiled path")
     ap.add_argument('--int4', action='store_true', help='also decode an int4 copy (group size 64, head included) through the same path')
@@ -336,6 +344,8 @@ def main():
         int4k = a.int4_kernels.split(',') if a.int4 else []
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile, trace=trace)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
+                ('metai_compiled_streamed', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, streamed=True))
+                if compile and a.streamed else None,
                 *[(f'metai_compiled_chunk{c}', lambda c=c: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=c))
                   for c in map(int, filter(None, a.chunks.split(','))) if compile and c not in (1, 8)],  # 8: metai_compiled; 1: the chunk1 row
                 ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and 'torch' in int4k else None,

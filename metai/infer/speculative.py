@@ -467,19 +467,19 @@ def mtp_prompt_phase(model, # a metai `Transformer` with an MTP module
     if fast and not _PROMPT:
         _allow_recompiles()
         _PROMPT.update((f, torch.compile(f, fullgraph=True, dynamic=False)) for f in (_hidden_state, _mtp_slots))
-    fh, fm = (_PROMPT[_hidden_state], _PROMPT[_mtp_slots]) if fast else (_hidden_state, _mtp_slots)
-    def width(lo):  # the window run from position lo: up to n-2, or padded to the next bucket where it fits
+    def window(lo, f):  # from position lo: padded to the next bucket where it fits (compiled when `fast`), else up to n-2, eagerly
         T = n - 1 - lo
-        Tb = next((b for b in PREFILL_BUCKETS if b >= T), T)
-        return Tb if pad and lo + Tb <= S else T
+        Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
+        if pad and Tb and lo + Tb <= S: return Tb, _PROMPT[f] if fast else f
+        return T, f
     with _compile_settings(dev), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         if c < n - 1:
-            W = width(c)                                                  # fresh tensors: fixed shapes and aligned inputs
-            h = fh(model, seq[:, c:c + W].clone(), torch.arange(c, c + W, device=dev), cache)       # (1, W, dim)
+            W, f = window(c, _hidden_state)                              # fresh tensors: fixed shapes and aligned inputs
+            h = f(model, seq[:, c:c + W].clone(), torch.arange(c, c + W, device=dev), cache)        # (1, W, dim)
             hidden[:, c:n - 1] = h[:, :n - 1 - c]
         if cd < n - 1:
-            W = width(cd)
-            fm(model, hidden[:, cd:cd + W].clone(), seq[:, cd + 1:cd + 1 + W].clone(), torch.arange(cd, cd + W, device=dev), cache)
+            W, f = window(cd, _mtp_slots)
+            f(model, hidden[:, cd:cd + W].clone(), seq[:, cd + 1:cd + 1 + W].clone(), torch.arange(cd, cd + W, device=dev), cache)
     return n - 1, n - 1
 
 # %% ../../nbs/11_speculative.ipynb #eb583540

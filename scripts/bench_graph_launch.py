@@ -3,7 +3,7 @@
 0.03 ms (greedy draft rounds) to 0.69 ms (sampled rounds, MTP rounds) of host time per `CUDAGraph.replay` with about
 the same kernel count (`bench_spec_overhead.py`, run 5), and the GPU cannot start a replay before its launch returns.
 This script captures graphs of `--nodes` short kernels each: a Triton kernel alone (with and without programmatic
-dependent launch), an aten pointwise op, and the Triton chain with a cuBLAS product, a random draw or a device copy
+dependent launch), an aten pointwise op, an inductor-compiled one (with a random draw every `--every`), and the Triton chain with a cuBLAS product, a random draw or a device copy
 every `--every` kernels; then times each graph's `replay()` on the host, with the GPU idle (after a sync) and with the
 previous replay still running, and the replay's GPU time.
 
@@ -25,12 +25,20 @@ def bump_kernel(x_ptr, N: tl.constexpr, PDL: tl.constexpr):
     i = tl.arange(0, N)
     tl.store(x_ptr + i, tl.load(x_ptr + i) + 1.0)
 
+@torch.compile(fullgraph=True)
+def bump_compiled(x): x.add_(1.0)                                   # one inductor kernel
+
+@torch.compile(fullgraph=True)
+def bump_compiled_rand(x): x.add_(torch.rand_like(x))              # inductor's RNG: a seeds kernel, then the fused draw
+
 def chain(kind:str, n:int, every:int, bufs:dict):
-    "The work to capture: n launches, Triton `bump_kernel` (or aten `add_`) with one other operation every `every`."
+    "The work to capture: n launches, Triton `bump_kernel` (or aten `add_`, or inductor) with one other operation every `every`."
     x, a, b, c, r, src, dst = (bufs[k] for k in ('x', 'a', 'b', 'c', 'r', 'src', 'dst'))
     pdl = kind.endswith('pdl')
     for i in range(n):
         if kind == 'aten': x.add_(1.0); continue
+        if kind == 'inductor': bump_compiled(x); continue
+        if kind == 'inductor-rand': (bump_compiled_rand if i % every == every - 1 else bump_compiled)(x); continue
         if i % every == every - 1:
             if kind.startswith('cublas'): torch.mm(a, b, out=c); continue
             if kind.startswith('rand'): r.uniform_(); continue
@@ -42,7 +50,7 @@ def main():
     ap.add_argument('--out', required=True)
     ap.add_argument('--nodes', type=int, default=1000, help='operations per graph (a four-round sampled draft graph: 1,012 kernels)')
     ap.add_argument('--every', type=int, default=50, help='one cuBLAS product / random draw / copy every this many operations')
-    ap.add_argument('--kinds', default='triton,triton-pdl,aten,cublas,cublas-pdl,rand,rand-pdl,copy,copy-pdl')
+    ap.add_argument('--kinds', default='triton,triton-pdl,aten,inductor,inductor-rand,cublas,cublas-pdl,rand,rand-pdl,copy,copy-pdl')
     ap.add_argument('--reps', type=int, default=50)
     a = ap.parse_args()
     dev = torch.device('cuda')

@@ -271,6 +271,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels.decode_attention_ref': ( 'kernels.html#decode_attention_ref',
                                                                                    'metai/infer/kernels.py'),
                                      'metai.infer.kernels.decode_forward': ('kernels.html#decode_forward', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels.fold_norm_gains': ('kernels.html#fold_norm_gains', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.fused_decode_ok': ('kernels.html#fused_decode_ok', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.fused_gemv': ('kernels.html#fused_gemv', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv': ('kernels.html#gemv', 'metai/infer/kernels.py'),

@@ -27,7 +27,7 @@ same target in the same mode. Acceptance is Leviathan's alpha (accepted drafts p
     python scripts/bench_speculative.py --target-dir runs/small --draft-dir runs/micro --mtp-dir runs/small-mtp --out /tmp/spec.json
     python scripts/bench_speculative.py --device cpu --tiny --out /tmp/spec_cpu.json      # a quick check of the script
 """
-import os, sys, time, argparse, statistics, dataclasses
+import os, sys, copy, time, argparse, statistics, dataclasses
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync, held_out_prompt
 import torch
@@ -39,6 +39,7 @@ from metai.infer.cache import make_cache
 from metai.infer.generate import generate, load_model_dir
 from metai.infer.speculative import speculative_generate, mtp_speculative_generate
 import metai.infer.kernels as metai_kernels
+from metai.infer.kernels import fold_norm_gains
 import metai.infer.speculative as metai_spec
 
 
@@ -135,6 +136,9 @@ def main():
                     "notebook 09b's `gemv_few` for their products (FEW_ROWS; default: the library's setting)")
     ap.add_argument('--prologue-kernel', choices=['on', 'off'], default=None, help="the verifications compute each product's "
                     "RMSNorm / SwiGLU in notebook 09b's `rows_prologue` kernel (PROLOGUE_KERNEL; default: the library's setting)")
+    ap.add_argument('--fold-norms', choices=['off', 'on', 'both'], default='off', help="the speculative calls on copies of the models "
+                    "with their RMSNorm gains folded into the products (`fold_norm_gains`, notebook 09b: the verification's products "
+                    "normalise their rows, no norm kernels); both: each setting twice, off first")
     ap.add_argument('--replays-in-flight', default='', help="batch-1 rounds: replays launched before the host reads the oldest "
                     "(REPLAYS_IN_FLIGHT; a comma list: each is measured, e.g. 1,2; default: the library's setting)")
     a = ap.parse_args()
@@ -172,6 +176,10 @@ def main():
     if 'trained MTP' in pairs and len(pairs) > 2:  # the first draft, then MTP, then the other drafts (a run cut short keeps one of each)
         names = list(pairs); names.insert(1, names.pop(names.index('trained MTP'))); pairs = {n: pairs[n] for n in names}
     res = dict(card=card_info(device), settings=dict(vars(a), compile=compile, dtype=str(dtype)), pairs={})
+    copies = {}  # id(model) -> its folded copy, made once
+    def folded(m):
+        if id(m) not in copies: copies[id(m)] = fold_norm_gains(copy.deepcopy(m))
+        return copies[id(m)]
     rows_default = metai_kernels.ROWS_IN_VERIFY
     for name, (target, draft, desc) in pairs.items():
         cfg = target.cfg
@@ -187,17 +195,19 @@ def main():
             base = rt['plain'].get('tokens_per_s')
             print(f'  T={T}: plain {base or 0:10,.1f} tokens/s  {rt["plain"].get("distinct_new_tokens", 0)} distinct of {a.new_tokens} new tokens '
                   f'{rt["plain"].get("error", "")}', flush=True)
-            for g, vk, rif in [(g, vk, rif) for g in (gammas if draft is not None else mtp_gammas)
-                               for vk in ({'off': [False], 'on': [True], 'both': [False, True]}[a.verify_kernels]) for rif in rifs]:
+            for g, vk, rif, fold in [(g, vk, rif, fold) for g in (gammas if draft is not None else mtp_gammas)
+                                     for vk in ({'off': [False], 'on': [True], 'both': [False, True]}[a.verify_kernels]) for rif in rifs
+                                     for fold in {'off': [False], 'on': [True], 'both': [False, True]}[a.fold_norms]]:
                 metai_kernels.ROWS_IN_VERIFY = vk
                 rows = vk and metai_kernels.verify_ok(target, torch.zeros(1, g + 1, dtype=torch.long, device=device))  # on CUDA, bf16
                 if vk and not rows and a.verify_kernels == 'both':  # the switch changes nothing here: measured once
                     metai_kernels.ROWS_IN_VERIFY = rows_default; continue
-                key = f'gamma={g}' + (' verify_forward' if rows else '') + ('' if rif is None else f' in flight {rif}')
+                key = f'gamma={g}' + (' verify_forward' if rows else '') + ('' if rif is None else f' in flight {rif}') + (' norms folded' if fold else '')
+                tg, dr = (folded(target), None if draft is None else folded(draft)) if fold else (target, draft)
                 rif_default = metai_spec.REPLAYS_IN_FLIGHT
                 if rif is not None: metai_spec.REPLAYS_IN_FLIGHT = rif
                 try:
-                    s = bench_spec(target, draft, prompt, a.new_tokens, g, T, compile, a.runs, device)
+                    s = bench_spec(tg, dr, prompt, a.new_tokens, g, T, compile, a.runs, device)
                     if base: s['speedup'] = s['tokens_per_s'] / base
                     if base and T == 0: s['same_prefix_as_plain'] = same_prefix(s['new_tokens'], rt['plain']['new_tokens'])
                 except Exception as e: s = dict(error=short_error(e))

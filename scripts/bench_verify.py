@@ -8,7 +8,7 @@ what makes speculation pay (notebook 11).
     python scripts/bench_verify.py --out bench/results/verify_h200.json
     python scripts/bench_verify.py --device cpu --tiny --out /tmp/verify_cpu.json   # a quick check of the script
 """
-import os, sys, argparse
+import os, sys, copy, argparse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, save_json, profile_fn, graph_us, short_error
 import torch
@@ -16,7 +16,7 @@ from metai.core import get_device, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.infer.cache import make_cache, forward_step
-from metai.infer.kernels import decode_forward, verify_forward, gemv_rows, mtp_rows_step
+from metai.infer.kernels import decode_forward, verify_forward, gemv_rows, mtp_rows_step, fold_norm_gains
 import metai.infer.kernels as kernels
 import metai.infer.speculative as spec
 
@@ -51,6 +51,8 @@ def main():
                     'with `gemv_few` (FEW_ROWS, notebook 09b) in place of the tensor-core products')
     ap.add_argument('--prologue-kernel', action='store_true', help='also time the compiled verifications, steps and rounds '
                     'with f(x) before each product in `rows_prologue` (PROLOGUE_KERNEL, notebook 09b) instead of inductor kernels')
+    ap.add_argument('--fold-norms', action='store_true', help='also time the compiled verifications and the rounds with the RMSNorm '
+                    'gains folded into the products (`fold_norm_gains`, notebook 09b: no norm kernels; a folded copy of each model)')
     ap.add_argument('--round-temperatures', default='0', help='sampling temperatures of the whole rounds (0: greedy); each '
                     'round is also profiled, so a sampled round can be set against a greedy one kernel by kernel')
     ap.add_argument('--tiny', action='store_true')
@@ -63,6 +65,7 @@ def main():
         cache = make_cache(m, 1, 1024, mtp=False)
         with torch.no_grad(): forward_step(m, torch.randint(0, kw['vocab_size'], (1, a.context), device=dev), torch.arange(a.context, device=dev), cache)
         r = res['models'][name] = dict(config=kw, params=m.num_params(), rows={})
+        mf = fold_norm_gains(copy.deepcopy(m)) if a.fold_norms else None
         for T in [int(t) for t in a.tokens.split(',')]:
             tok = torch.randint(0, kw['vocab_size'], (1, T), device=dev)
             pos = torch.arange(a.context, a.context + T, device=dev)
@@ -74,6 +77,7 @@ def main():
                 fns['module, compiled'] = lambda: cm(m, tok, pos, cache)
                 fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
                 if a.prologue_kernel: fns['verify_forward, prologue kernel, compiled'] = switched(fns['verify_forward, compiled'], 'PROLOGUE_KERNEL', True)
+                if mf is not None: fns['verify_forward, norms folded, compiled'] = lambda: cv(mf, tok, pos, cache)
                 if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = switched(fns['verify_forward, compiled'], 'FEW_ROWS', a.few_rows)
             if T <= a.few_rows: fns['verify_forward, gemv_few'] = switched(fns['verify_forward'], 'FEW_ROWS', a.few_rows)
             row = r['rows'][T] = {}
@@ -99,7 +103,7 @@ def main():
                 r.setdefault('products_T5', {})[pname] = dict(gemv_rows_us=t_rows, cublas_us=t_lin)
                 print(f'{name} T=5 {pname:5s} gemv_rows {t_rows:7.1f} us  cuBLAS {t_lin:7.1f} us', flush=True)
         save_json(a.out, res)
-        del m, cache
+        del m, mf, cache
     if (a.mtp_round_gammas or a.draft_round_gammas) and dev.type == 'cuda': res['rounds'] = time_rounds(a, dev, res)
     save_json(a.out, res)
     print(f'wrote {a.out}')
@@ -118,6 +122,7 @@ def time_rounds(a, dev, res) -> dict:
     "Whole rounds (notebook 11's `_spec_round` / `_mtp_round`, compiled as the rounds run them) in a CUDA graph, and their draft steps alone."
     out = {}
     t, d = build('spec-target', dev, a, mtp_depth=1), build('spec-draft', dev, a)
+    tf, df = (fold_norm_gains(copy.deepcopy(x)) for x in (t, d)) if a.fold_norms else (None, None)
     V, C, W = t.cfg.vocab_size, a.context, 1024
     cache, dcache = make_cache(t, 1, W, mtp=True), make_cache(d, 1, W, mtp=False)
     with torch.no_grad():
@@ -154,20 +159,22 @@ def time_rounds(a, dev, res) -> dict:
         runs += [(g, k + f', gemv_few <= {a.few_rows} rows', dict(pt, FEW_ROWS=a.few_rows)) for g, k, pt in base]
     if a.prologue_kernel:  # and with f(x) in `rows_prologue`
         runs += [(g, k + ', prologue kernel', dict(pt, PROLOGUE_KERNEL=True)) for g, k, pt in base]
+    if a.fold_norms:  # and on the folded copies (the same weights with the gains in the products)
+        runs += [(g, k + ', norms folded', dict(pt, FOLD=True)) for g, k, pt in base if 'first draft step' not in k]
     temps = [float(x) for x in a.round_temperatures.split(',') if x]
     runs = [(g, k if T == 0 else f'{k}, temperature {T:g}', dict(pt, T=T)) for T in temps for g, k, pt in runs]
     for g, k, patch in runs:
-        T = patch.pop('T')
+        T, (mt, md) = patch.pop('T'), (tf, df) if patch.pop('FOLD', False) else (t, d)
         hist = torch.zeros(g + 1, dtype=torch.long, device=dev)
         for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS', 'PROLOGUE_KERNEL') else spec, n, v)
         torch._dynamo.reset()
         try:
             if k.startswith('mtp'):
                 f = torch.compile(spec._mtp_round, fullgraph=True, dynamic=False)
-                fn = lambda: (p.fill_(C), f(t, seq, p, hidden, cache, hist, p0, g, T, None, None))
+                fn = lambda: (p.fill_(C), f(mt, seq, p, hidden, cache, hist, p0, g, T, None, None))
             else:
                 f = torch.compile(spec._spec_round, fullgraph=True, dynamic=False)
-                fn = lambda: (p.fill_(C), f(t, d, seq, p, cache, dcache, hist, g, T, None, None))
+                fn = lambda: (p.fill_(C), f(mt, md, seq, p, cache, dcache, hist, g, T, None, None))
             with torch.no_grad(): us = graph_us(fn); prof = profile_fn(fn, dev, steps=2, top=12)
             out[k] = dict(graph_us=us, profile=prof)
             print(f'{k:48s} graph {us:8.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:8.1f} us  '

@@ -1,5 +1,6 @@
 "The batch-1 decode kernels (notebook 09b): under Triton's interpreter on CPU, and on CUDA against their references."
 import pytest
+import copy
 import torch
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
@@ -109,6 +110,17 @@ def test_cuda_gemv_rows_and_verify_forward(few, pk, monkeypatch):
             assert (a.float() - ref.float()).abs().max() <= ref.float().abs().max() / 128
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
     for T in ((2, 5) if few or pk else (5,)): assert_steps_match(m, verify_forward, T=T)
+    if few or pk: return
+    from metai.infer.kernels import fold_norm_gains            # the norm inside the rows kernel: its gain folded into the weights
+    ws, ones = [torch.randn(n, 2048, **bf) / 2048 ** 0.5 for n in (2048, 512, 512)], torch.ones(2048, **bf)
+    for M in (1, 2, 5, 9):
+        x, r = torch.randn(M, 2048, **bf) * 3, torch.randn(M, 3072, **bf)
+        y, ref = gemv_rows(x, ws, rms=True, residual=r).float(), gemv_ref(x, ws, norm=ones, residual=r).float()
+        assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-2, (M, (y - ref).abs().max().item())
+    for mod in m.modules():
+        if type(mod).__name__ == 'RMSNorm': mod.weight.data.uniform_(0.5, 1.5)
+    f = fold_norm_gains(copy.deepcopy(m))
+    assert_steps_match(m, lambda _, *a: verify_forward(f, *a), T=5)   # folded verification against the model's own steps
 
 @pytest.mark.cuda
 @cuda

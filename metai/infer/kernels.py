@@ -9,7 +9,7 @@ six kernels instead of about a dozen."""
 __all__ = ['INTERPRET', 'PDL', 'PROLOGUE_KERNEL', 'FEW_ROWS', 'ATTN_BLOCK_S', 'ATTN_PROGRAMS', 'INT4_IN_DECODE', 'ROWS_IN_VERIFY',
            'MTP_ROWS', 'prologue', 'gemv_ref', 'gemv', 'gemv_rows', 'rows_prologue', 'gemv_few', 'rows_product',
            'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention', 'fused_gemv',
-           'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward', 'mtp_rows_step']
+           'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward', 'mtp_rows_step', 'fold_norm_gains']
 
 # %% ../../nbs/09b_kernels.ipynb #53e4bb1b
 import os, sys, subprocess, textwrap
@@ -172,10 +172,13 @@ if triton is not None:
             tl.store(y_ptr + m * K + k, _cols(xr, g_ptr, k, K, rstd, NORM, SILU).to(tl.bfloat16), mask=k < K)
 
     @triton.jit
-    def gemv_rows_kernel(x_ptr, r_ptr, y_ptr, w0_ptr, w1_ptr, w2_ptr, M, N0, N1, N, K: tl.constexpr, RES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
+    def gemv_rows_kernel(x_ptr, r_ptr, y_ptr, w0_ptr, w1_ptr, w2_ptr, M, N0, N1, N, K: tl.constexpr, eps, RES: tl.constexpr,
+                         RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr,
+                         PDL: tl.constexpr):
         """Y[:M, rows] = X[:M] W^T (+ R) for M <= BLOCK_M input rows: each weight tile read once for all rows, in one
-        tensor-core product. Both operands come straight from memory into `tl.dot`, so Triton pipelines their loads."""
+        tensor-core product. Both operands come straight from memory into `tl.dot`, so Triton pipelines their loads.
+        With RMS, each row's product is scaled by its 1 / rms(x) (an RMSNorm whose gain is folded into W), from a first
+        pass over the raw input."""
         row = tl.program_id(0) * BLOCK_N
         if row < N0: w_ptr = w0_ptr + row.to(tl.int64) * K
         elif row < N0 + N1: w_ptr = w1_ptr + (row - N0).to(tl.int64) * K
@@ -183,6 +186,12 @@ if triton is not None:
         m, n, k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
         rows, xrows = row + n[:, None] < N, m[:, None] < M                # rows past M read zeros (no memory traffic)
         if PDL: gdc_wait()
+        if RMS:                                                           # (BLOCK_M,) 1 / rms of each row, in fp32
+            ss = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xs = tl.load(x_ptr + m[:, None] * K + k0 + k[None, :], mask=xrows & (k0 + k < K)[None, :], other=0.).to(tl.float32)
+                ss += tl.sum(xs * xs, 1)
+            rs = 1.0 / tl.sqrt(ss / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = (k0 + k < K)[None, :]
@@ -194,6 +203,7 @@ if triton is not None:
         out = row + n[None, :]
         om = (m[:, None] < M) & (out < N)
         y = acc
+        if RMS: y = y * rs[:, None]
         if RES: y = y.to(tl.bfloat16).to(tl.float32) + tl.load(r_ptr + m[:, None] * N + out, mask=om, other=0.).to(tl.float32)
         tl.store(y_ptr + m[:, None] * N + out, y.to(tl.bfloat16), mask=om)
 
@@ -308,7 +318,7 @@ def _launcher(kernel):
     if kernel not in _TUNED:
         tiles = {gemv_int4_kernel: _TILES_INT4, gemv_rows_kernel: _TILES_ROWS}.get(kernel, _TILES)
         cfgs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in tiles]
-        key = ['N0', 'N1', 'N', 'K', 'PDL'] + (['G'] if kernel is gemv_int4_kernel else [])  # gemv_rows: any M <= 16 is one 16-row product
+        key = ['N0', 'N1', 'N', 'K', 'PDL'] + {gemv_int4_kernel: ['G'], gemv_rows_kernel: ['RMS']}.get(kernel, [])  # gemv_rows: any M <= 16 is one 16-row product
         prune = _fits if kernel is gemv_kernel else _fits_rows  # the programs rule was measured for bf16 `gemv` only
         _TUNED[kernel] = triton.autotune(cfgs, key=key, prune_configs_by={'early_config_prune': prune})(kernel)
     return _TUNED[kernel]
@@ -356,12 +366,16 @@ def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for t
               ws:list[Tensor], # one to three bf16 weights (N_i, K) that read the same input
               norm:Tensor|None=None, eps:float=1e-6, # RMSNorm gain (K,), each row normalised
               residual:Tensor|None=None, # (M, sum N_i) added to the result
-              silu:bool=False # each row reads silu(a) * b
+              silu:bool=False, # each row reads silu(a) * b
+              rms:bool=False # each row reads x / rms(x): an RMSNorm whose gain is folded into `ws` (`fold_norm_gains`), `norm` None
              ) -> Tensor: # (M, sum N_i)
     """`gemv` for M <= 16 rows (a speculative round's verification): f(x) as the modules compute it (under `torch.compile`
     one fused elementwise kernel; with `PROLOGUE_KERNEL`, `rows_prologue`'s Triton kernel), then `rows_product`, which
-    reads each weight once for all rows; or, for at most `FEW_ROWS` rows, `gemv_few`."""
-    if x.dim() == 2 and x.shape[0] <= FEW_ROWS: return gemv_few(x, ws, norm, eps, residual, silu)
+    reads each weight once for all rows; or, for at most `FEW_ROWS` rows, `gemv_few`. With `rms` the product kernel
+    normalises the rows itself: no kernel before it."""
+    if x.dim() == 2 and x.shape[0] <= FEW_ROWS:
+        return gemv_few(x, ws, x.new_ones(x.shape[-1]) if rms else norm, eps, residual, silu)
+    if rms: return rows_product(x, ws, residual, True, eps)
     f = rows_prologue if PROLOGUE_KERNEL and (norm is not None or silu) else prologue
     return rows_product(f(x, norm, eps, silu), ws, residual)
 
@@ -417,24 +431,26 @@ def _(x, ws, norm=None, eps=1e-6, residual=None, silu=False): return x.new_empty
 @torch.library.custom_op('metai::rows_product', mutates_args=())
 def rows_product(x:Tensor, # (M, K) bf16, M <= 16
                  ws:list[Tensor], # one to three bf16 weights (N_i, K)
-                 residual:Tensor|None=None # (M, sum N_i) added to the result
+                 residual:Tensor|None=None, # (M, sum N_i) added to the result
+                 rms:bool=False, eps:float=1e-6 # each row's product scaled by 1 / sqrt(mean(x^2) + eps): RMSNorm with a gain of one
                 ) -> Tensor: # (M, sum N_i)
-    "`cat([x @ w.T for w in ws], -1) (+ residual)` in one Triton kernel on CUDA (`gemv_rows_kernel`); `gemv_ref` elsewhere."
+    "`cat([f(x) @ w.T for w in ws], -1) (+ residual)` in one Triton kernel on CUDA (`gemv_rows_kernel`); `gemv_ref` elsewhere."
     Ns = [w.shape[0] for w in ws] + [0, 0]
     if not (_kernel_ok(x, ws) and all(w.dtype == torch.bfloat16 and w.shape[1] == x.shape[-1] for w in ws) and x.dim() == 2
             and 1 <= x.shape[0] <= 16 and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))
-            and (residual is None or residual.shape == (x.shape[0], sum(Ns)))): return gemv_ref(x, ws, residual=residual)
+            and (residual is None or residual.shape == (x.shape[0], sum(Ns)))):
+        return gemv_ref(x, ws, x.new_ones(x.shape[-1]) if rms else None, eps, residual)  # the module's RMSNorm, gain one
     M, N, K = x.shape[0], sum(Ns), ws[0].shape[1]
     x, ws = x.contiguous(), [w.contiguous() for w in ws] + [ws[0]] * (3 - len(ws))
     y = x.new_empty(M, N)
-    args = (x, residual.contiguous() if residual is not None else y, y, *ws, M, Ns[0], Ns[1], N, K)
-    flags = dict(RES=residual is not None, BLOCK_M=16, DOT_BF16=not INTERPRET, PDL=_pdl(x))
+    args = (x, residual.contiguous() if residual is not None else y, y, *ws, M, Ns[0], Ns[1], N, K, eps)
+    flags = dict(RES=residual is not None, RMS=rms, BLOCK_M=16, DOT_BF16=not INTERPRET, PDL=_pdl(x))
     if INTERPRET: gemv_rows_kernel[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_N=16, BLOCK_K=32)
     else: _launcher(gemv_rows_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 
 @rows_product.register_fake
-def _(x, ws, residual=None): return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
+def _(x, ws, residual=None, rms=False, eps=1e-6): return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
 
 @torch.library.custom_op('metai::gemv_int4', mutates_args=())
 def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
@@ -498,6 +514,9 @@ def check_kernels_interpreted(timeout:float=300) -> str:
             X, R = torch.randn(M, K, generator=gr).to(bf), torch.randn(M, 96, generator=gr).to(bf)
             for kw in (dict(), dict(norm=g), dict(norm=g, residual=R)):
                 worst = max(worst, (gemv_rows(X, wr, **kw).float() - gemv_ref(X, wr, **kw).float()).abs().max().item())  # as bf16 modules round
+            ones = torch.ones(K, dtype=bf)                                  # the norm inside the product (a gain of one, folded)
+            for kw in (dict(), dict(residual=R)):
+                worst = max(worst, (gemv_rows(X, wr, rms=True, **kw).float() - gemv_ref(X, wr, norm=ones, **kw).float()).abs().max().item())
             H = torch.randn(M, 2 * K, generator=gr).to(bf)
             worst = max(worst, (gemv_rows(H, wr[:1], silu=True, residual=R[:, :32]).float()
                                 - gemv_ref(H, wr[:1], silu=True, residual=R[:, :32]).float()).abs().max().item())
@@ -511,7 +530,8 @@ def check_kernels_interpreted(timeout:float=300) -> str:
         finally: K_.PROLOGUE_KERNEL = real                                   # the setting as it was, even after a failure
         wz = [torch.randn(n, 100, generator=gr).to(bf) / 16 for n in (32, 16, 37)]      # K no tile divides, a ragged last weight
         X, gz = torch.randn(7, 100, generator=gr).to(bf), (torch.rand(100, generator=gr) + 0.5).to(bf)
-        worst = max(worst, (gemv_rows(X, wz, norm=gz).float() - gemv_ref(X, wz, norm=gz).float()).abs().max().item())
+        worst = max(worst, (gemv_rows(X, wz, norm=gz).float() - gemv_ref(X, wz, norm=gz).float()).abs().max().item(),
+                    (gemv_rows(X, wz, rms=True).float() - gemv_ref(X, wz, norm=torch.ones(100, dtype=bf)).float()).abs().max().item())
         G, K4 = 32, 128
         q, s, z = zip(*[quantize_int4(torch.randn(n, K4) / 8, G) for n in (16, 8, 24)])
         deq = [dequantize_int4(a, b, c) for a, b, c in zip(q, s, z)]
@@ -798,6 +818,8 @@ def fused_gemv(lins:list, # layers that read x: nn.Linear (bf16), or int4 layers
     "`cat([l(f(x)) for l in lins]) (+ residual)`: one `gemv` / `gemv_int4` call when the layers allow, else the modules."
     g, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
     if all(type(l) is nn.Linear and l.bias is None for l in lins) and len(lins) <= 3:
+        if x.dim() == 2 and getattr(norm, 'folded', False):  # its gain is in the weights: the rows kernel normalises (`fold_norm_gains`)
+            return gemv_rows(x, [l.weight for l in lins], None, eps, residual, silu, rms=True)
         return (gemv if x.dim() == 1 else gemv_rows)(x, [l.weight for l in lins], g, eps, residual, silu)
     if (INT4_IN_DECODE and x.dim() == 1 and len(lins) <= 3 and all(hasattr(l, 'qweight') and getattr(l, 'bias', 0) is None for l in lins)
             and len({l.group_size for l in lins}) == 1):
@@ -896,3 +918,20 @@ def mtp_rows_step(model, # a metai `Transformer` with MTP modules
     cache.input_pos = None
     return fused_gemv([model.head], x, m.norm)[None], x[None]
 
+
+# %% ../../nbs/09b_kernels.ipynb #c323f62d
+@torch.no_grad()
+def fold_norm_gains(model # a metai `Transformer`, for inference: changed in place
+                   ):
+    "Fold each dense block's RMSNorm gains into the products that read the norm (q/k/v, w1/w3); the gains become one."
+    for layer in list(model.layers) + [m.block for m in model.mtp]:
+        a, f = layer.attn, layer.ffn
+        pairs = (([(layer.attn_norm, [a.wq, a.wk, a.wv])] if type(a) is Attention else []) +
+                 ([] if layer.is_moe else [(layer.ffn_norm, [f.w1, f.w3])]))
+        for norm, lins in pairs:
+            if getattr(norm, 'folded', False) or not all(type(l) is nn.Linear for l in lins): continue
+            g = norm.weight.float()                                           # (K,)
+            for l in lins: l.weight.copy_(l.weight.float() * g)                # (N, K): column k times g_k
+            norm.weight.fill_(1.0)
+            norm.folded = True                                                 # `fused_gemv` then asks the rows kernel to normalise
+    return model

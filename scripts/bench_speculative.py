@@ -136,6 +136,8 @@ def main():
                     "notebook 09b's `gemv_few` for their products (FEW_ROWS; default: the library's setting)")
     ap.add_argument('--prologue-kernel', choices=['on', 'off'], default=None, help="the verifications compute each product's "
                     "RMSNorm / SwiGLU in notebook 09b's `rows_prologue` kernel (PROLOGUE_KERNEL; default: the library's setting)")
+    ap.add_argument('--glu-rows', choices=['on', 'off'], default=None, help="the verifications compute SwiGLU's silu(a) * b in the "
+                    "w1/w3 product's epilogue (GLU_ROWS, notebook 09b; default: the library's setting)")
     ap.add_argument('--fold-norms', choices=['off', 'on', 'both'], default='off', help="the speculative calls on copies of the models "
                     "with their RMSNorm gains folded into the products (`fold_norm_gains`, notebook 09b: the verification's products "
                     "normalise their rows, no norm kernels); both: each setting twice, off first")
@@ -145,6 +147,7 @@ def main():
     rifs = [int(x) for x in a.replays_in_flight.split(',') if x] or [None]
     if a.few_rows is not None: metai_kernels.FEW_ROWS = a.few_rows
     if a.prologue_kernel is not None: metai_kernels.PROLOGUE_KERNEL = a.prologue_kernel == 'on'
+    if a.glu_rows is not None: metai_kernels.GLU_ROWS = a.glu_rows == 'on'
     device = get_device(a.device)
     compile = a.compile == 'on' or (a.compile == 'auto' and device.type == 'cuda')
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32

@@ -53,6 +53,8 @@ def main():
                     'with f(x) before each product in `rows_prologue` (PROLOGUE_KERNEL, notebook 09b) instead of inductor kernels')
     ap.add_argument('--fold-norms', action='store_true', help='also time the compiled verifications and the rounds with the RMSNorm '
                     'gains folded into the products (`fold_norm_gains`, notebook 09b: no norm kernels; a folded copy of each model)')
+    ap.add_argument('--glu-rows', action='store_true', help="also time the compiled verifications and the rounds with SwiGLU's "
+                    'silu(a) * b in the w1/w3 product (GLU_ROWS, notebook 09b), with and without --fold-norms')
     ap.add_argument('--round-temperatures', default='0', help='sampling temperatures of the whole rounds (0: greedy); each '
                     'round is also profiled, so a sampled round can be set against a greedy one kernel by kernel')
     ap.add_argument('--tiny', action='store_true')
@@ -78,6 +80,9 @@ def main():
                 fns['verify_forward, compiled'] = lambda: cv(m, tok, pos, cache)
                 if a.prologue_kernel: fns['verify_forward, prologue kernel, compiled'] = switched(fns['verify_forward, compiled'], 'PROLOGUE_KERNEL', True)
                 if mf is not None: fns['verify_forward, norms folded, compiled'] = lambda: cv(mf, tok, pos, cache)
+                if a.glu_rows:
+                    for k_ in [k_ for k_ in ('verify_forward, compiled', 'verify_forward, norms folded, compiled') if k_ in fns]:
+                        fns[k_.replace(', compiled', ', glu rows, compiled')] = switched(fns[k_], 'GLU_ROWS', True)
                 if T <= a.few_rows: fns['verify_forward, gemv_few, compiled'] = switched(fns['verify_forward, compiled'], 'FEW_ROWS', a.few_rows)
             if T <= a.few_rows: fns['verify_forward, gemv_few'] = switched(fns['verify_forward'], 'FEW_ROWS', a.few_rows)
             row = r['rows'][T] = {}
@@ -148,7 +153,7 @@ def time_rounds(a, dev, res) -> dict:
             except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True); continue
         out[k] = dict(graph_us=us); print(f'{k:40s} compiled, graph {us:8.1f} us', flush=True); save_json(a.out, dict(res, rounds=out))
     # whole rounds: p reset before each (the round advances it); greedy, and sampled at each of --round-temperatures
-    real_ok, real_mtp, real_few, real_pk = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL
+    real_ok, real_mtp, real_few, real_pk, real_glu = spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL, kernels.GLU_ROWS
     runs = ([(g, f'mtp round γ={g}: mtp_rows_step', dict(MTP_ROWS=True)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'mtp round γ={g}: mtp_step', dict(MTP_ROWS=False)) for g in gl(a.mtp_round_gammas)] +
             [(g, f'draft round γ={g}: rows', {}) for g in gl(a.draft_round_gammas)] +
@@ -161,12 +166,15 @@ def time_rounds(a, dev, res) -> dict:
         runs += [(g, k + ', prologue kernel', dict(pt, PROLOGUE_KERNEL=True)) for g, k, pt in base]
     if a.fold_norms:  # and on the folded copies (the same weights with the gains in the products)
         runs += [(g, k + ', norms folded', dict(pt, FOLD=True)) for g, k, pt in base if 'first draft step' not in k]
+    if a.glu_rows:  # and with silu(a) * b in the w1/w3 product, folded or not
+        runs += [(g, k + ', glu rows', dict(pt, GLU_ROWS=True)) for g, k, pt in list(runs) if 'first draft step' not in k
+                 and 'gemv_few' not in k and 'prologue kernel' not in k]
     temps = [float(x) for x in a.round_temperatures.split(',') if x]
     runs = [(g, k if T == 0 else f'{k}, temperature {T:g}', dict(pt, T=T)) for T in temps for g, k, pt in runs]
     for g, k, patch in runs:
         T, (mt, md) = patch.pop('T'), (tf, df) if patch.pop('FOLD', False) else (t, d)
         hist = torch.zeros(g + 1, dtype=torch.long, device=dev)
-        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS', 'PROLOGUE_KERNEL') else spec, n, v)
+        for n, v in patch.items(): setattr(kernels if n in ('MTP_ROWS', 'FEW_ROWS', 'PROLOGUE_KERNEL', 'GLU_ROWS') else spec, n, v)
         torch._dynamo.reset()
         try:
             if k.startswith('mtp'):
@@ -180,7 +188,7 @@ def time_rounds(a, dev, res) -> dict:
             print(f'{k:48s} graph {us:8.1f} us  kernels {prof["kernel_ms_per_step"] * 1e3:8.1f} us  '
                   + '  '.join(f'{x["name"][:32]} {x["ms_per_step"] * 1e3:.0f}us x{x["calls_per_step"]:.0f}' for x in prof['top_kernels'][:5]), flush=True)
         except Exception as e: out[k] = dict(error=short_error(e)); print(f'{k}: {out[k]["error"]}', flush=True)
-        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL = real_ok, real_mtp, real_few, real_pk
+        finally: spec.verify_ok, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL, kernels.GLU_ROWS = real_ok, real_mtp, real_few, real_pk, real_glu
         save_json(a.out, dict(res, rounds=out))
     return out
 

@@ -121,6 +121,16 @@ def test_cuda_gemv_rows_and_verify_forward(few, pk, monkeypatch):
         if type(mod).__name__ == 'RMSNorm': mod.weight.data.uniform_(0.5, 1.5)
     f = fold_norm_gains(copy.deepcopy(m))
     assert_steps_match(m, lambda _, *a: verify_forward(f, *a), T=5)   # folded verification against the model's own steps
+    from metai.infer.kernels import prologue                    # SwiGLU's silu(a) * b in the w1/w3 product's epilogue
+    w13 = [torch.randn(8192, 2048, **bf) / 2048 ** 0.5 for _ in range(2)]
+    for M in (1, 2, 5, 9):
+        x = torch.randn(M, 2048, **bf)
+        for kw, rk in ((dict(), dict()), (dict(rms=True), dict(norm=ones))):
+            y, ref = gemv_rows(x, w13, glu=True, **kw).float(), prologue(gemv_ref(x, w13, **rk), silu=True).float()
+            assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-2, (M, kw, (y - ref).abs().max().item())
+    monkeypatch.setattr(K_, 'GLU_ROWS', True)
+    assert_steps_match(m, verify_forward, T=5)
+    assert_steps_match(m, lambda _, *a: verify_forward(f, *a), T=5)
 
 @pytest.mark.cuda
 @cuda

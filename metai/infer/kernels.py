@@ -7,9 +7,10 @@ six kernels instead of about a dozen."""
 
 # %% auto #0
 __all__ = ['INTERPRET', 'PDL', 'PROLOGUE_KERNEL', 'FEW_ROWS', 'ATTN_BLOCK_S', 'ATTN_PROGRAMS', 'INT4_IN_DECODE', 'ROWS_IN_VERIFY',
-           'MTP_ROWS', 'prologue', 'gemv_ref', 'gemv', 'gemv_rows', 'rows_prologue', 'gemv_few', 'rows_product',
-           'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention', 'fused_gemv',
-           'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward', 'mtp_rows_step', 'fold_norm_gains']
+           'MTP_ROWS', 'GLU_ROWS', 'prologue', 'gemv_ref', 'gemv', 'gemv_rows', 'rows_prologue', 'gemv_few',
+           'rows_product', 'gemv_int4', 'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention',
+           'fused_gemv', 'fused_decode_ok', 'decode_forward', 'verify_ok', 'verify_forward', 'mtp_rows_step',
+           'fold_norm_gains']
 
 # %% ../../nbs/09b_kernels.ipynb #53e4bb1b
 import os, sys, subprocess, textwrap
@@ -173,16 +174,22 @@ if triton is not None:
 
     @triton.jit
     def gemv_rows_kernel(x_ptr, r_ptr, y_ptr, w0_ptr, w1_ptr, w2_ptr, M, N0, N1, N, K: tl.constexpr, eps, RES: tl.constexpr,
-                         RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr,
-                         PDL: tl.constexpr):
+                         RMS: tl.constexpr, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_BF16: tl.constexpr, PDL: tl.constexpr):
         """Y[:M, rows] = X[:M] W^T (+ R) for M <= BLOCK_M input rows: each weight tile read once for all rows, in one
         tensor-core product. Both operands come straight from memory into `tl.dot`, so Triton pipelines their loads.
         With RMS, each row's product is scaled by its 1 / rms(x) (an RMSNorm whose gain is folded into W), from a first
-        pass over the raw input."""
+        pass over the raw input. With GLU, Y = silu(X W0^T) * (X W1^T), SwiGLU's hidden layer (N = 2 N0: W0 and W1 have N0
+        rows each): a tile's rows alternate between W0 and W1, so one load and one product give each output column's
+        pair (a, b), and the elementwise kernel between w1/w3 and w2 goes."""
         row = tl.program_id(0) * BLOCK_N
-        if row < N0: w_ptr = w0_ptr + row.to(tl.int64) * K
-        elif row < N0 + N1: w_ptr = w1_ptr + (row - N0).to(tl.int64) * K
-        else: w_ptr = w2_ptr + (row - N0 - N1).to(tl.int64) * K
+        if GLU:  # (BLOCK_N,) row pointers: w1 row (row + n) / 2 for even n, the same row of w3 for odd n
+            n2 = tl.arange(0, BLOCK_N)
+            w_rows = tl.where(n2 % 2 == 0, w0_ptr, w1_ptr) + ((row + n2) // 2).to(tl.int64) * K
+        else:
+            if row < N0: w_ptr = w0_ptr + row.to(tl.int64) * K
+            elif row < N0 + N1: w_ptr = w1_ptr + (row - N0).to(tl.int64) * K
+            else: w_ptr = w2_ptr + (row - N0 - N1).to(tl.int64) * K
         m, n, k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
         rows, xrows = row + n[:, None] < N, m[:, None] < M                # rows past M read zeros (no memory traffic)
         if PDL: gdc_wait()
@@ -196,14 +203,20 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             kk = (k0 + k < K)[None, :]
             x = tl.load(x_ptr + m[:, None] * K + k0 + k[None, :], mask=xrows & kk, other=0.)   # (BLOCK_M, BLOCK_K) bf16
-            w = tl.load(w_ptr + n[:, None] * K + k0 + k[None, :], mask=rows & kk, other=0.)    # (BLOCK_N, BLOCK_K) bf16
+            if GLU: w = tl.load(w_rows[:, None] + k0 + k[None, :], mask=rows & kk, other=0.)  # (BLOCK_N, BLOCK_K) bf16
+            else: w = tl.load(w_ptr + n[:, None] * K + k0 + k[None, :], mask=rows & kk, other=0.)
             if DOT_BF16: acc = tl.dot(x, tl.trans(w), acc)                # (BLOCK_M, BLOCK_N), exact products, fp32 sums
             else: acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)  # the interpreter's bf16 dot is wrong: the same values in fp32
         if PDL: gdc_launch_dependents()  # only now: a dependent's programs, resident early, would hold the shared memory this loop needs
-        out = row + n[None, :]
-        om = (m[:, None] < M) & (out < N)
         y = acc
         if RMS: y = y * rs[:, None]
+        if GLU:                                                           # silu(a) * b, rounded as the bf16 modules round
+            a, b = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))    # (BLOCK_M, BLOCK_N/2) each
+            a, b = a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32)
+            y = (a * tl.sigmoid(a)).to(tl.bfloat16).to(tl.float32) * b
+            out, N = row // 2 + tl.arange(0, BLOCK_N // 2)[None, :], N // 2  # output columns and width
+        else: out = row + n[None, :]
+        om = (m[:, None] < M) & (out < N)
         if RES: y = y.to(tl.bfloat16).to(tl.float32) + tl.load(r_ptr + m[:, None] * N + out, mask=om, other=0.).to(tl.float32)
         tl.store(y_ptr + m[:, None] * N + out, y.to(tl.bfloat16), mask=om)
 
@@ -318,7 +331,7 @@ def _launcher(kernel):
     if kernel not in _TUNED:
         tiles = {gemv_int4_kernel: _TILES_INT4, gemv_rows_kernel: _TILES_ROWS}.get(kernel, _TILES)
         cfgs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in tiles]
-        key = ['N0', 'N1', 'N', 'K', 'PDL'] + {gemv_int4_kernel: ['G'], gemv_rows_kernel: ['RMS']}.get(kernel, [])  # gemv_rows: any M <= 16 is one 16-row product
+        key = ['N0', 'N1', 'N', 'K', 'PDL'] + {gemv_int4_kernel: ['G'], gemv_rows_kernel: ['RMS', 'GLU']}.get(kernel, [])  # gemv_rows: any M <= 16 is one 16-row product
         prune = _fits if kernel is gemv_kernel else _fits_rows  # the programs rule was measured for bf16 `gemv` only
         _TUNED[kernel] = triton.autotune(cfgs, key=key, prune_configs_by={'early_config_prune': prune})(kernel)
     return _TUNED[kernel]
@@ -367,12 +380,16 @@ def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for t
               norm:Tensor|None=None, eps:float=1e-6, # RMSNorm gain (K,), each row normalised
               residual:Tensor|None=None, # (M, sum N_i) added to the result
               silu:bool=False, # each row reads silu(a) * b
-              rms:bool=False # each row reads x / rms(x): an RMSNorm whose gain is folded into `ws` (`fold_norm_gains`), `norm` None
+              rms:bool=False, # each row reads x / rms(x): an RMSNorm whose gain is folded into `ws` (`fold_norm_gains`), `norm` None
+              glu:bool=False # ws = [w1, w3]: the result is silu(a) * b, SwiGLU's hidden layer (M, N_1), in the product's epilogue
              ) -> Tensor: # (M, sum N_i)
     """`gemv` for M <= 16 rows (a speculative round's verification): f(x) as the modules compute it (under `torch.compile`
     one fused elementwise kernel; with `PROLOGUE_KERNEL`, `rows_prologue`'s Triton kernel), then `rows_product`, which
     reads each weight once for all rows; or, for at most `FEW_ROWS` rows, `gemv_few`. With `rms` the product kernel
     normalises the rows itself: no kernel before it."""
+    if glu:  # SwiGLU's hidden layer: no residual, and no silu before it
+        if norm is not None: x = (rows_prologue if PROLOGUE_KERNEL else prologue)(x, norm, eps)
+        return rows_product(x, ws, None, rms, eps, True)
     if x.dim() == 2 and x.shape[0] <= FEW_ROWS:
         return gemv_few(x, ws, x.new_ones(x.shape[-1]) if rms else norm, eps, residual, silu)
     if rms: return rows_product(x, ws, residual, True, eps)
@@ -432,25 +449,29 @@ def _(x, ws, norm=None, eps=1e-6, residual=None, silu=False): return x.new_empty
 def rows_product(x:Tensor, # (M, K) bf16, M <= 16
                  ws:list[Tensor], # one to three bf16 weights (N_i, K)
                  residual:Tensor|None=None, # (M, sum N_i) added to the result
-                 rms:bool=False, eps:float=1e-6 # each row's product scaled by 1 / sqrt(mean(x^2) + eps): RMSNorm with a gain of one
-                ) -> Tensor: # (M, sum N_i)
+                 rms:bool=False, eps:float=1e-6, # each row's product scaled by 1 / sqrt(mean(x^2) + eps): RMSNorm with a gain of one
+                 glu:bool=False # ws = [w1, w3] of the same shape: silu(f(x) w1^T) * (f(x) w3^T), (M, N_1)
+                ) -> Tensor: # (M, sum N_i), or (M, N_1) with `glu`
     "`cat([f(x) @ w.T for w in ws], -1) (+ residual)` in one Triton kernel on CUDA (`gemv_rows_kernel`); `gemv_ref` elsewhere."
-    Ns = [w.shape[0] for w in ws] + [0, 0]
+    if glu and not (len(ws) == 2 and ws[0].shape == ws[1].shape and residual is None):
+        raise ValueError('rows_product: glu takes two weights of one shape and no residual')
+    Ns = [2 * ws[0].shape[0], 0, 0] if glu else [w.shape[0] for w in ws] + [0, 0]  # glu: the tile's rows alternate w1 / w3
     if not (_kernel_ok(x, ws) and all(w.dtype == torch.bfloat16 and w.shape[1] == x.shape[-1] for w in ws) and x.dim() == 2
             and 1 <= x.shape[0] <= 16 and _bounds_fit(16, Ns[0], Ns[1], sum(Ns))
             and (residual is None or residual.shape == (x.shape[0], sum(Ns)))):
-        return gemv_ref(x, ws, x.new_ones(x.shape[-1]) if rms else None, eps, residual)  # the module's RMSNorm, gain one
+        y = gemv_ref(x, ws, x.new_ones(x.shape[-1]) if rms else None, eps, residual)  # the module's RMSNorm, gain one
+        return prologue(y, silu=True) if glu else y
     M, N, K = x.shape[0], sum(Ns), ws[0].shape[1]
     x, ws = x.contiguous(), [w.contiguous() for w in ws] + [ws[0]] * (3 - len(ws))
-    y = x.new_empty(M, N)
+    y = x.new_empty(M, N // 2 if glu else N)
     args = (x, residual.contiguous() if residual is not None else y, y, *ws, M, Ns[0], Ns[1], N, K, eps)
-    flags = dict(RES=residual is not None, RMS=rms, BLOCK_M=16, DOT_BF16=not INTERPRET, PDL=_pdl(x))
+    flags = dict(RES=residual is not None, RMS=rms, GLU=glu, BLOCK_M=16, DOT_BF16=not INTERPRET, PDL=_pdl(x))
     if INTERPRET: gemv_rows_kernel[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_N=16, BLOCK_K=32)
     else: _launcher(gemv_rows_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
 
 @rows_product.register_fake
-def _(x, ws, residual=None, rms=False, eps=1e-6): return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
+def _(x, ws, residual=None, rms=False, eps=1e-6, glu=False): return x.new_empty(x.shape[0], ws[0].shape[0] if glu else sum(w.shape[0] for w in ws))
 
 @torch.library.custom_op('metai::gemv_int4', mutates_args=())
 def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
@@ -486,7 +507,7 @@ def check_kernels_interpreted(timeout:float=300) -> str:
     "Run the Triton kernels under the interpreter (CPU) against `gemv_ref` in a child process; the report it prints."
     script = textwrap.dedent("""
         import torch
-        from metai.infer.kernels import gemv, gemv_int4, gemv_ref, triton, INTERPRET
+        from metai.infer.kernels import gemv, gemv_int4, gemv_ref, prologue, triton, INTERPRET
         from metai.infer.quant import quantize_int4, pack_int4, dequantize_int4
         assert triton is not None and INTERPRET
         torch.manual_seed(0)
@@ -517,6 +538,10 @@ def check_kernels_interpreted(timeout:float=300) -> str:
             ones = torch.ones(K, dtype=bf)                                  # the norm inside the product (a gain of one, folded)
             for kw in (dict(), dict(residual=R)):
                 worst = max(worst, (gemv_rows(X, wr, rms=True, **kw).float() - gemv_ref(X, wr, norm=ones, **kw).float()).abs().max().item())
+            w13 = [wr[0], wr[2][:32]]                                        # SwiGLU's hidden layer in the epilogue: silu(a) * b
+            for kw, ref_kw in ((dict(), dict()), (dict(rms=True), dict(norm=ones)), (dict(norm=g), dict(norm=g))):
+                ref = prologue(gemv_ref(X, w13, **ref_kw), silu=True)
+                worst = max(worst, (gemv_rows(X, w13, glu=True, **kw).float() - ref.float()).abs().max().item())
             H = torch.randn(M, 2 * K, generator=gr).to(bf)
             worst = max(worst, (gemv_rows(H, wr[:1], silu=True, residual=R[:, :32]).float()
                                 - gemv_ref(H, wr[:1], silu=True, residual=R[:, :32]).float()).abs().max().item())
@@ -530,8 +555,11 @@ def check_kernels_interpreted(timeout:float=300) -> str:
         finally: K_.PROLOGUE_KERNEL = real                                   # the setting as it was, even after a failure
         wz = [torch.randn(n, 100, generator=gr).to(bf) / 16 for n in (32, 16, 37)]      # K no tile divides, a ragged last weight
         X, gz = torch.randn(7, 100, generator=gr).to(bf), (torch.rand(100, generator=gr) + 0.5).to(bf)
+        wz13 = [wz[0], torch.randn(32, 100, generator=torch.Generator().manual_seed(2)).to(bf) / 16]  # w1 and w3 (own draws)
         worst = max(worst, (gemv_rows(X, wz, norm=gz).float() - gemv_ref(X, wz, norm=gz).float()).abs().max().item(),
-                    (gemv_rows(X, wz, rms=True).float() - gemv_ref(X, wz, norm=torch.ones(100, dtype=bf)).float()).abs().max().item())
+                    (gemv_rows(X, wz, rms=True).float() - gemv_ref(X, wz, norm=torch.ones(100, dtype=bf)).float()).abs().max().item(),
+                    (gemv_rows(X, wz13, rms=True, glu=True).float()
+                     - prologue(gemv_ref(X, wz13, norm=torch.ones(100, dtype=bf)), silu=True).float()).abs().max().item())
         G, K4 = 32, 128
         q, s, z = zip(*[quantize_int4(torch.randn(n, K4) / 8, G) for n in (16, 8, 24)])
         deq = [dequantize_int4(a, b, c) for a, b, c in zip(q, s, z)]
@@ -861,6 +889,7 @@ def decode_forward(model, # a metai `Transformer`
 # %% ../../nbs/09b_kernels.ipynb #6ac90e57
 ROWS_IN_VERIFY = True  # speculative rounds verify with `verify_forward` (H200, 1B target: 1.09 ms for 2 tokens against 1.60 compiled modules)
 MTP_ROWS = False  # MTP rounds draft with `mtp_rows_step` (H200: 102 against 141 µs alone, yet the whole γ = 1 round 1,315 against 1,278 µs)
+GLU_ROWS = False  # `_rows_layer` computes SwiGLU's silu(a) * b in the w1/w3 product's epilogue (`gemv_rows(glu=True)`); not yet timed on a GPU
 
 def verify_ok(model, # a metai `Transformer`
               tokens:Tensor # (1, T) the tokens to score
@@ -882,6 +911,10 @@ def _rows_layer(model, layer, # a metai `Transformer` and one of its blocks (a m
         x = fused_gemv([a.wo], y, residual=x)
     else: x = x + a(layer.attn_norm(x[None]), cos, sin, 0, cache, attn_mask=mask)[0]
     if layer.is_moe: return x + f(layer.ffn_norm(x[None]))[0][0]
+    if GLU_ROWS and all(type(l) is nn.Linear and l.bias is None for l in (f.w1, f.w3)):  # no elementwise kernel before w2
+        folded = getattr(layer.ffn_norm, 'folded', False)
+        h = gemv_rows(x, [f.w1.weight, f.w3.weight], None if folded else layer.ffn_norm.weight, layer.ffn_norm.eps, rms=folded, glu=True)
+        return fused_gemv([f.w2], h, residual=x)                                  # (T, dim)
     return fused_gemv([f.w2], fused_gemv([f.w1, f.w3], x, layer.ffn_norm), residual=x, silu=True)
 
 def verify_forward(model, # a metai `Transformer`

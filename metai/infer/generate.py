@@ -8,7 +8,8 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 __all__ = ['PREFILL_BUCKETS', 'logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample', 'prefill',
            'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'fast_prefill', 'compiled_decode_one_token',
            'decode_n_tokens', 'GraphDecoder', 'capture_graph', 'graph_decoder', 'lru_get', 'clear_graphs',
-           'Detokenizer', 'TextStreamer', 'cut_at_stop', 'generate', 'ChatSession', 'load_model_dir', 'encode_prompt']
+           'Detokenizer', 'TextStreamer', 'cut_at_stop', 'rng_state', 'set_rng_state', 'generate', 'ChatSession',
+           'load_model_dir', 'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, codecs, numbers, contextlib
@@ -366,6 +367,15 @@ def _to_host(x:Tensor) -> tuple[Tensor, torch.cuda.Event|None]:
     ev = torch.cuda.Event(); ev.record(torch.cuda.current_stream(x.device))
     return buf, ev
 
+def rng_state(device:torch.device) -> Tensor:
+    "The state of the default generator that sampling on `device` draws from (host-side: no sync)."
+    return torch.cuda.get_rng_state(device) if device.type == 'cuda' else torch.get_rng_state()
+
+def set_rng_state(device:torch.device, state:Tensor):
+    "Put back a state from `rng_state`: draws made since then (by work thrown away) leave no trace."
+    if device.type == 'cuda': torch.cuda.set_rng_state(state, device)
+    else: torch.set_rng_state(state)
+
 def generate(model, # a metai `Transformer` (eval mode)
              prompt_ids, # one prompt (list of ids) or a batch of prompts of different lengths (list of lists)
              max_new_tokens:int=256, # new tokens per prompt, at most (fewer at a stop or at the end of the context)
@@ -460,17 +470,17 @@ def generate(model, # a metai `Transformer` (eval mode)
                 seq[:, t] = tok[:, 0]
                 if t == end - 1: consume(t0, seq[:, t0:t + 1].tolist()); break
                 block = None
-                if t + 1 - t0 >= sync_every: block, t0 = (_to_host(seq[:, t0:t + 1]), t0), t + 1  # read once the next steps are queued
+                if t + 1 - t0 >= sync_every: block, t0 = (_to_host(seq[:, t0:t + 1]), t0, rng_state(device)), t + 1  # read once the next steps are queued
                 left = end - 1 - t                                             # steps still to take (>= 1)
                 n = 1 if t < p_max else chunk if left >= chunk else 1 << (left.bit_length() - 1)  # whole chunks past the prompts, then halves
                 toks, tok, seen = steps(n)                                     # tokens for positions t+1 .. t+n
                 if n > 1: seq[:, t + 1:t + n] = toks[:, :n - 1]                  # the last one is written above, next round
                 t += n
                 if block:                                                      # the GPU runs those steps while the host reads
-                    (buf, ev), b0 = block
+                    (buf, ev), b0, rng = block
                     if ev is not None: ev.synchronize()
                     consume(b0, buf.tolist())
-                    if all(done): break                                        # (the steps just queued are thrown away)
+                    if all(done): set_rng_state(device, rng); break            # the steps just queued are thrown away, their draws too
     for s in streams:
         if s is not None: s.end()
     return out[0] if single else out

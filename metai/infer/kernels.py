@@ -953,18 +953,27 @@ def mtp_rows_step(model, # a metai `Transformer` with MTP modules
 
 
 # %% ../../nbs/09b_kernels.ipynb #c323f62d
+def _unfold(norm, *args):
+    "A state dict loaded into a folded norm may bring a gain back: the rows kernel must apply it again (`fold_norm_gains` refolds)."
+    norm.folded = False
+
 @torch.no_grad()
 def fold_norm_gains(model # a metai `Transformer`, for inference: changed in place
                    ):
-    "Fold each dense block's RMSNorm gains into the products that read the norm (q/k/v, w1/w3); the gains become one."
+    """Fold each dense block's RMSNorm gains into the products that read the norm (q/k/v, w1/w3); the gains become one and
+    stop training (`requires_grad` off). A folded norm is marked `folded`, and loading a state dict clears the mark."""
     for layer in list(model.layers) + [m.block for m in model.mtp]:
         a, f = layer.attn, layer.ffn
         pairs = (([(layer.attn_norm, [a.wq, a.wk, a.wv])] if type(a) is Attention else []) +
                  ([] if layer.is_moe else [(layer.ffn_norm, [f.w1, f.w3])]))
         for norm, lins in pairs:
-            if getattr(norm, 'folded', False) or not all(type(l) is nn.Linear for l in lins): continue
-            g = norm.weight.float()                                           # (K,)
-            for l in lins: l.weight.copy_(l.weight.float() * g)                # (N, K): column k times g_k
-            norm.weight.fill_(1.0)
+            if not all(type(l) is nn.Linear for l in lins): continue
+            g = norm.weight.float()                                           # (K,) by value: a mark gone stale refolds
+            if not (g == 1).all():
+                for l in lins: l.weight.copy_(l.weight.float() * g)            # (N, K): column k times g_k
+                norm.weight.fill_(1.0)
+            norm.weight.requires_grad_(False)
+            if not any(getattr(h, 'hook', h) is _unfold for h in norm._load_state_dict_pre_hooks.values()):
+                norm.register_load_state_dict_pre_hook(_unfold)
             norm.folded = True                                                 # `fused_gemv` then asks the rows kernel to normalise
     return model

@@ -19,6 +19,7 @@ from .cache import KVCache, make_cache, forward_step
 from . import kernels
 from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok, mtp_rows_step
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, TextStreamer, load_model_dir,
+                                  rng_state, set_rng_state,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles, _compile_settings)
 
 # %% ../../nbs/11_speculative.ipynb #9f36a957
@@ -205,7 +206,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
                     if streams[0] is not None: streams[0].put(tk)
                 if out_len[0] == n_new_[0]: act[0] = False
                 p, last = p_new, (p0_, h_)
-            for _ in ahead: sr.read(p)                               # replays launched before a stop: thrown away
+            sr.drop(p)                                               # replays launched before a stop: thrown away
             seq[:, p0 + 1:p + 1] = sr.seq[:, p0 + 1:p + 1]
             if mtp: hidden.copy_(sr.hidden)                          # (positions from p on may hold a discarded replay's values)
             n[0], c[0] = p + 1, p                                    # the target's cache holds every position below p,
@@ -412,6 +413,7 @@ class _SpecRounds:
 
     def launch(self, R:int, lo:int, hi:int):
         "R more rounds (a replay of their CUDA graph, or eagerly), then their state and tokens `lo:hi` copied to the host without a wait."
+        rng = rng_state(self.seq.device)                                     # before the rounds' draws (see `drop`)
         if not self.use_graphs: self._body(R)
         else:
             if R not in self.graphs:  # warm-up: no more rounds than the caches have room for; the entries it writes lie
@@ -423,14 +425,21 @@ class _SpecRounds:
         buf = torch.empty(st.shape, dtype=st.dtype, pin_memory=cuda).copy_(st, non_blocking=cuda)
         ev = torch.cuda.Event() if cuda else None
         if cuda: ev.record(torch.cuda.current_stream(st.device))               # the stream of the model's GPU
-        self.pending.append((buf, ev, lo))
+        self.pending.append((buf, ev, lo, rng))
 
     def read(self, p:int) -> tuple[int, list, int, list]:
         "The oldest launch's results, `p` the newest token's position before it: (new p, the tokens after p, p0, hist)."
-        buf, ev, lo = self.pending.pop(0)
+        buf, ev, lo, _ = self.pending.pop(0)
         if ev is not None: ev.synchronize()                                  # the host waits for this launch only
         v, g = buf.tolist(), self.gamma                                      # lo <= p+1: launched after the reads before it
         return v[0], v[3 + g + p + 1 - lo:3 + g + v[0] + 1 - lo], v[1], v[2:3 + g]
+
+    def drop(self, p:int):
+        "After a stop: read and throw away the launches not yet read, and put the random state back to before the first of them."
+        if not self.pending: return
+        rng = self.pending[0][3]
+        while self.pending: self.read(p)
+        set_rng_state(self.seq.device, rng)                                  # a later unseeded call draws as with one in flight
 
 _ROUND_FN, _SPEC = {}, {}
 def _compiled_round(mtp:bool):

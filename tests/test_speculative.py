@@ -251,6 +251,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match='prompt: empty'): speculative_generate(t, t, [], 5)
     with pytest.raises(ValueError, match=r'prompt_ids\[1\]: empty'): speculative_generate(t, t, [[1], []], 5)
     with pytest.raises(TypeError, match='encode it with the tokenizer'): speculative_generate(t, t, 'hello', 5)
+    with pytest.raises(TypeError, match='got the int 5'): speculative_generate(t, t, 5, 5)
     with pytest.raises(ValueError, match='outside the vocabulary'): speculative_generate(t, t, [1, 256], 5)
     with pytest.raises(ValueError, match='max_new_tokens'): speculative_generate(t, t, [1], 0)
     with pytest.raises(ValueError, match='top_p'): speculative_generate(t, t, [1], 5, top_p=0)

@@ -330,6 +330,7 @@ def _rows(prompt_ids, vocab_size:int) -> tuple[list[list[int]], bool]:
     "The prompts as lists of ints (validated), and whether a single prompt was given."
     if isinstance(prompt_ids, Tensor): prompt_ids = prompt_ids.tolist()
     if isinstance(prompt_ids, (str, bytes)): raise TypeError('prompt_ids: expected token ids, got text (encode it with the tokenizer first)')
+    if isinstance(prompt_ids, numbers.Integral): raise TypeError(f'prompt_ids: expected a list of token ids, got the int {prompt_ids} (one token: [{prompt_ids}])')
     prompt_ids = list(prompt_ids)
     if not prompt_ids: raise ValueError('prompt: empty (no tokens to condition on)')
     single = all(isinstance(i, numbers.Integral) for i in prompt_ids)

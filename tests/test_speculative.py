@@ -241,6 +241,10 @@ def test_load_draft_model(tmp_path, tok):
     with pytest.raises(ValueError, match="draft vocab_size 256 differs from the target's 400"):
         load_draft_model(save_dir(build(tiny(dim=32, n_layers=1)), tmp_path / 'draft3'), t, tok)
     with pytest.raises(FileNotFoundError, match='no such model directory'): load_draft_model(tmp_path / 'nope', t, tok)
+    short = save_dir(build(tiny(vocab_size=400, dim=32, n_layers=1, max_seq_len=48), seed=1), tmp_path / 'draft4', tok.path)
+    with pytest.warns(UserWarning, match=r"draft4: the draft's context \(48 tokens\) is shorter than the target's \(96\)"):
+        ds = load_draft_model(short, t, tok)
+    assert len(speculative_generate(t, ds, [1, 2, 3], 90, gamma=3, temperature=0)[0]) == 48 - 3 + 1  # the draft's context ends the call
 
 def test_bad_input():
     t = build(tiny()); m = build(tiny(mtp_depth=1))

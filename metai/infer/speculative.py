@@ -10,7 +10,7 @@ __all__ = ['ROUNDS_PER_GRAPH', 'REPLAYS_IN_FLIGHT', 'speculative_accept', 'greed
            'format_stats', 'SpeculativeChatSession']
 
 # %% ../../nbs/11_speculative.ipynb #22dfa733
-import os, time, numbers
+import os, time, numbers, warnings
 import numpy as np
 import torch
 from torch import Tensor
@@ -550,6 +550,9 @@ def load_draft_model(path, # the draft model's directory (a metai checkpoint or 
         raise ValueError(f"{path}: draft vocab_size {draft.cfg.vocab_size} differs from the target's {target.cfg.vocab_size} (the pair must share a tokenizer)")
     if tok is not None and target_tok is not None and tok.sha256 != target_tok.sha256:
         raise ValueError(f"{os.path.join(os.fspath(path), 'tokenizer.model')}: a different tokenizer than the target's (the pair must share one)")
+    if draft.cfg.max_seq_len < target.cfg.max_seq_len:
+        warnings.warn(f'{path}: the draft\'s context ({draft.cfg.max_seq_len} tokens) is shorter than the target\'s '
+                      f'({target.cfg.max_seq_len}): speculative calls with it end there')
     return draft
 
 def format_stats(stats:dict # the stats of `speculative_generate` / `mtp_speculative_generate`

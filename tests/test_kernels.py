@@ -21,6 +21,16 @@ def llama(**kw):
     d = dict(vocab_size=1024, dim=256, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=704, max_seq_len=128, init_std=0.05)
     return ModelConfig(**{**d, **kw})
 
+def test_gemv_rows_bad_arguments():
+    "Mixed-up switches of `gemv_rows` get a one-line error instead of a silently wrong product."
+    from metai.infer.kernels import gemv_rows
+    x, ws = torch.randn(2, 16), [torch.randn(8, 16), torch.randn(8, 16)]
+    with pytest.raises(ValueError, match='glu takes no residual and no silu'): gemv_rows(x, ws, glu=True, residual=torch.randn(2, 8))
+    with pytest.raises(ValueError, match='glu takes no residual and no silu'): gemv_rows(x, ws, glu=True, silu=True)
+    with pytest.raises(ValueError, match='pass norm=None'): gemv_rows(x, ws, norm=torch.ones(16), rms=True)
+    with pytest.raises(ValueError, match='two weights of one shape'): gemv_rows(x, ws + ws[:1], glu=True)
+    assert gemv_rows(x, ws, glu=True).shape == (2, 8)
+
 @pytest.mark.cuda
 @cuda
 def test_cuda_gemv_matches_reference():

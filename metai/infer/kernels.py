@@ -387,7 +387,9 @@ def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for t
     one fused elementwise kernel; with `PROLOGUE_KERNEL`, `rows_prologue`'s Triton kernel), then `rows_product`, which
     reads each weight once for all rows; or, for at most `FEW_ROWS` rows, `gemv_few`. With `rms` the product kernel
     normalises the rows itself: no kernel before it."""
+    if rms and norm is not None: raise ValueError('gemv_rows: rms means the gain is folded into the weights: pass norm=None')
     if glu:  # SwiGLU's hidden layer: no residual, and no silu before it
+        if residual is not None or silu: raise ValueError('gemv_rows: glu takes no residual and no silu')
         if norm is not None: x = (rows_prologue if PROLOGUE_KERNEL else prologue)(x, norm, eps)
         return rows_product(x, ws, None, rms, eps, True)
     if x.dim() == 2 and x.shape[0] <= FEW_ROWS:

@@ -843,14 +843,18 @@ def fused_gemv(lins:list, # layers that read x: nn.Linear (bf16), or int4 layers
                x:Tensor, # (K,) one row, or (2K,) = [a; b] with `silu`; or (M, K) / (M, 2K): a few rows (`gemv_rows`)
                norm:nn.Module|None=None, # an RMSNorm applied to x first
                residual:Tensor|None=None, # (sum N_i,) added to the result
-               silu:bool=False # the layers read silu(a) * b
+               silu:bool=False, # the layers read silu(a) * b
+               glu:bool=False # lins = [w1, w3]: the result is silu(a) * b, SwiGLU's hidden layer (in the rows kernel's epilogue)
               ) -> Tensor: # (sum N_i,)
     "`cat([l(f(x)) for l in lins]) (+ residual)`: one `gemv` / `gemv_int4` call when the layers allow, else the modules."
     g, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
-    if all(type(l) is nn.Linear and l.bias is None for l in lins) and len(lins) <= 3:
-        if x.dim() == 2 and getattr(norm, 'folded', False):  # its gain is in the weights: the rows kernel normalises (`fold_norm_gains`)
-            return gemv_rows(x, [l.weight for l in lins], None, eps, residual, silu, rms=True)
-        return (gemv if x.dim() == 1 else gemv_rows)(x, [l.weight for l in lins], g, eps, residual, silu)
+    if glu and (residual is not None or silu): raise ValueError('fused_gemv: glu takes no residual and no silu')
+    if all(type(l) is nn.Linear and l.bias is None for l in lins) and len(lins) <= 3 and (x.dim() == 2 or not glu):
+        ws = [l.weight for l in lins]
+        if x.dim() == 1: return gemv(x, ws, g, eps, residual, silu)
+        folded = getattr(norm, 'folded', False)  # its gain is in the weights: the rows kernel normalises (`fold_norm_gains`)
+        return gemv_rows(x, ws, None if folded else g, eps, residual, silu, rms=folded, glu=glu)
+    if glu: return prologue(fused_gemv(lins, x, norm), silu=True)              # the modules, then silu(a) * b
     if (INT4_IN_DECODE and x.dim() == 1 and len(lins) <= 3 and all(hasattr(l, 'qweight') and getattr(l, 'bias', 0) is None for l in lins)
             and len({l.group_size for l in lins}) == 1):
         return gemv_int4(x, [l.qweight for l in lins], [l.scales for l in lins], [l.zeros for l in lins], lins[0].group_size,
@@ -913,10 +917,7 @@ def _rows_layer(model, layer, # a metai `Transformer` and one of its blocks (a m
         x = fused_gemv([a.wo], y, residual=x)
     else: x = x + a(layer.attn_norm(x[None]), cos, sin, 0, cache, attn_mask=mask)[0]
     if layer.is_moe: return x + f(layer.ffn_norm(x[None]))[0][0]
-    if GLU_ROWS and all(type(l) is nn.Linear and l.bias is None for l in (f.w1, f.w3)):  # no elementwise kernel before w2
-        folded = getattr(layer.ffn_norm, 'folded', False)
-        h = gemv_rows(x, [f.w1.weight, f.w3.weight], None if folded else layer.ffn_norm.weight, layer.ffn_norm.eps, rms=folded, glu=True)
-        return fused_gemv([f.w2], h, residual=x)                                  # (T, dim)
+    if GLU_ROWS: return fused_gemv([f.w2], fused_gemv([f.w1, f.w3], x, layer.ffn_norm, glu=True), residual=x)  # no kernel before w2
     return fused_gemv([f.w2], fused_gemv([f.w1, f.w3], x, layer.ffn_norm), residual=x, silu=True)
 
 def verify_forward(model, # a metai `Transformer`

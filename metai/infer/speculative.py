@@ -19,7 +19,7 @@ from .cache import KVCache, make_cache, forward_step
 from . import kernels
 from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok, mtp_rows_step
 from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, TextStreamer, load_model_dir,
-                                  rng_state, set_rng_state,
+                                  rng_state, set_rng_state, _to_host,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles, _compile_settings)
 
 # %% ../../nbs/11_speculative.ipynb #9f36a957
@@ -421,11 +421,7 @@ class _SpecRounds:
                 self.graphs[R] = capture_graph(self.seq.device, lambda: self._body(min(2, R)), lambda: self._body(R), state)
             self.graphs[R].replay()
         st = torch.cat([self.p, self.p0, self.hist, self.seq[0, lo:hi]])     # (2 + γ+1 + hi-lo,) p, p0, hist, the tokens
-        cuda = st.device.type == 'cuda'
-        buf = torch.empty(st.shape, dtype=st.dtype, pin_memory=cuda).copy_(st, non_blocking=cuda)
-        ev = torch.cuda.Event() if cuda else None
-        if cuda: ev.record(torch.cuda.current_stream(st.device))               # the stream of the model's GPU
-        self.pending.append((buf, ev, lo, rng))
+        self.pending.append((*_to_host(st), lo, rng))                        # pinned copy and event on the model's GPU's stream
 
     def read(self, p:int) -> tuple[int, list, int, list]:
         "The oldest launch's results, `p` the newest token's position before it: (new p, the tokens after p, p0, hist)."

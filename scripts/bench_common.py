@@ -142,6 +142,21 @@ class Budget:
     def allows(self, need:float) -> bool: return self.left() >= need
 
 
+_NODE_KINDS = r'\b(KERNEL|MEMCPY|MEMSET|HOST|EVENT_RECORD|WAIT_EVENT|EMPTY|MEM_ALLOC|MEM_FREE|CONDITIONAL|CHILD_GRAPH|BATCH_MEM_OP)\b'
+
+def graph_shape(g:torch.cuda.CUDAGraph, path:str) -> dict:
+    """Write a captured graph (captured after `g.enable_debug_mode()`) as DOT (cudaGraphDebugDotPrint) to `path` and
+    count its nodes by type and its shape: a straight line has no node with two inputs (joins) or two outputs (forks)."""
+    g.debug_dump(path)
+    text = open(path).read()
+    types, ins, outs = {}, {}, {}
+    for k in re.findall(_NODE_KINDS, text): types[k] = types.get(k, 0) + 1
+    edges = re.findall(r'"(\w+)"\s*->\s*"(\w+)"', text)
+    for a, b in edges: outs[a] = outs.get(a, 0) + 1; ins[b] = ins.get(b, 0) + 1
+    return dict(node_types=types, edges=len(edges), joins=sum(v > 1 for v in ins.values()),
+                forks=sum(v > 1 for v in outs.values()), bytes=len(text))
+
+
 def save_json(path:str, obj:dict):
     "Write `obj` as JSON atomically (a killed run leaves the last complete file)."
     atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable) + '\n')

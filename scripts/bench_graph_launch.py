@@ -5,13 +5,16 @@ the same kernel count (`bench_spec_overhead.py`, run 5), and the GPU cannot star
 This script captures graphs of `--nodes` short kernels each: a Triton kernel alone (with and without programmatic
 dependent launch), an aten pointwise op, an inductor-compiled one (with a random draw every `--every`), and the Triton chain with a cuBLAS product, a random draw or a device copy
 every `--every` kernels; then times each graph's `replay()` on the host, with the GPU idle (after a sync) and with the
-previous replay still running, and the replay's GPU time.
+previous replay still running, and the replay's GPU time. Two more kinds test the shape of the graph rather than
+its kernels: `zero` (`Tensor.zero_`, which may be captured as a memset node) and `fork` (a kernel on a side stream,
+forked from and joined to the chain: the graph is no longer a straight line; the driver launches straight-line graphs
+of kernel nodes in constant time since CUDA 12.6, other graphs in time that grows with their nodes).
 
     python scripts/bench_graph_launch.py --out bench/results/graph_launch_h200.json
 """
-import os, sys, time, json, argparse, statistics
+import os, sys, time, json, argparse, statistics, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import card_info, save_json
+from bench_common import card_info, save_json, graph_shape
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +36,7 @@ def bump_compiled_rand(x): x.add_(torch.rand_like(x))              # inductor's 
 
 def chain(kind:str, n:int, every:int, bufs:dict):
     "The work to capture: n launches, Triton `bump_kernel` (or aten `add_`, or inductor) with one other operation every `every`."
-    x, a, b, c, r, src, dst = (bufs[k] for k in ('x', 'a', 'b', 'c', 'r', 'src', 'dst'))
+    x, a, b, c, r, src, dst, y, side = (bufs[k] for k in ('x', 'a', 'b', 'c', 'r', 'src', 'dst', 'y', 'side'))
     pdl = kind.endswith('pdl')
     for i in range(n):
         if kind == 'aten': x.add_(1.0); continue
@@ -43,6 +46,11 @@ def chain(kind:str, n:int, every:int, bufs:dict):
             if kind.startswith('cublas'): torch.mm(a, b, out=c); continue
             if kind.startswith('rand'): r.uniform_(); continue
             if kind.startswith('copy'): dst.copy_(src); continue
+            if kind.startswith('zero'): dst.zero_(); continue
+            if kind.startswith('fork'):                          # a branch: one kernel beside the chain, then joined
+                main = torch.cuda.current_stream(); side.wait_stream(main)
+                with torch.cuda.stream(side): bump_kernel[(1,)](y, N=y.numel(), PDL=False)
+                main.wait_stream(side); continue
         bump_kernel[(1,)](x, N=x.numel(), PDL=pdl, launch_pdl=pdl)
 
 def main():
@@ -50,20 +58,23 @@ def main():
     ap.add_argument('--out', required=True)
     ap.add_argument('--nodes', type=int, default=1000, help='operations per graph (a four-round sampled draft graph: 1,012 kernels)')
     ap.add_argument('--every', type=int, default=50, help='one cuBLAS product / random draw / copy every this many operations')
-    ap.add_argument('--kinds', default='triton,triton-pdl,aten,inductor,inductor-rand,cublas,cublas-pdl,rand,rand-pdl,copy,copy-pdl')
+    ap.add_argument('--kinds', default='triton,triton-pdl,aten,inductor,inductor-rand,cublas,cublas-pdl,rand,rand-pdl,copy,copy-pdl,'
+                    'zero,zero-pdl,fork,fork-pdl')
     ap.add_argument('--reps', type=int, default=50)
     a = ap.parse_args()
     dev = torch.device('cuda')
     res = dict(card=card_info(dev), settings=vars(a), graphs={})
     bufs = dict(x=torch.zeros(256, device=dev), a=torch.randn(64, 64, device=dev, dtype=torch.bfloat16),
                 b=torch.randn(64, 64, device=dev, dtype=torch.bfloat16), c=torch.empty(64, 64, device=dev, dtype=torch.bfloat16),
-                r=torch.empty(8192, device=dev), src=torch.randn(4096, device=dev), dst=torch.empty(4096, device=dev))
+                r=torch.empty(8192, device=dev), src=torch.randn(4096, device=dev), dst=torch.empty(4096, device=dev),
+                y=torch.zeros(256, device=dev), side=torch.cuda.Stream(dev))
     for kind in a.kinds.split(','):
         s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s): chain(kind, a.every * 2, a.every, bufs)  # compile and warm every operation first
         torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
+        g = torch.cuda.CUDAGraph(); g.enable_debug_mode()
         with torch.cuda.graph(g): chain(kind, a.nodes, a.every, bufs)
+        shape = graph_shape(g, os.path.join(tempfile.mkdtemp(), f'{kind}.dot'))  # what the capture made of it
         for _ in range(3): g.replay()
         torch.cuda.synchronize()
         idle, busy, gpu = [], [], []
@@ -76,9 +87,10 @@ def main():
             g.replay(); t0 = time.perf_counter(); g.replay(); busy.append(time.perf_counter() - t0)
             torch.cuda.synchronize()
         r = res['graphs'][kind] = dict(launch_idle_ms=statistics.median(idle) * 1e3, launch_busy_ms=statistics.median(busy) * 1e3,
-                                       gpu_ms=statistics.median(gpu), launch_idle_max_ms=max(idle) * 1e3)
+                                       gpu_ms=statistics.median(gpu), launch_idle_max_ms=max(idle) * 1e3, **shape)
         print(f'{kind:12s} launch, GPU idle {r["launch_idle_ms"]:.3f} ms (max {r["launch_idle_max_ms"]:.3f}), '
-              f'previous replay running {r["launch_busy_ms"]:.3f} ms; replay on the GPU {r["gpu_ms"]:.3f} ms', flush=True)
+              f'previous replay running {r["launch_busy_ms"]:.3f} ms; replay on the GPU {r["gpu_ms"]:.3f} ms; '
+              f'nodes {shape["node_types"]}, joins {shape["joins"]}, forks {shape["forks"]}', flush=True)
         save_json(a.out, res)
         del g
     print(f'wrote {a.out}')

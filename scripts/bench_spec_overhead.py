@@ -16,7 +16,7 @@ rounds' event), so a call's wall time splits into launching, waiting and the hos
 """
 import os, re, sys, time, json, argparse, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import card_info, save_json, profile_fn
+from bench_common import card_info, save_json, profile_fn, graph_shape
 from bench_verify import build
 import torch
 from safetensors.torch import save_model, load_model
@@ -161,17 +161,13 @@ def main():
         print(f'profile: wall {wall * 1e3:.1f} ms, GPU kernels {res["profile"]["gpu_kernel_ms"]:.1f} ms', flush=True)
     if graphs:  # what each captured graph holds: a launch's host time may depend on its node types, not only their number
         os.makedirs(a.graph_dump, exist_ok=True)
-        kinds = r'\b(KERNEL|MEMCPY|MEMSET|HOST|EVENT_RECORD|WAIT_EVENT|EMPTY|MEM_ALLOC|MEM_FREE|CONDITIONAL|CHILD_GRAPH|BATCH_MEM_OP)\b'
         res['graphs'] = []
         for i, (name, g) in enumerate(graphs):
             path = os.path.join(a.graph_dump, f'graph_{i}.dot')
-            try: g.debug_dump(path)
+            try: shape = graph_shape(g, path)
             except Exception as e: res['graphs'].append(dict(case=name, error=str(e)[:200])); continue
-            text = open(path).read()
-            counts = {}
-            for k in re.findall(kinds, text): counts[k] = counts.get(k, 0) + 1
-            res['graphs'].append(dict(case=name, file=os.path.basename(path), bytes=len(text), node_types=counts))
-            print(f'graph {i} ({name}): {counts}', flush=True)
+            res['graphs'].append(dict(case=name, file=os.path.basename(path), **shape))
+            print(f'graph {i} ({name}): {shape}', flush=True)
     save_json(a.out, res)
     print(f'wrote {a.out}')
 

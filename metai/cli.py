@@ -9,7 +9,7 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'usage', 'main']
 
 # %% ../nbs/20_cli.ipynb #1079c0c0
-import os, sys, math, inspect, difflib
+import os, re, sys, math, inspect, difflib
 from typing import Annotated
 from fastcore.script import anno_parser, CliError
 
@@ -77,6 +77,20 @@ def _check_positive(**kw):
 def _check_choice(flag:str, value, choices):
     if value not in choices: raise UsageError(f"argument --{flag}: invalid choice {value!r} (choose from {', '.join(choices)})")
 
+def _check_device(dev:str):
+    "`--device`: auto, cpu, mps, cuda or cuda:N, and one this machine has."
+    import torch
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', dev): _check_choice('device', dev, ('auto', 'cpu', 'cuda', 'mps'))
+    if dev.startswith('cuda'):
+        if not torch.cuda.is_available(): raise ValueError(f'--device {dev}: CUDA is not available on this machine')
+        if ':' in dev and int(dev[5:]) >= torch.cuda.device_count():
+            raise ValueError(f'--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    if dev == 'mps' and not (getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()):
+        raise ValueError('--device mps: MPS is not available on this machine')
+
+def _check_seed(seed:int):
+    if not 0 <= seed < 2**62: raise UsageError(f'argument --seed: must be between 0 and 2**62, got {seed}')
+
 def run_training(preset:str, # the ModelConfig preset the model starts from
                  model:dict, # ModelConfig fields to override (vocab_size is set from the tokenizer)
                  a:dict # the command's flags (the parameters of cmd_train_micro)
@@ -102,9 +116,8 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     _check_choice('compile-mode', a['compile_mode'], COMPILE_MODES)
     if a['compile'] and a['compile_mode'] in CUDA_GRAPH_MODES and a['grad_accum'] > 1:
         raise UsageError(f"argument --compile-mode: {a['compile_mode']} records CUDA graphs, which gradient accumulation would corrupt: use --grad-accum 1 or --compile-mode default")
+    _check_device(a['device'])
     dev = a['device']
-    if dev not in ('auto', 'cpu', 'mps') and not dev.startswith('cuda'): _check_choice('device', dev, ('auto', 'cpu', 'cuda', 'mps'))
-    if dev.startswith('cuda') and not torch.cuda.is_available(): raise ValueError(f'--device {dev}: CUDA is not available on this machine')
     out = a['output_dir']
     data_dir = a['data_dir'] or os.path.join(out, 'data')
 
@@ -294,6 +307,13 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
     return run_training(preset, model, a)
 
 # %% ../nbs/20_cli.ipynb #d147a1a4
+def _is_hf_dir(path:str) -> bool:
+    "Whether `path/config.json` is a transformers config (it names a model_type)."
+    import json
+    try:
+        with open(os.path.join(path, 'config.json'), encoding='utf-8') as f: return 'model_type' in json.load(f)
+    except (OSError, ValueError, TypeError): return False
+
 def load_run(model_dir:str, # a training output folder (or any folder with config.json, model.safetensors, tokenizer.model)
              device:str='cpu', # where to put the model
              tokenizer:bool=True # also load tokenizer.model (returns None in its place when False)
@@ -306,6 +326,7 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
     for f in ('config.json', 'model.safetensors') + (('tokenizer.model',) if tokenizer else ()):
         p = os.path.join(model_dir, f)
         if not os.path.isfile(p): raise ValueError(f'{p}: no such file (a model folder holds config.json, model.safetensors and tokenizer.model)')
+    if _is_hf_dir(model_dir): raise ValueError(f'{model_dir}: a Hugging Face checkpoint (config.json has model_type); this command takes a metai model folder')
     cfg = ModelConfig.from_json(os.path.join(model_dir, 'config.json'))
     tok = Tokenizer(os.path.join(model_dir, 'tokenizer.model')) if tokenizer else None
     if tok is not None and tok.vocab_size > cfg.vocab_size:
@@ -314,15 +335,18 @@ def load_run(model_dir:str, # a training output folder (or any folder with confi
 
 # %% ../nbs/20_cli.ipynb #382ba9e4
 def _split_stop(stop) -> list:
-    "The `--stop` values: the flag may repeat, and each value may hold several strings separated by commas."
-    return [x for v in (stop or []) for x in v.split(',') if x]
+    "The `--stop` values, one stop string each (repeat the flag for several; a comma is a stop string like any other)."
+    if any(not v for v in stop or []): raise UsageError('argument --stop: must not be empty')
+    return list(stop or [])
 
-def _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+def _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+    "Usage errors for the sampling flags; written so that nan fails each test (nan passes every `<` and `<=`)."
     _check_positive(max_new_tokens=max_new_tokens)
-    if temperature < 0: raise UsageError(f'argument --temperature: must not be negative, got {temperature}')
+    if not 0 <= temperature < math.inf: raise UsageError(f'argument --temperature: must be a finite number >= 0, got {temperature}')
     if top_k < 0: raise UsageError(f'argument --top-k: must not be negative, got {top_k}')
     if not 0 < top_p <= 1: raise UsageError(f'argument --top-p: must be in (0, 1], got {top_p}')
-    if repetition_penalty <= 0: raise UsageError(f'argument --repetition-penalty: must be positive (1 = off), got {repetition_penalty}')
+    if not 0 < repetition_penalty < math.inf: raise UsageError(f'argument --repetition-penalty: must be a finite number > 0 (1 = off), got {repetition_penalty}')
+    _check_seed(seed)
 
 def _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, stop):
     "Usage errors for the speculative-decoding flags."
@@ -339,6 +363,7 @@ def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face
     from metai.core import get_device
     from metai.infer.generate import load_model_dir
     if model_dir is None: raise UsageError('argument --model-dir: required (a model folder)')
+    _check_device(device)
     dev = get_device(device)
     model, tok = load_model_dir(model_dir, dev)
     if tok is None: raise ValueError(f'{os.path.join(model_dir, "tokenizer.model")}: missing (generating needs the tokenizer the model was trained with)')
@@ -356,7 +381,7 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
                  top_k:int=50, # sample among the k most likely tokens (0 = all)
                  top_p:float=1.0, # nucleus sampling: the smallest set of tokens holding this much probability (1 = off)
                  repetition_penalty:float=1.0, # > 1 discourages tokens already in the prompt or the output (1 = off)
-                 stop:Annotated[str, {'action': 'append'}]=None, # a string that ends the output (repeat the flag, or separate with commas)
+                 stop:Annotated[str, {'action': 'append'}]=None, # a string that ends the output (repeat the flag for several)
                  seed:int=0, # sampling seed: the same seed gives the same text
                  device:str='auto', # auto, cpu, cuda or mps
                  compile:bool=False, # compile the decode step (CUDA graphs; CUDA only, ignored elsewhere)
@@ -367,12 +392,14 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
                 ):
     "Continue a prompt with a model (KV-cached decoding, streamed to the terminal)."
     from metai.infer.generate import generate, encode_prompt, TextStreamer
-    _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, stop)
     model, tok, dev = load_for_inference(model_dir, device)
     ids = encode_prompt(tok, prompt)  # 'prompt: empty'
     L = model.cfg.max_seq_len
-    if len(ids) > L: raise ValueError(f'prompt: {len(ids)} tokens do not fit the context of {L} tokens (max_seq_len in {model_dir}/config.json)')
+    if len(ids) > L:
+        field = 'max_position_embeddings' if _is_hf_dir(model_dir) else 'max_seq_len'
+        raise ValueError(f'prompt: {len(ids)} tokens do not fit the context of {L} tokens ({field} in {os.path.join(model_dir, "config.json")})')
     stop = _split_stop(stop)
     if compile and dev.type == 'cuda': _compile_notice('generate')
     if draft_model_dir or mtp_speculate:
@@ -418,7 +445,7 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
     "Chat with a model in the terminal (multi-turn, streamed replies; /reset starts over, /exit leaves)."
     from metai.core import fmt_num
     from metai.infer.generate import ChatSession
-    _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, None)
     model, tok, dev = load_for_inference(model_dir, device)
     spec = bool(draft_model_dir or mtp_speculate)
@@ -459,7 +486,7 @@ def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, m
     if model_dir is None or out is None: raise UsageError('arguments --model-dir and --out are required')
     _check_choice('method', method, METHODS)
     if group_size not in GROUP_SIZES: raise UsageError(f"argument --group-size: must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
-    _refuse_run_dir(out)
+    _refuse_run_dir(out, model_dir)
     r = quantize_dir(model_dir, out, group_size, method, include_head)
     print(f"{out}: {method}, group size {group_size}, {r['n_linear']} linear layers and {r['n_moe']} MoE layers quantized"
           + (f", {len(r['skipped'])} kept in full precision" if r['skipped'] else '')
@@ -484,7 +511,10 @@ def _copy_tokenizer(src_dir, out):
     shutil.copyfile(src, os.path.join(out, 'tokenizer.model'))
     return os.path.join(out, 'tokenizer.model')
 
-def _refuse_run_dir(out):
+def _refuse_run_dir(out, src:str|None=None):
+    "A command's `--out` must not be a training run's folder, nor the folder it reads (`src`): nothing there is overwritten."
+    if src is not None and os.path.isdir(out) and os.path.isdir(src) and os.path.samefile(out, src):
+        raise ValueError(f'{out}: is the folder being read; choose another --out')
     if os.path.exists(os.path.join(out, 'checkpoints')) or os.path.exists(os.path.join(out, 'train_state.pt')):
         raise ValueError(f'{out}: holds a training run; choose another --out')
 
@@ -494,7 +524,7 @@ def cmd_export_hf(model_dir:str=None, # a metai model folder (a training output 
     "Export a trained model as a transformers checkpoint (config.json, model.safetensors, tokenizer.model)."
     from metai.model.hf import save_hf, hf_model_type
     if model_dir is None or out is None: raise UsageError('arguments --model-dir and --out are required')
-    _refuse_run_dir(out)
+    _refuse_run_dir(out, model_dir)
     model, _ = load_run(model_dir, 'cpu', tokenizer=False)
     save_hf(model, out)
     tok = _copy_tokenizer(model_dir, out)
@@ -508,9 +538,8 @@ def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or 
     from metai.core import atomic_path
     from metai.model.hf import from_hf
     if hf_dir is None or out is None: raise UsageError('arguments --hf-dir and --out are required')
-    _refuse_run_dir(out)
-    try: model = from_hf(hf_dir)
-    except KeyError as e: raise ValueError(str(e.args[0]) if e.args else str(e)) from None
+    _refuse_run_dir(out, hf_dir)
+    model = from_hf(hf_dir)
     os.makedirs(out, exist_ok=True)
     model.cfg.to_json(os.path.join(out, 'config.json'))
     with atomic_path(os.path.join(out, 'model.safetensors')) as tmp: save_model(model, tmp, metadata={'format': 'pt'})

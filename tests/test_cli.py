@@ -221,8 +221,10 @@ def test_generate_sampling_flags_and_stop(tiny_run):
     cont = full[len('the'):-1]
     stop = next((w for w in ('.', ' ') if w in cont), None)
     assert stop, repr(full)
-    rc, out, err = metai(*base, '--temperature', 0, '--stop', 'zzz-never', '--stop', f'qqq,{stop}')   # repeated and comma-separated
+    rc, out, err = metai(*base, '--temperature', 0, '--stop', 'zzz-never', '--stop', stop)              # repeated
     assert rc == 0 and out == 'the' + cont[:cont.index(stop)] + '\n', (out, full)                      # cut before the stop string
+    rc, out, err = metai(*base, '--temperature', 0, '--stop', f'qqq,{stop}')   # one value is one string, its comma included
+    assert rc == 0 and out == full, (out, full)
     rc, out, err = metai(*base, '--top-k', 5, '--top-p', 0.8, '--repetition-penalty', 1.3, '--seed', 3)
     assert rc == 0 and out.startswith('the'), err
 
@@ -241,6 +243,61 @@ def test_generate_bad_input(tiny_run, tmp_path):
     for f in ('config.json', 'model.safetensors'): shutil.copy(tiny_run/f, d/f)
     rc, out, err = metai('generate', '--model-dir', d, '--prompt', 'hi', '--device', 'cpu')
     assert rc == 1 and one_line(err).startswith(f'metai generate: error: {d}/tokenizer.model: missing'), err
+
+def test_generate_and_chat_flag_errors(tiny_run, tmp_path):
+    "Values no run could use are refused before the model loads: one line, exit 2 (or 1 for a device this machine lacks)."
+    base = ('generate', '--model-dir', tiny_run, '--prompt', 'the', '--max-new-tokens', 4)
+    for extra, flag in ((('--temperature', 'nan'), '--temperature'), (('--temperature', 'inf'), '--temperature'),
+                        (('--repetition-penalty', 'nan'), '--repetition-penalty'), (('--top-p', 'nan'), '--top-p'),
+                        (('--seed', 2**70), '--seed'), (('--seed', -1), '--seed'), (('--stop', ''), '--stop'),
+                        (('--device', 'gpu'), '--device'), (('--device', 'cuda:x'), '--device')):
+        rc, out, err = metai(*base, *extra)
+        assert rc == 2 and flag in one_line(err) and out == '', (extra, rc, err)
+        if flag != '--stop':
+            rc, out, err = metai('chat', '--model-dir', tiny_run, *extra, input='hi\n')
+            assert rc == 2 and flag in one_line(err), (extra, rc, err)
+    import torch
+    if not torch.cuda.is_available():
+        rc, out, err = metai(*base, '--device', 'cuda')
+        assert rc == 1 and one_line(err) == 'metai generate: error: --device cuda: CUDA is not available on this machine', err
+    rc, out, err = metai('chat', '--model-dir', tiny_run, '--system', 'the cat sat on the mat. ' * 40, '--device', 'cpu', input='hi\n')
+    assert rc == 1 and one_line(err).startswith('metai chat: error: system: the system message takes'), err
+
+def test_padded_vocabulary_prints_replacement_characters(tiny_run, tmp_path):
+    "A model with more vocabulary rows than its tokenizer has tokens (a padded vocabulary) generates; those ids print as U+FFFD."
+    import dataclasses, torch
+    from safetensors.torch import save_model
+    from metai.infer.generate import load_model_dir
+    from metai.model.transformer import Transformer
+    model, tok = load_model_dir(tiny_run, 'cpu')
+    cfg = dataclasses.replace(model.cfg, vocab_size=model.cfg.vocab_size + 64)
+    big = Transformer(cfg).eval()
+    sd = {k: v for k, v in model.state_dict().items()}
+    for k in ('embed.weight', 'head.weight'):
+        w = big.state_dict()[k].clone(); w[:model.cfg.vocab_size] = sd[k]; w[model.cfg.vocab_size:] *= 50  # the padded ids win
+        sd[k] = w
+    big.load_state_dict(sd)
+    d = tmp_path/'padded'; d.mkdir()
+    cfg.to_json(d/'config.json'); save_model(big, str(d/'model.safetensors')); shutil.copy(tiny_run/'tokenizer.model', d)
+    rc, out, err = metai('generate', '--model-dir', d, '--prompt', 'the', '--max-new-tokens', 8, '--temperature', 2, '--top-k', 0, '--device', 'cpu')
+    assert (rc, err) == (0, '') and out.startswith('the') and '\ufffd' in out, (rc, out, err)
+    rc, out, err = metai('chat', '--model-dir', d, '--max-new-tokens', 8, '--temperature', 2, '--device', 'cpu', input='hi\n')
+    assert (rc, err) == (0, '') and '\ufffd' in out, (rc, out, err)
+
+def test_export_and_import_refuse_their_own_folder(tiny_run, tmp_path):
+    "`--out` equal to the folder read is refused before anything is written; export-hf of a transformers folder says what it is."
+    d = tmp_path/'m'; shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns('checkpoints', 'train_state.pt', 'data'))
+    before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+    rc, out, err = metai('export-hf', '--model-dir', d, '--out', d)
+    assert rc == 1 and one_line(err) == f'metai export-hf: error: {d}: is the folder being read; choose another --out', err
+    assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+    assert metai('export-hf', '--model-dir', d, '--out', tmp_path/'hf')[0] == 0
+    hf_before = {f.name: f.read_bytes() for f in (tmp_path/'hf').iterdir()}
+    rc, out, err = metai('import-hf', '--hf-dir', tmp_path/'hf', '--out', tmp_path/'hf')
+    assert rc == 1 and 'is the folder being read' in one_line(err), err
+    assert {f.name: f.read_bytes() for f in (tmp_path/'hf').iterdir()} == hf_before
+    rc, out, err = metai('export-hf', '--model-dir', tmp_path/'hf', '--out', tmp_path/'hf2')
+    assert rc == 1 and 'a Hugging Face checkpoint (config.json has model_type)' in one_line(err) and not (tmp_path/'hf2').exists(), err
 
 def test_generate_from_exported_hf_checkpoint(tiny_run, tmp_path):
     rc, out, err = metai('export-hf', '--model-dir', tiny_run, '--out', tmp_path/'hf')

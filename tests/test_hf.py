@@ -313,14 +313,15 @@ def test_error_corrupt_safetensors(ckpt):
 
 def test_error_shape_mismatch_names_key(ckpt):
     _edit_config(ckpt, q_lora_rank=16)
-    with pytest.raises(ValueError, match=r'model\.layers\.0\.self_attn\.q_a_proj\.weight: shape \(32, 64\) in the checkpoint, '
-                                         r'metai expects \(16, 64\) for layers\.0\.attn\.wq_a\.weight'):
+    with pytest.raises(ValueError, match=r'config\.json: tensor model\.layers\.0\.self_attn\.q_a_proj\.weight has shape \(32, 64\) in the '
+                                         r'checkpoint, the config calls for \(16, 64\) \(layers\.0\.attn\.wq_a\.weight\)'):
         from_hf(ckpt)
 
 def test_error_missing_tensor_names_key(ckpt):
     sd = load_file(ckpt / 'model.safetensors'); del sd['model.layers.1.mlp.gate.weight']
     save_file(sd, ckpt / 'model.safetensors', metadata={'format': 'pt'})
-    with pytest.raises(KeyError, match=r'model\.layers\.1\.mlp\.gate\.weight: missing from the checkpoint'): from_hf(ckpt)
+    with pytest.raises(ValueError, match=r'model\.layers\.1\.mlp\.gate\.weight: missing from the checkpoint \(config\.json calls for it\)'):
+        from_hf(ckpt)
 
 def test_error_unexpected_tensor(ckpt):
     sd = load_file(ckpt / 'model.safetensors'); sd['model.layers.0.self_attn.q_a_proj.bias'] = torch.zeros(32)

@@ -12,7 +12,7 @@ __all__ = ['PREFILL_BUCKETS', 'logits_to_probs', 'apply_repetition_penalty', 'mu
            'load_model_dir', 'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
-import os, sys, json, codecs, numbers, contextlib
+import os, sys, json, math, codecs, numbers, contextlib
 import torch
 from torch import Tensor
 from ..config import ModelConfig
@@ -283,6 +283,8 @@ class Detokenizer:
     def token_bytes(self, i:int) -> bytes:
         "The bytes token `i` stands for: one byte for a byte-fallback token, else its text in UTF-8."
         if i not in self.bytes:
+            if not 0 <= i < self.tok.vocab_size:  # a model may have more rows than its tokenizer has tokens (a padded vocabulary)
+                self.bytes[i] = '\ufffd'.encode('utf-8'); return self.bytes[i]
             piece = self.tok.id_to_piece(i)
             if self.tok.sp.is_byte(i): self.bytes[i] = bytes([int(piece[3:5], 16)])  # '<0xE4>'
             else: self.bytes[i] = self.tok.decode([i], skip_special=self.skip_special).encode('utf-8')
@@ -300,7 +302,8 @@ class TextStreamer:
                  stop_strings=None, # strings that end the text; not printed
                  skip_special:bool=False # drop special tokens instead of writing their strings
                 ):
-        self.tok, self.skip_special, self.stop_strings = tok, skip_special, [s for s in (stop_strings or []) if s]
+        self.tok, self.skip_special = tok, skip_special
+        self.stop_strings = [s for s in ([stop_strings] if isinstance(stop_strings, str) else stop_strings or []) if s]
         self.out = out or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         self.reset()
 
@@ -322,7 +325,7 @@ def cut_at_stop(text:str, # decoded text
                 stop_strings=None # strings that end the text
                ) -> str:
     "`text` up to (not including) the first stop string."
-    hits = [i for i in (text.find(s) for s in (stop_strings or []) if s) if i >= 0]
+    hits = [i for i in (text.find(s) for s in ([stop_strings] if isinstance(stop_strings, str) else stop_strings or []) if s) if i >= 0]
     return text[:min(hits)] if hits else text
 
 # %% ../../nbs/10_generate.ipynb #029e8d7a
@@ -347,10 +350,10 @@ def _rows(prompt_ids, vocab_size:int) -> tuple[list[list[int]], bool]:
 
 def _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1: raise ValueError(f'max_new_tokens: must be an int >= 1, got {max_new_tokens!r}')
-    if temperature < 0: raise ValueError(f'temperature: must be >= 0 (0 = greedy), got {temperature}')
+    if not 0 <= temperature < math.inf: raise ValueError(f'temperature: must be a finite number >= 0 (0 = greedy), got {temperature}')  # nan fails too
     if top_k is not None and top_k < 1: raise ValueError(f'top_k: must be >= 1, got {top_k}')
     if top_p is not None and not 0 < top_p <= 1: raise ValueError(f'top_p: must be in (0, 1], got {top_p}')
-    if repetition_penalty <= 0: raise ValueError(f'repetition_penalty: must be > 0 (1 = off), got {repetition_penalty}')
+    if not 0 < repetition_penalty < math.inf: raise ValueError(f'repetition_penalty: must be a finite number > 0 (1 = off), got {repetition_penalty}')
 
 @contextlib.contextmanager
 def _seeded(seed:int|None, device:torch.device):
@@ -402,7 +405,7 @@ def generate(model, # a metai `Transformer` (eval mode)
     rows, single = _rows(prompt_ids, cfg.vocab_size)
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     stop_ids = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, numbers.Integral) else {int(i) for i in eos_id}
-    stop_strings = [s for s in (stop_strings or [])]
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])  # one string is one stop string
     if any(not isinstance(s, str) or not s for s in stop_strings): raise ValueError(f'stop_strings: must be non-empty strings, got {stop_strings!r}')
     if stop_strings and tokenizer is None: raise ValueError('stop_strings: needs tokenizer= to decode the output')
     B, P, L = len(rows), [len(r) for r in rows], cfg.max_seq_len
@@ -506,6 +509,8 @@ class ChatSession:
         self.seed, self.stop = seed, [tok.special_ids['im_end'], tok.eos_id]
         self.cache = make_cache(model, 1, mtp=False)  # the whole context, allocated once
         self.reset()
+        L = model.cfg.max_seq_len
+        if len(self.ids) >= L: raise ValueError(f'system: the system message takes {len(self.ids)} tokens of the context of {L}: no room for a conversation')
 
     def reset(self):
         "Forget the conversation (the system message stays)."
@@ -529,7 +534,7 @@ class ChatSession:
                          start_pos=min(self.n_cached, len(ids) - 1), **self.sampling)
         self.n_cached = len(ids) + len(reply) - 1  # prompt and reply are in the cache, except the last token sampled
         self.ids = ids + reply + [self.stop[0]] + self.tok.encode('\n')  # the template's end of an assistant turn
-        content = self.tok.decode(reply)
+        content = self.tok.decode([i for i in reply if i < self.tok.vocab_size])  # ids past the tokenizer (a padded vocabulary) have no text
         self.messages += [user, {'role': 'assistant', 'content': content}]
         self.turn += 1
         return content

@@ -368,7 +368,9 @@ def from_hf(src, # a local HF checkpoint directory (config.json + *.safetensors)
         try:
             if '{e}' in h: sd[m] = _expert(ck, m, h, cfg.n_routed_experts)
             else: sd[m] = ck.get(h)
-        except KeyError as e: raise KeyError(f"{ck.where}: {e.args[0]}") from None
+        except KeyError as e:  # a tensor the config calls for is not in the weights: a broken checkpoint, a user error
+            weights = os.path.dirname(ck.where) if ck.where.endswith('config.json') else ck.where
+            raise ValueError(f"{weights}: {e.args[0]} (config.json calls for it)") from None
         used.update(h.format(e=e) for e in range(cfg.n_routed_experts if '{e}' in h else 1))
     if cfg.tie_embeddings: sd['head.weight'] = sd['embed.weight']
     mt = ck.config['model_type']
@@ -387,11 +389,11 @@ def from_hf(src, # a local HF checkpoint directory (config.json + *.safetensors)
     want = model.state_dict()
     hf_name = dict(key_map(cfg))
     for k, t in sd.items():
-        if k not in want: raise KeyError(f"{k}: not a tensor of the metai model built from {ck.where}")
+        if k not in want: raise ValueError(f"{k}: not a tensor of the metai model built from {ck.where}")
         if tuple(t.shape) != tuple(want[k].shape):
-            raise ValueError(f"{hf_name.get(k, k)}: shape {tuple(t.shape)} in the checkpoint, metai expects {tuple(want[k].shape)} for {k}")
+            raise ValueError(f"{ck.where}: tensor {hf_name.get(k, k)} has shape {tuple(t.shape)} in the checkpoint, the config calls for {tuple(want[k].shape)} ({k})")
     missing = set(want) - set(sd)
-    if missing: raise KeyError(f"{sorted(missing)[0]}: metai tensor not filled from {ck.where}")
+    if missing: raise ValueError(f"{sorted(missing)[0]}: metai tensor not filled from {ck.where}")
     model = model.to_empty(device=device)
     if cfg.tie_embeddings: model.head.weight = model.embed.weight  # to_empty materialises the two names separately
     model.load_state_dict(sd, strict=True)

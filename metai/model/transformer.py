@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from ..config import ModelConfig
 from .rope import precompute_freqs
@@ -202,7 +202,14 @@ def load_weights(model:nn.Module, # a model built from the folder's config.json 
                 ):
     "Load `model.safetensors` strictly into `model`; one-line errors for a missing, unreadable or unfitting file."
     if not os.path.isfile(path): raise FileNotFoundError(f'{path}: no such file')
-    try: missing, unexpected = load_model(model, path, strict=False)
+    try:
+        with safe_open(path, 'pt') as f:  # shapes from the header first: the error names the tensor that does not fit
+            want = model.state_dict()
+            for k in f.keys():
+                got = tuple(f.get_slice(k).get_shape())
+                if k in want and got != tuple(want[k].shape):
+                    raise ValueError(f'{path}: tensor {k} has shape {got}, config.json calls for {tuple(want[k].shape)}')
+        missing, unexpected = load_model(model, path, strict=False)
     except (SafetensorError, OSError) as e: raise ValueError(f'{path}: unreadable safetensors file ({str(e).splitlines()[0]})') from None
     except RuntimeError as e: raise ValueError(f'{path}: weights do not fit config.json ({str(e).splitlines()[0][:200]})') from None
     if missing or unexpected:

@@ -117,12 +117,18 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     if a['compile'] and a['compile_mode'] in CUDA_GRAPH_MODES and a['grad_accum'] > 1:
         raise UsageError(f"argument --compile-mode: {a['compile_mode']} records CUDA graphs, which gradient accumulation would corrupt: use --grad-accum 1 or --compile-mode default")
     _check_device(a['device'])
+    _check_seed(a['seed'])
     dev = a['device']
     out = a['output_dir']
+    for flag in ('output_dir', 'data_dir', 'chinese_path', 'english_path'):
+        if a[flag] is not None and not str(a[flag]).strip(): raise UsageError(f"argument --{flag.replace('_', '-')}: must not be empty")
+    if os.path.exists(out) and not os.path.isdir(out): raise ValueError(f'{out}: --output-dir is a file, not a folder')
     data_dir = a['data_dir'] or os.path.join(out, 'data')
 
     # 1. the model config, checked against an existing checkpoint before any file is touched
     cfg = ModelConfig.preset(preset, **{**model, 'vocab_size': a['vocab_size']})
+    if a['seq_len'] > cfg.max_seq_len:
+        raise UsageError(f"argument --seq-len: {a['seq_len']} is longer than the model's context (max_seq_len={cfg.max_seq_len})")
     ck = latest_checkpoint(out) if os.path.isdir(out) else None
     if ck and not a['resume']: raise ValueError(f'{out}: already holds a checkpoint ({ck}); pass --resume to continue it, or choose another --output-dir')
     if a['resume'] and not ck: raise ValueError(f'{out}: --resume given but there is no checkpoint to resume')
@@ -130,7 +136,8 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     if a['distill_from']: check_teacher_dir(a['distill_from'], a['seq_len'])  # what can be checked before the data are built
 
     # 2. the data: tokenizer and token files, reused when the inputs and settings hash the same
-    meta = prepare_data(chinese_path=a['chinese_path'], english_path=a['english_path'], out_dir=data_dir, vocab_size=a['vocab_size'])
+    meta = prepare_data(chinese_path=a['chinese_path'], english_path=a['english_path'], out_dir=data_dir, vocab_size=a['vocab_size'],
+                        keep_existing=bool(ck))  # a resumed run's token files are never rebuilt from other inputs
     cfg = dataclasses.replace(cfg, vocab_size=meta['tokenizer']['vocab_size']).validate()
 
     # 3. the run
@@ -585,7 +592,7 @@ def command_parser(name:str # a key of `COMMANDS`
 
 # %% ../nbs/20_cli.ipynb #889b49e9
 DESCRIPTION = "metai: a literate, notebook-first LLM framework (tokenizer, data, DeepSeek-style MoE, training, inference)."
-USER_ERRORS = (ValueError, OSError, CliError, MemoryError)  # the library's one-line errors; CorpusError is a ValueError
+USER_ERRORS = (ValueError, OSError, CliError, MemoryError, FloatingPointError)  # the library's one-line errors; CorpusError is a ValueError
 
 def _summary(f): return (inspect.getdoc(f) or '').strip().split('\n')[0]
 
@@ -633,3 +640,7 @@ def main(argv:list=None # the arguments after `metai` (default: `sys.argv[1:]`)
     except USER_ERRORS as e:
         if debug: raise
         print(f'metai {name}: error: {_one_line(e)}', file=sys.stderr); return 1
+    except Exception as e:  # torch.compile failing (no C++ compiler, an unsupported op): its traceback is long and says little
+        if debug or not type(e).__module__.startswith(('torch._dynamo', 'torch._inductor')): raise
+        print(f'metai {name}: error: compiling failed ({type(e).__name__}: {_one_line(e)[:200]}); run without --compile, '
+              'or with METAI_DEBUG=1 for the traceback', file=sys.stderr); return 1

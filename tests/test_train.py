@@ -196,6 +196,84 @@ def test_bad_training_flags(corpus, tmp_path):
     assert rc == 2 and '--compile-mode' in one_line(e) and '--grad-accum 1' in e
     assert not (tmp_path/'x').exists()   # nothing was written for a run that never started
 
+def test_flags_checked_before_the_data_are_built(corpus, tmp_path):
+    "A --seq-len past the model's context, a negative --seed, an empty path, an --output-dir that is a file: refused first."
+    for extra, code, what in ((('--seq-len', 4096, '--max-seq-len', 256), 2, '--seq-len: 4096 is longer'), (('--seed', -1), 2, '--seed'),
+                              (('--chinese-path', ''), 2, '--chinese-path: must not be empty')):
+        rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, *extra))
+        assert rc == code and what in one_line(e), (extra, e)
+    (tmp_path/'afile').write_text('x')
+    rc, o, e = metai(*train_args(corpus, tmp_path/'afile', 96))
+    assert rc == 1 and one_line(e).endswith('afile: --output-dir is a file, not a folder'), e
+    assert not (tmp_path/'x').exists()
+
+def test_compile_failure_is_one_line(corpus, tmp_path):
+    "torch.compile failing (here: no C++ compiler for inductor's CPU code) ends the run with one line, not its long traceback."
+    env = {**ENV, 'CXX': str(tmp_path/'no-such-g++')}
+    r = subprocess.run([METAI, *map(str, train_args(corpus, tmp_path/'x', 96, '--compile', '--steps', 2))], capture_output=True, text=True,
+                       env=env, timeout=300)
+    msg = one_line(r.stderr)
+    assert r.returncode == 1 and msg.startswith('metai train-custom: error: compiling failed (') and 'without --compile' in msg, msg
+
+def bad_state(run, **change):
+    "Rewrite the newest checkpoint's train_state.pt (a plain dict of tensors and numbers: it loads with weights_only=True)."
+    f = latest(run)/'train_state.pt'
+    st = torch.load(f, weights_only=True); st.update(change)
+    for k in [k for k, v in change.items() if v is None]: del st[k]
+    torch.save(st, f)
+
+@pytest.mark.parametrize('change, what', [(dict(optimizer=None), "missing 'optimizer'"), (dict(step=-5), 'step -5'),
+                                          (dict(rng_cpu=[1, 2]), "'rng_cpu' is a list"), (dict(data={}), 'does not fit this run')])
+def test_train_state_that_loads_but_is_not_this_runs(corpus, run_copy, change, what):
+    "A train_state.pt that unpickles safely but holds the wrong things: one line naming the file, every file as it was."
+    bad_state(run_copy, **change)
+    before = snapshot(run_copy)
+    rc, o, e = metai(*train_args(corpus, run_copy, 96, '--resume', '--steps', N + 10))
+    msg = one_line(e)
+    assert rc == 1 and 'train_state.pt: ' in msg and what in msg, msg
+    assert snapshot(run_copy) == before
+
+def test_checkpoint_folders_are_model_folders_and_latest_is_found_without_its_pointer(corpus, run_copy, tmp_path):
+    "Each checkpoint folder holds the tokenizer (generate loads it); without `latest` the newest complete one resumes."
+    ck = latest(run_copy)
+    assert (ck/'tokenizer.model').read_bytes() == (run_copy/'tokenizer.model').read_bytes()
+    rc, o, e = metai('generate', '--model-dir', ck, '--prompt', 'the cat', '--max-new-tokens', 4, '--device', 'cpu')
+    assert (rc, e) == (0, '') and o.startswith('the cat'), e
+    (run_copy/'checkpoints'/'latest').unlink()
+    for f in ('config.json', 'model.safetensors', 'train_state.pt', 'train_config.json'): (run_copy/f).unlink()
+    (run_copy/'.model.safetensors.tmp12345').write_bytes(b'left by a killed run')
+    rc, o, e = metai(*train_args(corpus, run_copy, 96, '--resume', '--steps', N + 1))
+    assert (rc, e) == (0, ''), e
+    assert losses(run_copy)[0][-1][0] == N + 1 and not (run_copy/'.model.safetensors.tmp12345').exists()
+
+def test_resume_with_another_corpus_leaves_the_data_alone(corpus, run_copy, tmp_path):
+    "The corpus a run was started on is the one it resumes on: other files are refused before the token files are touched."
+    d, zh, en = corpus
+    other = tmp_path/'other'; other.mkdir(); zh2, en2 = write_corpus(other, seed=1)
+    data = d/'data'; before = snapshot(data)
+    args = train_args(corpus, run_copy, 96, '--resume', '--steps', N + 10)
+    args[args.index('--english-path') + 1] = en2
+    rc, o, e = metai(*args)
+    msg = one_line(e)
+    assert rc == 1 and 'holds token files built from other corpus files or settings' in msg, msg
+    assert snapshot(data) == before
+
+def test_checkpoint_write_failure_is_one_line(corpus, tmp_path, monkeypatch):
+    "A checkpoint that cannot be written (a full disk: torch.save raises RuntimeError): OSError naming it, no temporary folder left."
+    from metai.train import loop
+    from metai.config import ModelConfig
+    from metai.model.transformer import Transformer
+    cfg = ModelConfig.preset('micro', dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64, max_seq_len=16)
+    tc = loop.TrainConfig(out_dir=str(tmp_path/'run'), data_dir='', max_steps=1)
+    st = dict(step=3, optimizer={}, data={}, rng_cpu=torch.get_rng_state(), rng_py=list(random.getstate()))
+    good = loop.save_checkpoint(tc.out_dir, Transformer(cfg), cfg, tc, st)
+    def full(*a, **k): raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 8406400 vs 8406288')
+    monkeypatch.setattr(loop.torch, 'save', full)
+    with pytest.raises(OSError, match=r'step_0000004: checkpoint not written \(RuntimeError: .*unexpected pos.*\); the previous checkpoint is intact'):
+        loop.save_checkpoint(tc.out_dir, Transformer(cfg), cfg, tc, dict(st, step=4))
+    assert os.listdir(tmp_path/'run'/'checkpoints') == ['latest', 'step_0000003'] or sorted(os.listdir(tmp_path/'run'/'checkpoints')) == ['latest', 'step_0000003']
+    assert loop.latest_checkpoint(tc.out_dir) == good
+
 # --- using the run ----------------------------------------------------------------------------------------------------
 
 def test_generate_and_plot(ref, tmp_path):
@@ -390,5 +468,5 @@ def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     assert st['step'] == 8 and all(s['step'] == 6 for s in st['optimizer']['state'].values())
     # three in a row (max_bad_steps=3) stop the run with a one-line error
     monkeypatch.setattr(loop, 'Transformer', poisoned(set(range(3, 100))))
-    with pytest.raises(FloatingPointError, match='3 non-finite losses in a row'):
+    with pytest.raises(FloatingPointError, match='3 steps in a row with a non-finite loss or gradient norm'):
         loop.train(cfg, tc('b', 20), monitor=Recorder())

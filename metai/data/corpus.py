@@ -363,7 +363,8 @@ def prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a 
                  workers:int=2, # tokenizer worker processes
                  seed:int=0, # seed for sampling, mixing and the validation split
                  skip_bad:bool=False, # skip and count bad records (invalid UTF-8, malformed JSON) instead of stopping at the first
-                 tokenizer_path:str=None # an existing tokenizer.model to use instead of training one
+                 tokenizer_path:str=None, # an existing tokenizer.model to use instead of training one
+                 keep_existing:bool=False # a resumed run's data: refuse, before writing, to replace a finished build of other inputs
                 ) -> dict:
     "Train the tokenizer and tokenize a Chinese and an English corpus into token files, then print a report."
     t_start = time.perf_counter()
@@ -386,6 +387,9 @@ def prepare_data(chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a 
     key = _sha256_json(dict(tok_key=tok_key, tokenizer=sha256_file(tokenizer_path) if tokenizer_path else 'trained'))
     t_hash = time.perf_counter() - t_start
     meta = _read_json(out/'meta.json')
+    if keep_existing and meta and meta.get('key') != key:
+        raise ValueError(f"{out}: holds token files built from other corpus files or settings than these (key {str(meta.get('key'))[:12]}, "
+                         f"not {key[:12]}); resume with the corpus and --vocab-size the run started with")
     if _is_reusable(meta, key, out):
         print(f"reusing {out}: inputs, settings and tokenizer unchanged (key {key[:12]})")
         report = dict(meta, reused=True, out_dir=str(out)); print_report(report); return report

@@ -55,7 +55,8 @@ class LazyTextDataset(IterableDataset):
                  rank:int=0, # this process's rank
                  world_size:int=1, # number of ranks sharing the data
                  seed:int=0, # seed for the window order; epoch e uses (seed, e)
-                 dtype:str=None): # token dtype for a bare .bin file (default: meta.json's, else uint16)
+                 dtype:str=None, # token dtype for a bare .bin file (default: meta.json's, else uint16)
+                 vocab_size:int|None=None): # when given, a token id >= vocab_size in a window read is an error (a corrupt file)
         path_or_dir = os.fspath(path_or_dir)
         if os.path.isdir(path_or_dir):
             meta = read_meta(path_or_dir)
@@ -68,7 +69,7 @@ class LazyTextDataset(IterableDataset):
         self.dtype = np.dtype(dtype or meta.get('dtype', 'uint16'))
         size = os.path.getsize(self.path)
         if size % self.dtype.itemsize: raise ValueError(f"{self.path}: size {size} is not a multiple of {self.dtype.itemsize} ({self.dtype})")
-        self.seq_len, self.rank, self.world_size, self.seed = seq_len, rank, world_size, seed
+        self.seq_len, self.rank, self.world_size, self.seed, self.vocab_size = seq_len, rank, world_size, seed, vocab_size
         self.n_tokens = size // self.dtype.itemsize
         self.n_windows = max(0, (self.n_tokens - 1) // seq_len)
         if self.n_windows < world_size:
@@ -88,6 +89,10 @@ class LazyTextDataset(IterableDataset):
         m = np.memmap(self.path, dtype=self.dtype, mode='r')
         buf = np.stack([m[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
         del m
+        if self.vocab_size is not None and buf.size and buf.max() >= self.vocab_size:  # on the host: no device sync
+            b, j = np.unravel_index(int(buf.argmax()), buf.shape)
+            raise ValueError(f'{self.path}: token {int(buf[b, j])} at offset {int(starts[b]) + int(j)} is outside the vocabulary of '
+                             f'{self.vocab_size} (a corrupt token file: delete its folder to rebuild it)')
         return torch.from_numpy(buf)
 
     def _advance(self, count:int) -> list:

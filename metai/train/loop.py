@@ -98,7 +98,12 @@ def save_checkpoint(out_dir:str, model:nn.Module, cfg:ModelConfig, tc:TrainConfi
         atomic_write_text(os.path.join(tmp, 'train_config.json'), json.dumps(asdict(tc), indent=2))
         save_model(model, os.path.join(tmp, 'model.safetensors'), metadata={'step': str(state['step']), 'format': 'pt'})
         torch.save(state, os.path.join(tmp, 'train_state.pt'))
+        tok = os.path.join(out_dir, 'tokenizer.model')  # so that each checkpoint folder is a model folder `generate` loads
+        if os.path.exists(tok): _link_or_copy(tok, os.path.join(tmp, 'tokenizer.model'))
         shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final)
+    except Exception as e:  # a full disk shows up as RuntimeError (torch.save) or SafetensorError: one line, the last checkpoint kept
+        raise OSError(f'{final}: checkpoint not written ({type(e).__name__}: {" ".join(str(e).split())[:160]}); '
+                      'the previous checkpoint is intact (a full disk?)') from None
     finally: shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(os.path.join(ckdir, 'latest'), name + '\n')
     for f in CKPT_FILES: _link_or_copy(os.path.join(final, f), os.path.join(out_dir, f))
@@ -109,10 +114,14 @@ def save_checkpoint(out_dir:str, model:nn.Module, cfg:ModelConfig, tc:TrainConfi
 # %% ../../nbs/13_train.ipynb #b940e465
 def latest_checkpoint(out_dir:str) -> str|None:
     "Folder of the newest complete checkpoint in `out_dir`, or None."
-    ptr = os.path.join(out_dir, 'checkpoints', 'latest')
+    ckdir = os.path.join(out_dir, 'checkpoints'); ptr = os.path.join(ckdir, 'latest')
+    complete = lambda d: all(os.path.exists(os.path.join(d, f)) for f in CKPT_FILES)
     if os.path.exists(ptr):
-        d = os.path.join(out_dir, 'checkpoints', open(ptr).read().strip())
-        if all(os.path.exists(os.path.join(d, f)) for f in CKPT_FILES): return d
+        d = os.path.join(ckdir, open(ptr).read().strip())
+        if complete(d): return d
+    steps = sorted(d for d in os.listdir(ckdir) if re.fullmatch(r'step_\d{7}', d)) if os.path.isdir(ckdir) else []
+    for d in reversed(steps):  # no `latest` yet (killed between the folder's rename and the pointer): the newest complete one
+        if complete(os.path.join(ckdir, d)): return os.path.join(ckdir, d)
     if all(os.path.exists(os.path.join(out_dir, f)) for f in ('config.json', 'model.safetensors', 'train_state.pt')): return out_dir
     return None
 
@@ -127,9 +136,16 @@ def check_config_matches(path:str, cfg:ModelConfig):
 
 def load_train_state(path:str) -> dict:
     "Load `train_state.pt` without unpickling arbitrary objects."
-    try: return torch.load(path, map_location='cpu', weights_only=True)
+    try: st = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError: raise FileNotFoundError(f'{path}: no such file') from None
     except Exception as e: raise ValueError(f'{path}: not a plain training state ({type(e).__name__}: {str(e).splitlines()[0][:160]})') from None
+    want = dict(step=int, optimizer=dict, data=dict, rng_cpu=torch.Tensor, rng_py=(list, tuple))  # what `train` saves
+    if not isinstance(st, dict): raise ValueError(f'{path}: not a plain training state (a {type(st).__name__}, not a dict)')
+    for k, t in want.items():
+        if k not in st: raise ValueError(f'{path}: not a plain training state (missing {k!r})')
+        if not isinstance(st[k], t) or isinstance(st[k], bool): raise ValueError(f'{path}: not a plain training state ({k!r} is a {type(st[k]).__name__})')
+    if st['step'] < 0: raise ValueError(f"{path}: not a plain training state (step {st['step']})")
+    return st
 
 # %% ../../nbs/13_train.ipynb #56910052
 @torch.no_grad()
@@ -269,13 +285,15 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     device = get_device(tc.device); seed_everything(tc.seed, tc.deterministic)
     tok = tokenizer or Tokenizer(os.path.join(tc.data_dir, 'tokenizer.model'))
     if tok.vocab_size > cfg.vocab_size: raise ValueError(f'vocab_size={cfg.vocab_size}: the tokenizer in {tc.data_dir} has {tok.vocab_size} tokens')
-    train_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='train', seed=tc.seed)
-    val_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='val', seed=tc.seed)
+    train_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='train', seed=tc.seed, vocab_size=cfg.vocab_size)
+    val_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='val', seed=tc.seed, vocab_size=cfg.vocab_size)
     val_batches = [val_ds.get_batch(tc.batch_size) for _ in range(tc.eval_batches)]
     bpt = bytes_per_token(tok, val_batches)
     teacher = load_teacher(tc.distill_from, cfg, tok, tc.seq_len, device) if tc.distill_from else None  # checked before any file is written
 
     os.makedirs(tc.out_dir, exist_ok=True)
+    for f in os.listdir(tc.out_dir):  # temporary files of a run killed inside an atomic write: never renamed, never read
+        if re.fullmatch(r'\..+\.tmp\d+', f) and os.path.isfile(os.path.join(tc.out_dir, f)): os.remove(os.path.join(tc.out_dir, f))
     ck = latest_checkpoint(tc.out_dir)
     if ck and not resume: raise ValueError(f'{tc.out_dir}: already holds a checkpoint ({ck}); pass --resume to continue it, or choose another --output-dir')
     if resume and not ck: raise ValueError(f'{tc.out_dir}: --resume given but there is no checkpoint to resume')
@@ -294,10 +312,13 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     model.to(device).train()
     opt = configure_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device.type)
     if state is not None:
-        opt.load_state_dict(state['optimizer']); train_ds.load_state_dict(state['data'])
-        torch.set_rng_state(state['rng_cpu']); random.setstate(tuple(state['rng_py']) if not isinstance(state['rng_py'], tuple) else state['rng_py'])
-        if device.type == 'cuda' and 'rng_cuda' in state: torch.cuda.set_rng_state(state['rng_cuda'])
-    shutil.copyfile(tok.path, os.path.join(tc.out_dir, 'tokenizer.model')) if os.path.abspath(tok.path) != os.path.abspath(os.path.join(tc.out_dir, 'tokenizer.model')) else None
+        try:
+            opt.load_state_dict(state['optimizer']); train_ds.load_state_dict(state['data'])
+            torch.set_rng_state(state['rng_cpu']); random.setstate(tuple(state['rng_py']) if not isinstance(state['rng_py'], tuple) else state['rng_py'])
+            if device.type == 'cuda' and 'rng_cuda' in state: torch.cuda.set_rng_state(state['rng_cuda'])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # loaded safely, but not this run's state
+            raise ValueError(f"{os.path.join(ck, 'train_state.pt')}: does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if os.path.abspath(tok.path) != os.path.abspath(os.path.join(tc.out_dir, 'tokenizer.model')): _link_or_copy(tok.path, os.path.join(tc.out_dir, 'tokenizer.model'))
     fwd = compile_model(model, tc) if tc.compile else model
     flops_tok, peak = cfg.flops_per_token(tc.seq_len, training=True), peak_flops(device)
     mon = monitor or Monitor(tc.out_dir, total_steps=tc.max_steps, cfg=cfg, start_step=step)
@@ -345,11 +366,11 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 loss_v, ce_v, gnorm_v, run_v, n_bad_v, kl_v = torch.stack([loss_sum, ce_sum, gnorm.float(), bad_run.float(), n_bad.float(),
                                                                           torch.as_tensor(kl_sum, device=device, dtype=torch.float32)]).tolist()
                 if n_bad_v > bad_seen:
-                    mon.message(f'step {step}: {int(n_bad_v - bad_seen)} non-finite loss(es) since step {bad_checked}; '
+                    mon.message(f'step {step}: {int(n_bad_v - bad_seen)} step(s) with a non-finite loss or gradient norm since step {bad_checked}; '
                                 f'updates skipped ({int(run_v)} in a row)')
                     bad_seen = n_bad_v
                 bad_checked = step
-                if run_v >= tc.max_bad_steps: raise FloatingPointError(f'{int(run_v)} non-finite losses in a row at step {step}; stopping (lower --lr?)')
+                if run_v >= tc.max_bad_steps: raise FloatingPointError(f'{int(run_v)} steps in a row with a non-finite loss or gradient norm, up to step {step}; stopping (lower --lr?)')
             if step % tc.log_interval == 0 or step == tc.max_steps:
                 if device.type == 'cuda': torch.cuda.synchronize()
                 dt = time.perf_counter() - t_last; t_last = time.perf_counter()

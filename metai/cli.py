@@ -9,7 +9,7 @@ __all__ = ['CUSTOM_FLAGS', 'COMMANDS', 'DESCRIPTION', 'USER_ERRORS', 'cmd_prepar
            'usage', 'main']
 
 # %% ../nbs/20_cli.ipynb #1079c0c0
-import os, re, sys, math, inspect, difflib
+import os, re, sys, math, inspect, difflib, warnings
 from typing import Annotated
 from fastcore.script import anno_parser, CliError
 
@@ -358,10 +358,25 @@ def _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_
 def _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, stop):
     "Usage errors for the speculative-decoding flags."
     if draft_model_dir and mtp_speculate: raise UsageError('arguments --draft-model-dir and --mtp-speculate: choose one drafter')
-    if not (draft_model_dir or mtp_speculate): return
+    if not (draft_model_dir or mtp_speculate):
+        if speculate_k: raise UsageError('argument --speculate-k: needs a drafter (--draft-model-dir or --mtp-speculate)')
+        return
     if not 0 <= speculate_k <= 16: raise UsageError(f'argument --speculate-k: must be between 1 and 16 (0 = default), got {speculate_k}')
     if repetition_penalty != 1.0: raise UsageError('argument --repetition-penalty: not supported with speculative decoding')
     if stop: raise UsageError('argument --stop: not supported with speculative decoding')
+
+def _drafter(model_dir, model, tok, draft_model_dir, mtp_speculate, n_prompt:int=0):
+    "The draft model (or None), checked against the target, its tokenizer and the prompt's length; with MTP, that the model has MTP modules."
+    if mtp_speculate and model.cfg.mtp_depth < 1:
+        raise ValueError(f'{os.path.join(model_dir, "config.json")}: mtp_depth=0: the model has no MTP module to draft with '
+                         '(train one with --mtp-depth, or give --draft-model-dir)')
+    if not draft_model_dir: return None
+    from metai.infer.speculative import load_draft_model
+    draft = load_draft_model(draft_model_dir, model, tok)
+    if n_prompt > draft.cfg.max_seq_len:
+        raise ValueError(f'prompt: {n_prompt} tokens do not fit the draft model\'s context of {draft.cfg.max_seq_len} tokens '
+                         f'(max_seq_len in {os.path.join(draft_model_dir, "config.json")})')
+    return draft
 
 def load_for_inference(model_dir:str, # a metai checkpoint, a local Hugging Face checkpoint or a `metai quantize` output
                        device:str='auto' # auto, cpu, cuda or mps
@@ -408,13 +423,14 @@ def cmd_generate(model_dir:str=None, # a model folder: a metai checkpoint, a loc
         field = 'max_position_embeddings' if _is_hf_dir(model_dir) else 'max_seq_len'
         raise ValueError(f'prompt: {len(ids)} tokens do not fit the context of {L} tokens ({field} in {os.path.join(model_dir, "config.json")})')
     stop = _split_stop(stop)
+    draft = _drafter(model_dir, model, tok, draft_model_dir, mtp_speculate, len(ids))  # its errors come before any output
     if compile and dev.type == 'cuda': _compile_notice('generate')
     if draft_model_dir or mtp_speculate:
-        from metai.infer.speculative import speculative_generate, mtp_speculative_generate, load_draft_model, format_stats
+        from metai.infer.speculative import speculative_generate, mtp_speculative_generate, format_stats
         kw = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, eos_id=tok.eos_id, seed=seed,
                   stream=TextStreamer(tok), compile=compile and dev.type == 'cuda')
         print(prompt, end='', flush=True)
-        if draft_model_dir: _, stats = speculative_generate(model, load_draft_model(draft_model_dir, model, tok), ids, max_new_tokens, gamma=speculate_k or 4, **kw)
+        if draft_model_dir: _, stats = speculative_generate(model, draft, ids, max_new_tokens, gamma=speculate_k or 4, **kw)
         else: _, stats = mtp_speculative_generate(model, ids, max_new_tokens, gamma=speculate_k or None, **kw)
         print(); print(format_stats(stats), file=sys.stderr)
         return
@@ -458,8 +474,8 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
     spec = bool(draft_model_dir or mtp_speculate)
     if compile and dev.type == 'cuda': _compile_notice('chat')
     if spec:
-        from metai.infer.speculative import SpeculativeChatSession, load_draft_model, format_stats
-        draft = load_draft_model(draft_model_dir, model, tok) if draft_model_dir else None
+        from metai.infer.speculative import SpeculativeChatSession, format_stats
+        draft = _drafter(model_dir, model, tok, draft_model_dir, mtp_speculate)
         s = SpeculativeChatSession(model, tok, draft=draft, gamma=speculate_k or (4 if draft is not None else None), system=system, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed, compile=compile and dev.type == 'cuda')
     else:
@@ -498,9 +514,10 @@ def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, m
     print(f"{out}: {method}, group size {group_size}, {r['n_linear']} linear layers and {r['n_moe']} MoE layers quantized"
           + (f", {len(r['skipped'])} kept in full precision" if r['skipped'] else '')
           + ('' if r['tokenizer_copied'] else f' (no tokenizer.model in {model_dir}: add one before generating)'))
-    print(f"quantized weights: {fmt_bytes(r['quantized_bytes_before'])} -> {fmt_bytes(r['quantized_bytes_after'])} "
-          f"({r['bits_per_quantized_weight']:.2f} bits/weight, {r['quantized_ratio_vs_bf16']:.2f}x smaller than bf16)")
-    print(f"whole model: {fmt_bytes(r['model_bytes_before'])} -> {fmt_bytes(r['model_bytes_after'])} ({r['model_ratio']:.2f}x)")
+    print(f"quantized weights: {fmt_bytes(r['quantized_bytes_bf16'])} in bf16 -> {fmt_bytes(r['quantized_bytes_after'])} "
+          f"({r['bits_per_quantized_weight']:.2f} bits/weight, {r['quantized_ratio_vs_bf16']:.2f}x smaller)")
+    print(f"whole model in bf16: {fmt_bytes(r['model_bytes_bf16'])} -> {fmt_bytes(r['model_bytes_after_rest_bf16'])} "
+          f"({r['model_ratio_vs_bf16']:.2f}x; what stays in full precision, the embedding first, counts at its bf16 size)")
 
 # %% ../nbs/20_cli.ipynb #ed4eaed2
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
@@ -625,7 +642,10 @@ def main(argv:list=None # the arguments after `metai` (default: `sys.argv[1:]`)
         except UsageError as e:
             print(f'metai {name}: error: {_one_line(e)} (see metai {name} --help)', file=sys.stderr); return 2
         args.pop('pdb', None); args.pop('xtra', None)  # fastcore's hidden flags
-        try: rc = COMMANDS[name](**args)
+        try:
+            with warnings.catch_warnings():  # a library warning is one line too, without the source line under it
+                if not debug: warnings.showwarning = lambda msg, *a, **k: print(f'metai {name}: warning: {_one_line(msg)}', file=sys.stderr, flush=True)
+                rc = COMMANDS[name](**args)
         except UsageError as e:  # a command may find a bad value only after importing what it checks against
             print(f'metai {name}: error: {_one_line(e)} (see metai {name} --help)', file=sys.stderr); return 2
         sys.stdout.flush()

@@ -335,7 +335,7 @@ def test_quantize_then_generate(tiny_run, tmp_path):
     q = tmp_path/'q4'
     rc, out, err = metai('quantize', '--model-dir', tiny_run, '--group-size', 32, '--out', q)
     assert (rc, err) == (0, ''), err
-    assert out.startswith(f'{q}: int4, group size 32,') and 'quantized weights: ' in out and 'whole model: ' in out, out
+    assert out.startswith(f'{q}: int4, group size 32,') and 'quantized weights: ' in out and 'whole model in bf16: ' in out, out
     ratio = float(out.split('bits/weight, ')[1].split('x smaller')[0])
     assert ratio > 3.0, out
     assert json.loads((q/'quant.json').read_text())['group_size'] == 32 and (q/'tokenizer.model').is_file()
@@ -352,7 +352,7 @@ def test_quantize_bad_input(tiny_run, tmp_path):
     rc, out, err = metai('quantize', '--model-dir', tmp_path/'nowhere', '--out', tmp_path/'q')
     assert rc == 1 and 'nowhere/config.json' in one_line(err) and not (tmp_path/'q').exists()
     rc, out, err = metai('quantize', '--model-dir', tiny_run, '--out', tiny_run)
-    assert rc == 1 and 'holds a training run' in one_line(err)
+    assert rc == 1 and 'is the folder being read' in one_line(err)
 
 # --- speculative decoding from the command line ---------------------------------------------------------------------
 
@@ -387,4 +387,19 @@ def test_speculation_flag_errors(tiny_run):
         rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'x', '--device', 'cpu', *extra)
         assert rc == 2 and len(err.strip().splitlines()) == 1, (extra, rc, err)
     rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'x', '--device', 'cpu', '--mtp-speculate')
-    assert rc == 1 and len(err.strip().splitlines()) == 1 and 'mtp' in err.lower(), err   # this model has no MTP module
+    assert rc == 1 and out == '' and one_line(err) == (f'metai generate: error: {tiny_run}/config.json: mtp_depth=0: the model has no MTP '
+                                                       'module to draft with (train one with --mtp-depth, or give --draft-model-dir)'), err
+    rc, out, err = metai('generate', '--model-dir', tiny_run, '--prompt', 'x', '--device', 'cpu', '--speculate-k', 3)
+    assert rc == 2 and '--speculate-k: needs a drafter' in one_line(err), err
+
+def test_draft_with_a_shorter_context(tiny_run, tmp_path):
+    "A draft whose context is shorter than the target's: a one-line warning; a prompt longer than it: an error naming the draft, before any output."
+    d = tmp_path/'short'; d.mkdir()
+    for f in ('model.safetensors', 'tokenizer.model'): shutil.copy(tiny_run/f, d/f)
+    cfg = json.loads((tiny_run/'config.json').read_text()); cfg['max_seq_len'] = 16
+    (d/'config.json').write_text(json.dumps(cfg))
+    rc, out, err = metai('generate', '--model-dir', tiny_run, '--draft-model-dir', d, '--prompt', 'the cat sat on the mat. ' * 4, '--device', 'cpu')
+    lines = err.strip().splitlines()
+    assert rc == 1 and out == '' and len(lines) == 2 and 'Traceback' not in err, err
+    assert lines[0].startswith('metai generate: warning: ') and 'is shorter than the target' in lines[0], err
+    assert lines[1].startswith("metai generate: error: prompt: ") and f"the draft model's context of 16 tokens (max_seq_len in {d}/config.json)" in lines[1], err

@@ -274,3 +274,127 @@ def test_bench_script_trained_dir(tmp_path):
     res = json.load(open(out))
     assert res['model'] == str(d) and res['prompt'] == 'validation text' and res['config']['vocab_size'] == 300
     assert res['variants']['int4-g64']['greedy_match_uncached'] and res['variants']['int4-g64']['tokens_per_s'] > 0
+
+# --- writing over an existing folder, interrupted writes, bad quant.json fields, nothing to quantize -------------------
+
+def test_out_dir_holding_another_model_is_refused(tmp_path):
+    src, other = str(tmp_path / 'fp'), str(tmp_path / 'other')
+    write_ckpt(src, micro()); write_ckpt(other, micro(), seed=1)
+    before = {n: open(os.path.join(other, n), 'rb').read() for n in os.listdir(other)}
+    with pytest.raises(ValueError, match='not empty and not a quantized checkpoint; choose another --out') as e: quantize_dir(src, other)
+    assert 'other' in str(e.value) and '\n' not in str(e.value)
+    assert {n: open(os.path.join(other, n), 'rb').read() for n in os.listdir(other)} == before
+    notes = tmp_path / 'notes'; notes.mkdir(); (notes / 'README').write_text('mine')
+    with pytest.raises(ValueError, match='not empty'): quantize_dir(src, str(notes))
+    q = str(tmp_path / 'q'); quantize_dir(src, q)
+    (tmp_path / 'q' / 'extra.txt').write_text('a file the tool did not write')  # a quantized checkpoint plus something else
+    with pytest.raises(ValueError, match='not empty'): quantize_dir(src, q)
+    assert (tmp_path / 'q' / 'extra.txt').exists()
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(ValueError, match='not a folder'): quantize_dir(src, str(tmp_path / 'file'))
+    empty = tmp_path / 'empty'; empty.mkdir()
+    quantize_dir(src, str(empty))  # an empty folder is fine
+    assert is_quantized_dir(str(empty))
+
+def test_requantize_replaces_without_stale_files(tmp_path):
+    src, bare, dst = str(tmp_path / 'fp'), str(tmp_path / 'bare'), str(tmp_path / 'q')
+    write_ckpt(src, micro()); write_ckpt(bare, micro(), seed=1, tokenizer=False)
+    quantize_dir(src, dst, group_size=64)
+    rep = quantize_dir(bare, dst, group_size=32)
+    assert not rep['tokenizer_copied'] and sorted(os.listdir(dst)) == ['config.json', 'model.int4.safetensors', 'quant.json']
+    assert read_quant_json(dst)['group_size'] == 32
+    lm, qm = load_quantized(dst), quantize_model(load_fp_model(bare), 32)
+    tokens = torch.randint(0, 8192, (1, 7))
+    with torch.no_grad(): assert torch.equal(lm(tokens)[0], qm(tokens)[0])
+    assert sorted(os.listdir(tmp_path)) == ['bare', 'fp', 'q']  # no temp or aside folder left
+
+KILL_SCRIPT = '''
+import os, sys
+import metai.infer.quant as Q
+def dying(model, path, metadata):  # writes half a file, then the process is killed: no cleanup runs
+    open(path, 'wb').write(b'half'); os._exit(9)
+Q._save_state = dying
+Q.quantize_dir(sys.argv[1], sys.argv[2], group_size=32)
+'''
+
+def test_killed_quantize_leaves_the_old_checkpoint(tmp_path):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro())
+    quantize_dir(src, dst, group_size=64)
+    good = {n: open(os.path.join(dst, n), 'rb').read() for n in os.listdir(dst)}
+    r = subprocess.run([sys.executable, '-c', KILL_SCRIPT, src, dst], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 9, r.stderr
+    assert {n: open(os.path.join(dst, n), 'rb').read() for n in os.listdir(dst)} == good  # the old checkpoint, whole
+    left = [n for n in os.listdir(tmp_path) if n not in ('fp', 'q')]
+    assert len(left) == 1 and left[0].startswith('.q.tmp')  # the killed run's temp folder, invisible to loaders
+    assert read_quant_json(dst)['group_size'] == 64 and load_quantized(dst) is not None
+    quantize_dir(src, dst, group_size=32)  # the next run removes it
+    assert sorted(os.listdir(tmp_path)) == ['fp', 'q'] and read_quant_json(dst)['group_size'] == 32
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro())
+    quantize_dir(src, dst, group_size=64)
+    good = {n: open(os.path.join(dst, n), 'rb').read() for n in os.listdir(dst)}
+    with pytest.raises(FileNotFoundError):
+        save_quantized(quantize_model(load_fp_model(src), 32), dst, tokenizer=str(tmp_path / 'missing.model'))
+    assert {n: open(os.path.join(dst, n), 'rb').read() for n in os.listdir(dst)} == good
+    assert sorted(os.listdir(tmp_path)) == ['fp', 'q']
+    fresh = str(tmp_path / 'fresh')
+    with pytest.raises(FileNotFoundError): save_quantized(quantize_model(load_fp_model(src), 32), fresh, tokenizer=str(tmp_path / 'missing.model'))
+    assert not os.path.exists(fresh) and sorted(os.listdir(tmp_path)) == ['fp', 'q']
+
+@pytest.mark.parametrize('old,new,msg', [
+    ('"scale_dtype": "bfloat16"', '"scale_dtype": "nonsense"', "field 'scale_dtype' is 'nonsense'"),
+    ('"scale_dtype": "bfloat16"', '"scale_dtype": "Tensor"', "field 'scale_dtype' is 'Tensor'"),
+    ('"scale_dtype": "bfloat16"', '"scale_dtype": 3', "field 'scale_dtype' is 3"),
+    ('"weights": "model.int4.safetensors"', '"weights": "../x.safetensors"', "field 'weights' is '../x.safetensors'"),
+    ('"weights": "model.int4.safetensors"', '"weights": "/tmp/x.safetensors"', "field 'weights'"),
+    ('"weights": "model.int4.safetensors"', '"weights": ".."', "field 'weights'")])
+def test_bad_quant_json_fields(tmp_path, old, new, msg):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro(), tokenizer=False)
+    quantize_dir(src, dst)
+    qpath = os.path.join(dst, 'quant.json'); text = open(qpath).read()
+    assert old in text
+    open(qpath, 'w').write(text.replace(old, new))
+    with pytest.raises(ValueError, match=msg) as e: load_quantized(dst)
+    assert 'quant.json' in str(e.value) and '\n' not in str(e.value)
+
+def test_quant_json_without_scale_dtype_reads_as_bf16(tmp_path):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro(), tokenizer=False)
+    quantize_dir(src, dst)
+    qpath = os.path.join(dst, 'quant.json'); qc = json.load(open(qpath)); del qc['scale_dtype']
+    open(qpath, 'w').write(json.dumps(qc))
+    assert load_quantized(dst).layers[0].attn.wq.scales.dtype == torch.bfloat16
+
+def test_nothing_to_quantize_is_refused(tmp_path):
+    cfg = ModelConfig(vocab_size=256, dim=64, n_layers=1, n_heads=8, n_kv_heads=1, ffn_dim=128, max_seq_len=64)  # inputs 64, 128
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, cfg)
+    with pytest.raises(ValueError, match='group_size=256: no layer could be quantized at this group size') as e:
+        quantize_dir(src, dst, group_size=256)
+    assert '\n' not in str(e.value) and not os.path.exists(dst) and sorted(os.listdir(tmp_path)) == ['fp']
+    with pytest.raises(ValueError, match='no layer could be quantized'): quantize_model(Transformer(cfg), 256, include_head=True)
+    assert quantize_dir(src, dst, group_size=64)['n_linear'] == 7  # q k v o, w1 w2 w3
+    with pytest.raises(ValueError, match='scale_dtype'): quantize_model(Transformer(cfg), 64, scale_dtype=torch.float64)
+
+def test_byte_report_bf16_fields(tmp_path):
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, micro())
+    r = quantize_dir(src, dst, group_size=64)
+    assert r['dtype_before'] == 'float32'
+    assert r['quantized_bytes_before'] == 2 * r['quantized_bytes_bf16'] and r['model_bytes_before'] == 2 * r['model_bytes_bf16']
+    assert r['quantized_ratio_vs_bf16'] == r['quantized_bytes_bf16'] / r['quantized_bytes_after']
+    assert r['model_ratio_vs_bf16'] == r['model_bytes_bf16'] / r['model_bytes_after_rest_bf16']
+    rest = r['model_bytes_before'] - r['quantized_bytes_before']  # embedding and norms, fp32
+    assert r['model_bytes_after'] == rest + r['quantized_bytes_after'] and r['model_bytes_after_rest_bf16'] == rest // 2 + r['quantized_bytes_after']
+    assert r['weights_file_bytes'] == os.path.getsize(os.path.join(dst, 'model.int4.safetensors'))
+    assert abs(r['weights_file_bytes'] - r['model_bytes_after']) < 0.01 * r['model_bytes_after']  # plus the safetensors header
+    m = Transformer(micro())  # tied head quantized: the embedding stays, in full precision
+    qr = quantize_model(copy.deepcopy(m), 64, include_head=True).quant_config['report']
+    emb = m.embed.weight.numel()
+    assert qr['model_bytes_after'] == qr['model_bytes_before'] - qr['quantized_bytes_before'] + 4 * emb + qr['quantized_bytes_after']
+    assert qr['model_bytes_after_rest_bf16'] == qr['model_bytes_bf16'] - qr['quantized_bytes_bf16'] + 2 * emb + qr['quantized_bytes_after']

@@ -294,7 +294,7 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
     st.update(gamma=gamma, new_tokens=int(out_len.sum()), seconds=secs, tokens_per_s=int(out_len.sum()) / max(secs, 1e-9),
               acceptance_rate=st['accepted'] / max(st['tested'], 1),     # per draft the target looked at: Leviathan's α
               accepted_per_drafted=st['accepted'] / max(st['drafted'], 1),
-              tokens_per_target_forward=float((n - P_).sum()) / max(st['row_rounds'], 1),
+              tokens_per_target_forward=float(out_len.sum()) / max(st['row_rounds'], 1),  # tokens kept, not those a last round made past the end
               cached=np.minimum(c, kept).tolist(),                      # per row: positions the target's cache holds
               draft_cached=np.maximum(0, np.minimum(cd, kept - D)).tolist())  # ... and the drafter's (for a chat's next turn)
     return (out[0] if single else out), st

@@ -1,5 +1,6 @@
 """Tests for metai.infer.speculative: greedy speculative output == plain greedy output (draft model and MTP, dense and
-MLA/MoE, gamma 1..8), sampled output follows the target's distribution (chi-square, and wrong rules are caught), caches
+MLA/MoE, gamma 1..8), sampled output follows the target's distribution (chi-square, and wrong rules are caught; every
+position of whole rounds, gamma 1..8, plain and top-k/top-p, against exact marginals), caches
 are rolled back and kept in sync, chat across turns, loading a draft model, bad input, and the benchmark script."""
 import os, sys, copy, json, shutil, subprocess
 import pytest
@@ -201,6 +202,79 @@ def test_mtp_sampling_distribution():
         out = torch.tensor(mtp_speculative_generate(m, [prompt] * 20_000, 2, gamma=g, temperature=1.0, seed=g)[0])
         assert chisquare_pvalue(torch.bincount(out[:, 0], minlength=V), p1) > 1e-3
         assert chisquare_pvalue(torch.bincount(out[:, 1], minlength=V), p2) > 1e-3
+
+# ---------------------------------------------------------------------------------------------------- whole rounds, exact marginals
+# Every position of a whole round (the accepted drafts, the residual's draw and the bonus token) against the target's exact
+# marginal distribution at that position. With 4 tokens the prefix tree of 9 new tokens is small enough to enumerate, so the
+# marginals are exact (up to fp rounding), with the same `logits_to_probs` (temperature, then top-k, then top-p) that
+# `speculative_generate` uses for the target. All prompts are the same, so every row plays its first round (after MTP's plain
+# first step: its second) at the same positions. One Pearson chi-square test per (case, position); Bonferroni over all of them:
+# each p-value must exceed ALPHA / N_TESTS, so a correct implementation fails this section with probability < ALPHA (seeds
+# fixed: deterministic).
+
+V4, N_ROWS, ALPHA, PROMPT4 = 4, 10_000, 1e-3, [1, 2, 3]
+def small4(seed, **kw):
+    return build(ModelConfig(vocab_size=V4, dim=8, n_layers=1, n_heads=1, ffn_dim=16, max_seq_len=32, init_std=0.5, **kw), seed)
+
+TOPK, TOPP = dict(temperature=0.8, top_k=2), dict(temperature=0.7, top_p=0.9)   # truncated sampling (both models'); TOPP: the chat default
+DRAFT_CASES = [(g, {}) for g in range(1, 9)] + [(g, TOPK) for g in (1, 3, 5, 8)] + [(g, TOPP) for g in (2, 4, 7)]
+MTP_CASES = [(g, {}) for g in range(1, 9)] + [(3, TOPK), (6, TOPP)]             # mtp_depth 1: any gamma >= 1 (the module repeats)
+N_TESTS = sum(g + 1 for g, _ in DRAFT_CASES) + sum(g + 2 for g, _ in MTP_CASES)   # positions tested, all cases together
+def case_id(c): return f"g{c[0]}" + ''.join(f"-{k}{v}" for k, v in c[1].items())
+
+@pytest.fixture
+def one_thread():
+    "Tiny matmuls on many rows: one thread is several times faster than two on a busy 2-core machine."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def exact_marginals(model, prompt, K, temperature=1.0, top_k=None, top_p=None):
+    "(K, V) float64: the exact distribution of each of the first K new tokens that `model` samples with these settings."
+    seqs, w, out = torch.tensor([prompt]), torch.ones(1, dtype=torch.float64), []   # the prefixes and their probabilities
+    for k in range(K):
+        lg = torch.cat([model(s)[0][:, -1] for s in seqs.split(4096)])               # plain forwards, no cache
+        joint = w[:, None] * logits_to_probs(lg, temperature, top_k, top_p).double()  # (prefixes, V) prefix and next token
+        out.append(joint.sum(0))
+        w, keep = joint.flatten(), joint.flatten() > 0                                 # tokens top-k/top-p cut: never extended
+        seqs = torch.cat([seqs.repeat_interleave(V4, 0), torch.arange(V4).repeat(len(seqs))[:, None]], 1)[keep]; w = w[keep]
+    return torch.stack(out)
+
+@pytest.fixture(scope='module')
+def models4():
+    with torch.no_grad():
+        t = small4(0)
+        return dict(target=t, draft=noisy_copy(t, 0.3), mtp=small4(0, mtp_depth=1), marginals={})
+
+def marginals4(models4, kind, K, kw):
+    key = (kind, tuple(sorted(kw.items())))
+    if key not in models4['marginals'] or len(models4['marginals'][key]) < K:
+        models4['marginals'][key] = exact_marginals(models4[kind], PROMPT4, max(K, 10 if kind == 'mtp' else 9), **kw)
+    return models4['marginals'][key][:K]
+
+def check_positions(out, ms, what):
+    "One chi-square test per position of `out` (N, K) against the exact marginals `ms` (K, V)."
+    out = torch.tensor(out)
+    assert out.shape == (N_ROWS, len(ms)), (what, out.shape)
+    assert ((ms > 0.01).sum(1) >= 2).all(), (what, ms)   # no position is (nearly) certain: each test can fail
+    pv = [chisquare_pvalue(torch.bincount(out[:, j], minlength=V4), ms[j]) for j in range(len(ms))]
+    assert min(pv) > ALPHA / N_TESTS, (what, ['%.1e' % p for p in pv])
+
+@pytest.mark.parametrize('gamma,kw', DRAFT_CASES, ids=[case_id(c) for c in DRAFT_CASES])
+def test_whole_round_follows_target(models4, one_thread, gamma, kw):
+    "Draft model: new tokens 1..gamma+1 (a whole first round, bonus token included) each follow the target's exact marginal."
+    t, d = models4['target'], models4['draft']
+    out, st = speculative_generate(t, d, [PROMPT4] * N_ROWS, gamma + 1, gamma=gamma, seed=1000 + gamma, **{'temperature': 1.0, **kw})
+    assert st['accept_counts'][gamma] > 0 and st['accept_counts'][0] > 0   # rounds end with the bonus token and at a rejection
+    check_positions(out, marginals4(models4, 'target', gamma + 1, kw), (gamma, kw))
+
+@pytest.mark.parametrize('gamma,kw', MTP_CASES, ids=[case_id(c) for c in MTP_CASES])
+def test_mtp_whole_round_follows_target(models4, one_thread, gamma, kw):
+    "MTP (depth 1): a plain first step (no h^0 yet), then a whole round: new tokens 1..gamma+2 each follow the exact marginal."
+    m = models4['mtp']
+    out, st = mtp_speculative_generate(m, [PROMPT4] * N_ROWS, gamma + 2, gamma=gamma, seed=2000 + gamma, **{'temperature': 1.0, **kw})
+    assert st['accept_counts'][gamma] > 0 and st['accept_counts'][0] > 0
+    check_positions(out, marginals4(models4, 'mtp', gamma + 2, kw), (gamma, kw))
 
 # ---------------------------------------------------------------------------------------------------- chat, loading, errors
 

@@ -154,7 +154,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     print(f"model: {preset} preset{changed}: {fmt_num(cfg.num_params(), 2)} parameters ({fmt_num(cfg.active_params(), 2)} active), "
           f"{cfg.attn_type}, {'MoE' if cfg.is_moe else 'dense'}, vocab {cfg.vocab_size:,}")
     print(f"train: {steps:,} steps x {tok_step:,} tokens ({a['batch_size']} x {a['seq_len']} x {a['grad_accum']}) = {fmt_num(steps * tok_step, 2)} tokens, "
-          f"lr {a['lr']:g} {a['schedule']} (warmup {a['warmup']}), eval every {a['eval_interval']}, "
+          f"lr {a['lr']:g} {a['schedule']} (warmup {a['warmup']}{': longer than the run, the peak is never reached' if a['warmup'] >= steps else ''}), eval every {a['eval_interval']}, "
           f"device {where}{', resuming' if ck else ''} -> {out}", flush=True)
     if a['distill_from']: print(f"distill: from {a['distill_from']}, weight {a['distill_weight']:g}, temperature {a['distill_temperature']:g}", flush=True)
     s = train(cfg, tc, resume=a['resume'])
@@ -164,6 +164,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
         print(f"interrupted ({s.get('signal') or 'SIGINT'}) at step {s['step']:,}: checkpoint saved in {out}; continue with the same command plus --resume", file=sys.stderr)
         return 143 if s.get('signal') == 'SIGTERM' else 130
     H = unigram_entropy(os.path.join(data_dir, 'train.bin'), cfg.vocab_size, meta['dtype'])
+    if s['step'] > steps: print(f"nothing to train: the checkpoint is at step {s['step']:,}, past --steps {steps:,}")
     print(f"done: step {s['step']:,} of {steps:,}, {fmt_num(s['tokens'], 2)} tokens; this session {fmt_duration(s['seconds'])} "
           f"at {s['tokens_per_s']:,.0f} tokens/s (evals included) -> {out}")
     print(f"val loss {s['val_loss']:.3f} nats/token ({s['val_bpb']:.3f} bits/byte) vs unigram entropy {H:.3f} nats/token of the training tokens")

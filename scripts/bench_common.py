@@ -148,6 +148,7 @@ def graph_shape(g:torch.cuda.CUDAGraph, path:str) -> dict:
     """Write a captured graph (captured after `g.enable_debug_mode()`) as DOT (cudaGraphDebugDotPrint) to `path` and
     count its nodes by type and its shape: a straight line has no node with two inputs (joins) or two outputs (forks)."""
     g.debug_dump(path)
+    if not os.path.exists(path): return dict(error='no DOT file written (capture with CUDAGraph(keep_graph=True) and enable_debug_mode())')
     text = open(path).read()
     types, ins, outs = {}, {}, {}
     for k in re.findall(_NODE_KINDS, text): types[k] = types.get(k, 0) + 1

@@ -72,8 +72,9 @@ def main():
         s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s): chain(kind, a.every * 2, a.every, bufs)  # compile and warm every operation first
         torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph(); g.enable_debug_mode()
+        g = torch.cuda.CUDAGraph(keep_graph=True); g.enable_debug_mode()  # kept: the DOT dump needs the cudaGraph_t
         with torch.cuda.graph(g): chain(kind, a.nodes, a.every, bufs)
+        g.instantiate()
         shape = graph_shape(g, os.path.join(tempfile.mkdtemp(), f'{kind}.dot'))  # what the capture made of it
         for _ in range(3): g.replay()
         torch.cuda.synchronize()

@@ -71,9 +71,10 @@ def main():
     if cuda: time_host_calls()
     graphs, now = [], ['setup']  # with --graph-dump: (case being measured, graph) for every capture
     if cuda and a.graph_dump:
-        begin = torch.cuda.CUDAGraph.capture_begin
-        def capture_begin(self, *args, **kw): self.enable_debug_mode(); graphs.append((now[0], self)); return begin(self, *args, **kw)
-        torch.cuda.CUDAGraph.capture_begin = capture_begin
+        class KeptGraph(torch.cuda.CUDAGraph):  # every graph the library captures keeps its cudaGraph_t: the DOT dump needs it
+            def __new__(cls, keep_graph=True): return super().__new__(cls, True)
+            def capture_begin(self, *args, **kw): self.enable_debug_mode(); graphs.append((now[0], self)); return super().capture_begin(*args, **kw)
+        torch.cuda.CUDAGraph = KeptGraph
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = dict(card=card_info(dev), settings=vars(a), cases={})
     t, d = build('spec-target', dev, a, mtp_depth=1), build('spec-draft', dev, a)

@@ -233,6 +233,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'metai/infer/generate.py'),
                                       'metai.infer.generate._rows': ('generate.html#_rows', 'metai/infer/generate.py'),
                                       'metai.infer.generate._seeded': ('generate.html#_seeded', 'metai/infer/generate.py'),
+                                      'metai.infer.generate._stop_list': ('generate.html#_stop_list', 'metai/infer/generate.py'),
                                       'metai.infer.generate._to_host': ('generate.html#_to_host', 'metai/infer/generate.py'),
                                       'metai.infer.generate.apply_repetition_penalty': ( 'generate.html#apply_repetition_penalty',
                                                                                          'metai/infer/generate.py'),

@@ -295,6 +295,10 @@ class Detokenizer:
         "Whatever is left (an unfinished character becomes U+FFFDs); ready for a new stream."
         s = self.utf8.decode(b'', final=True); self.utf8.reset(); return s
 
+def _stop_list(stop_strings) -> list:
+    "Stop strings as a list: None is none, and one string is one stop string (not its characters)."
+    return [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+
 class TextStreamer:
     "Print generated text as it arrives: whole characters only, and never a stop string (text that could begin one waits)."
     def __init__(self, tok:Tokenizer, # the tokenizer
@@ -303,7 +307,7 @@ class TextStreamer:
                  skip_special:bool=False # drop special tokens instead of writing their strings
                 ):
         self.tok, self.skip_special = tok, skip_special
-        self.stop_strings = [s for s in ([stop_strings] if isinstance(stop_strings, str) else stop_strings or []) if s]
+        self.stop_strings = [s for s in _stop_list(stop_strings) if s]
         self.out = out or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         self.reset()
 
@@ -325,7 +329,7 @@ def cut_at_stop(text:str, # decoded text
                 stop_strings=None # strings that end the text
                ) -> str:
     "`text` up to (not including) the first stop string."
-    hits = [i for i in (text.find(s) for s in ([stop_strings] if isinstance(stop_strings, str) else stop_strings or []) if s) if i >= 0]
+    hits = [i for i in (text.find(s) for s in _stop_list(stop_strings) if s) if i >= 0]
     return text[:min(hits)] if hits else text
 
 # %% ../../nbs/10_generate.ipynb #029e8d7a
@@ -405,7 +409,7 @@ def generate(model, # a metai `Transformer` (eval mode)
     rows, single = _rows(prompt_ids, cfg.vocab_size)
     _check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     stop_ids = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, numbers.Integral) else {int(i) for i in eos_id}
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])  # one string is one stop string
+    stop_strings = _stop_list(stop_strings)
     if any(not isinstance(s, str) or not s for s in stop_strings): raise ValueError(f'stop_strings: must be non-empty strings, got {stop_strings!r}')
     if stop_strings and tokenizer is None: raise ValueError('stop_strings: needs tokenizer= to decode the output')
     B, P, L = len(rows), [len(r) for r in rows], cfg.max_seq_len

@@ -15,6 +15,7 @@ import os, re, json, math, time, random, signal, shutil
 from dataclasses import dataclass, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from ..core import get_device, autocast, seed_everything, atomic_path, atomic_write_text, fmt_num
 from ..config import ModelConfig
@@ -101,7 +102,7 @@ def save_checkpoint(out_dir:str, model:nn.Module, cfg:ModelConfig, tc:TrainConfi
         tok = os.path.join(out_dir, 'tokenizer.model')  # so that each checkpoint folder is a model folder `generate` loads
         if os.path.exists(tok): _link_or_copy(tok, os.path.join(tmp, 'tokenizer.model'))
         shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final)
-    except Exception as e:  # a full disk shows up as RuntimeError (torch.save) or SafetensorError: one line, the last checkpoint kept
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: OSError, RuntimeError (torch.save), SafetensorError; the last checkpoint kept
         raise OSError(f'{final}: checkpoint not written ({type(e).__name__}: {" ".join(str(e).split())[:160]}); '
                       'the previous checkpoint is intact (a full disk?)') from None
     finally: shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,7 @@
 import json, math, os, dataclasses
 import pytest, torch
 from hypothesis import given, settings, assume, strategies as st, HealthCheck
-from metai.config import ModelConfig, ConfigError, PRESETS, DTYPE_BITS, presets_table
+from metai.config import ModelConfig, ConfigError, PRESETS, DTYPE_BITS, SHAPE_FIELDS, presets_table
 
 # ---------------------------------------------------------------- exact numbers (spec §2, §3, §6, §9)
 
@@ -279,9 +279,12 @@ def test_json_round_trip(tmp_path, name):
 def test_json_nested_dir_and_defaults(tmp_path):
     p = ModelConfig.preset('micro').to_json(tmp_path/'a'/'b'/'config.json')
     assert os.path.exists(p)
-    (tmp_path/'min.json').write_text('{"dim": 128, "rope_theta": 10000}')
+    (tmp_path/'min.json').write_text('{"dim": 128, "rope_theta": 10000}')         # shape fields left out: refused
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/min.json: missing fields 'vocab_size', 'n_layers'"): ModelConfig.from_json(tmp_path/'min.json')
+    d = {f: getattr(ModelConfig(dim=128), f) for f in SHAPE_FIELDS}               # only the shape fields: the rest default
+    (tmp_path/'min.json').write_text(json.dumps({**d, 'rope_theta': 10000}))
     c = ModelConfig.from_json(tmp_path/'min.json')
-    assert c.dim == 128 and c.n_layers == ModelConfig().n_layers and type(c.rope_theta) is float and c == ModelConfig(dim=128)
+    assert c.dim == 128 and type(c.rope_theta) is float and c == ModelConfig(dim=128)
 
 def write_cfg(tmp_path, d, name='config.json'):
     p = tmp_path/name; p.write_text(json.dumps(d, indent=2)); return p

@@ -146,6 +146,56 @@ def test_existing_checkpoint_without_resume_is_refused(corpus, ref):
     assert rc == 1 and 'already holds a checkpoint' in msg and '--resume' in msg, msg
     assert snapshot(ref) == before
 
+@pytest.mark.parametrize('flag, value, saved', [('--batch-size', 4, 8), ('--seq-len', 64, 128), ('--grad-accum', 2, 1)])
+def test_resume_with_another_batch_geometry_is_refused(corpus, ref, flag, value, saved):
+    "An exact resume keeps the checkpoint's batch size, sequence length and accumulation: one line naming the flag and both values."
+    before = snapshot(ref)
+    rc, o, e = metai(*train_args(corpus, ref, 96, '--resume', '--steps', N + 10, flag, value))
+    msg = one_line(e)
+    assert rc == 1 and f'train_config.json: the checkpoint was trained with {flag} {saved}, this run asks for {flag} {value}' in msg, msg
+    assert snapshot(ref) == before
+
+def test_batch_sizes_that_cannot_fit_are_one_line(corpus, ref, tmp_path):
+    "A batch whose logits alone exceed the machine's memory, or that holds more windows than the data: refused, naming --batch-size."
+    data = corpus[0]/'data'; before = snapshot(data)
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--batch-size', 10**12))
+    msg = one_line(e)
+    assert rc == 1 and '--batch-size 1000000000000 x --seq-len 128: the logits of one micro-batch alone would take' in msg, msg
+    assert not (tmp_path/'x').exists() and snapshot(data) == before          # refused before the data are touched
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--batch-size', 3000))   # 786 MB of logits: fits, but the data make fewer windows
+    msg = one_line(e)
+    assert rc == 1 and msg.startswith('metai train-custom: error: --batch-size 3000: a micro-batch would hold every one of the ') and \
+        'windows of 128 tokens (--seq-len)' in msg, msg
+    assert not (tmp_path/'x'/'metrics.jsonl').exists() and not (tmp_path/'x'/'checkpoints').exists()
+
+def oom_at_first_step(error):
+    "A Transformer whose training forward raises `error`, as an allocation that fails would."
+    from metai.model.transformer import Transformer
+    class Oom(Transformer):
+        def forward(self, tokens, targets=None, **kw):
+            if targets is not None and self.training: raise error
+            return super().forward(tokens, targets, **kw)
+    return Oom
+
+@pytest.mark.parametrize('error, detail', [
+    (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.20 GiB is free.'),
+     '(CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.20 GiB is free.)'),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 819200000 bytes."),
+     "(DefaultCPUAllocator: can't allocate memory: you tried to allocate 819200000 bytes.)"),
+    (MemoryError(), '(MemoryError)')])
+def test_out_of_memory_in_a_step_is_one_line(corpus, tmp_path, monkeypatch, capsys, error, detail):
+    "Running out of memory in a step: one line naming --batch-size and --seq-len, exit code 1; any other RuntimeError stays a bug."
+    import metai.train.loop as loop
+    from metai.cli import main
+    monkeypatch.setenv('METAI_PLAIN', '1'); monkeypatch.delenv('METAI_DEBUG', raising=False)
+    monkeypatch.setattr(loop, 'Transformer', oom_at_first_step(error))
+    rc = main([str(a) for a in train_args(corpus, tmp_path/'x', 64)])
+    msg = one_line(capsys.readouterr().err)
+    assert rc == 1 and msg == ('metai train-custom: error: out of memory in the first step on cpu with --batch-size 8 x --seq-len 128: '
+                               f'lower --batch-size or --seq-len (a larger --grad-accum keeps the tokens per step) {detail}'), msg
+    monkeypatch.setattr(loop, 'Transformer', oom_at_first_step(RuntimeError('mat1 and mat2 shapes cannot be multiplied')))
+    with pytest.raises(RuntimeError, match='mat1 and mat2'): main([str(a) for a in train_args(corpus, tmp_path/'y', 64)])
+
 @pytest.fixture
 def run_copy(ref, tmp_path):
     "A copy of the finished run (hard links become separate files) to damage."
@@ -286,6 +336,24 @@ def test_generate_and_plot(ref, tmp_path):
     png = tmp_path/'curves.png'
     rc, o, e = metai('plot', ref, '--out', png)
     assert (rc, o, e) == (0, f'{png}\n', '') and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+def test_plot_out_is_a_file_or_a_folder(ref, tmp_path):
+    "--out names the PNG, or an existing folder that receives loss.png (like cp's target); a folder that is not there is one line."
+    rc, o, e = metai('plot', ref, '--out', f'{tmp_path}/')
+    assert (rc, o, e) == (0, f'{tmp_path}/loss.png\n', '') and (tmp_path/'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    (tmp_path/'plots').mkdir()
+    assert metai('plot', ref, '--out', tmp_path/'plots') == (0, f"{tmp_path/'plots'/'loss.png'}\n", '')
+    rc, o, e = metai('plot', ref, '--out', f'{tmp_path}/new/')
+    assert rc == 1 and one_line(e) == f'metai plot: error: {tmp_path}/new/: no such folder', e
+    rc, o, e = metai('plot', ref, '--out', tmp_path/'no'/'such'/'x.png')
+    assert rc == 1 and one_line(e) == f"metai plot: error: {tmp_path/'no'/'such'/'x.png'}: no such folder {tmp_path/'no'/'such'}", e
+    before = snapshot(ref)
+    rc, o, e = metai('plot', ref, '--out', ref/'metrics.jsonl')
+    assert rc == 1 and one_line(e).endswith('metrics.jsonl: is the metrics file being plotted; write the plot elsewhere'), e
+    assert snapshot(ref) == before
+    rc, o, e = metai('plot', ref, '--out', '')
+    assert rc == 2 and '--out: must not be empty' in one_line(e), e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['loss.png', 'plots']
 
 def test_train_micro_help_lists_the_flags():
     rc, o, e = metai('train-micro', '--help')

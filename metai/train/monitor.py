@@ -5,7 +5,7 @@ that plots, resumes and other tools read."""
 
 # %% auto #0
 __all__ = ['SPARKS', 'HIST', 'SPARK_W', 'KNOWN', 'sparkline', 'fmt_duration', 'rss_gb', 'imbalance', 'metrics_path',
-           'read_metrics', 'truncate_metrics', 'Monitor', 'plot_metrics']
+           'read_metrics', 'truncate_metrics', 'Monitor', 'plot_path', 'plot_metrics']
 
 # %% ../../nbs/14_monitor.ipynb #e5f482f5
 import os, sys, json, math, time, threading
@@ -299,11 +299,27 @@ def _smooth(y, h:int):
     i = np.arange(len(y)); lo, hi = np.maximum(0, i - h), np.minimum(len(y), i + h + 1)
     return (c[hi] - c[lo]) / (hi - lo)
 
+def plot_path(path:str|None, # the PNG asked for, an existing folder to write loss.png into, or None
+              mpath:str # the metrics file being plotted
+             ) -> str:
+    "Where the plot goes: `path`; `path/loss.png` when `path` is a folder (like `cp FILE DIR/`); loss.png beside `mpath` by default."
+    if not path: return os.path.join(os.path.dirname(os.path.abspath(mpath)), 'loss.png')
+    path = os.fspath(path)
+    if os.path.isdir(path): path = os.path.join(path, 'loss.png')
+    elif path.endswith(('/', os.sep)): raise FileNotFoundError(f'{path}: no such folder')
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f'{path}: no such folder {parent}' if not os.path.exists(parent) else f'{path}: {parent} is not a folder')
+    if os.path.exists(mpath) and os.path.exists(path) and os.path.samefile(path, mpath):
+        raise ValueError(f'{path}: is the metrics file being plotted; write the plot elsewhere')
+    return path
+
 def plot_metrics(out_dir:str, # a run folder (or its metrics.jsonl)
-                 path:str|None=None # the PNG to write (default: loss.png beside metrics.jsonl)
+                 path:str|None=None # the PNG to write, or a folder to write loss.png into (default: loss.png beside metrics.jsonl)
                 ) -> str:
     "Plot train and validation loss (and lr) from the run's metrics.jsonl into a PNG; returns its path."
     mpath = metrics_path(out_dir)
+    path = plot_path(path, mpath)   # a bad output is refused before the log is read
     recs = read_metrics(out_dir)
     if not recs: raise ValueError(f'{mpath}: empty file, nothing to plot')
     num = lambda r, k: _is_num(r.get(k)) and math.isfinite(r[k])
@@ -338,6 +354,7 @@ def plot_metrics(out_dir:str, # a run folder (or its metrics.jsonl)
         axs[1].plot([r['step'] for r in lr], [r['lr'] for r in lr], color='C3', lw=1.2)
         axs[1].set_ylabel('lr'); axs[1].grid(alpha=0.3); axs[1].ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
     axs[-1].set_xlabel('step')
-    path = path or os.path.join(os.path.dirname(os.path.abspath(mpath)), 'loss.png')
-    with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
+    try:
+        with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
+    except OSError as e: raise OSError(f'{path}: cannot write the plot ({e.strerror or e})') from None  # not the temporary file's name
     return path

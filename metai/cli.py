@@ -101,7 +101,7 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     from metai.core import fmt_num, get_device
     from metai.data.corpus import prepare_data
     from metai.train.loop import (TrainConfig, train, latest_checkpoint, check_config_matches, unigram_entropy, sample_text, check_teacher_dir,
-                                  COMPILE_MODES, CUDA_GRAPH_MODES)
+                                  check_batch_matches, check_batch_fits, COMPILE_MODES, CUDA_GRAPH_MODES)
     from metai.train.monitor import plot_metrics, fmt_duration
     _check_positive(steps=a['steps'], tokens=a['tokens'], batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
                     lr=a['lr'], eval_interval=a['eval_interval'], eval_batches=a['eval_batches'], log_interval=a['log_interval'],
@@ -125,14 +125,22 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     if os.path.exists(out) and not os.path.isdir(out): raise ValueError(f'{out}: --output-dir is a file, not a folder')
     data_dir = a['data_dir'] or os.path.join(out, 'data')
 
-    # 1. the model config, checked against an existing checkpoint before any file is touched
+    # 1. the model config and the run's settings, checked against an existing checkpoint before any file is touched
     cfg = ModelConfig.preset(preset, **{**model, 'vocab_size': a['vocab_size']})
     if a['seq_len'] > cfg.max_seq_len:
         raise UsageError(f"argument --seq-len: {a['seq_len']} is longer than the model's context (max_seq_len={cfg.max_seq_len})")
+    tok_step = a['batch_size'] * a['seq_len'] * a['grad_accum']
+    steps = -(-a['tokens'] // tok_step) if a['tokens'] else a['steps']
+    tc = TrainConfig(out_dir=out, data_dir=data_dir, batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
+                     max_steps=steps, lr=a['lr'], warmup_steps=a['warmup'], schedule=a['schedule'], eval_interval=a['eval_interval'],
+                     eval_batches=a['eval_batches'], log_interval=a['log_interval'], seed=a['seed'], device=dev,
+                     compile=a['compile'], compile_mode=a['compile_mode'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'],
+                     distill_from=a['distill_from'] or '', distill_weight=a['distill_weight'], distill_temperature=a['distill_temperature'])
     ck = latest_checkpoint(out) if os.path.isdir(out) else None
     if ck and not a['resume']: raise ValueError(f'{out}: already holds a checkpoint ({ck}); pass --resume to continue it, or choose another --output-dir')
     if a['resume'] and not ck: raise ValueError(f'{out}: --resume given but there is no checkpoint to resume')
-    if ck: check_config_matches(os.path.join(ck, 'config.json'), cfg)
+    if ck: check_config_matches(os.path.join(ck, 'config.json'), cfg); check_batch_matches(os.path.join(ck, 'train_config.json'), tc)
+    check_batch_fits(cfg, tc, device=get_device(dev))  # a micro-batch whose logits alone exceed the memory; the window count needs the data
     if a['distill_from']: check_teacher_dir(a['distill_from'], a['seq_len'])  # what can be checked before the data are built
 
     # 2. the data: tokenizer and token files, reused when the inputs and settings hash the same
@@ -141,13 +149,6 @@ def run_training(preset:str, # the ModelConfig preset the model starts from
     cfg = dataclasses.replace(cfg, vocab_size=meta['tokenizer']['vocab_size']).validate()
 
     # 3. the run
-    tok_step = a['batch_size'] * a['seq_len'] * a['grad_accum']
-    steps = -(-a['tokens'] // tok_step) if a['tokens'] else a['steps']
-    tc = TrainConfig(out_dir=out, data_dir=data_dir, batch_size=a['batch_size'], seq_len=a['seq_len'], grad_accum=a['grad_accum'],
-                     max_steps=steps, lr=a['lr'], warmup_steps=a['warmup'], schedule=a['schedule'], eval_interval=a['eval_interval'],
-                     eval_batches=a['eval_batches'], log_interval=a['log_interval'], seed=a['seed'], device=dev,
-                     compile=a['compile'], compile_mode=a['compile_mode'], deterministic=a['deterministic'], sample_prompt=a['sample_prompt'],
-                     distill_from=a['distill_from'] or '', distill_weight=a['distill_weight'], distill_temperature=a['distill_temperature'])
     where, n = get_device(dev).type, torch.get_num_threads()
     if where == 'cpu': where += f" ({n} thread{'s' * (n > 1)})"
     changed = ''.join(f', {k}={v}' for k, v in model.items())
@@ -464,26 +465,33 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
              freeze:bool=False, # with --compile: fold the weights into the compiled step (fused q/k/v and w1/w3; a second copy of them)
              draft_model_dir:str=None, # a smaller model with the same tokenizer: speculative decoding with it as the drafter
              speculate_k:int=0, # tokens drafted per target forward, gamma (0: 4 with a draft model, the MTP depth with --mtp-speculate)
-             mtp_speculate:bool=False # use the model's own MTP modules as the drafter (self-speculation)
+             mtp_speculate:bool=False, # use the model's own MTP modules as the drafter (self-speculation)
+             max_context:int=0 # positions the conversation may fill (0: the model's context, at most 8,192)
             ):
     "Chat with a model in the terminal (multi-turn, streamed replies; /reset starts over, /exit leaves)."
     from metai.core import fmt_num
     from metai.infer.generate import ChatSession
     _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, None)
+    if max_context < 0: raise UsageError(f'argument --max-context: must be >= 0, got {max_context}')
     model, tok, dev = load_for_inference(model_dir, device)
+    if max_context and not 2 <= max_context <= model.cfg.max_seq_len:
+        raise UsageError(f"argument --max-context: {max_context} is not in 2..{model.cfg.max_seq_len} (the model's context)")
     spec = bool(draft_model_dir or mtp_speculate)
     if compile and dev.type == 'cuda': _compile_notice('chat')
     if spec:
         from metai.infer.speculative import SpeculativeChatSession, format_stats
         draft = _drafter(model_dir, model, tok, draft_model_dir, mtp_speculate)
         s = SpeculativeChatSession(model, tok, draft=draft, gamma=speculate_k or (4 if draft is not None else None), system=system, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed, compile=compile and dev.type == 'cuda')
+                                   temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed, compile=compile and dev.type == 'cuda',
+                                   max_context=max_context or None)
     else:
         s = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
                         top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda',
-                        freeze=freeze)
-    print(f'metai chat: {model_dir} ({fmt_num(model.cfg.num_params())} parameters, {model.cfg.max_seq_len} tokens of context); '
+                        freeze=freeze, max_context=max_context or None)
+    L, ctx = s.cache.max_seq_len, model.cfg.max_seq_len
+    held = f'{L:,} tokens of context' if L == ctx else f'{L:,} of its {ctx:,} tokens of context (--max-context)'
+    print(f'metai chat: {model_dir} ({fmt_num(model.cfg.num_params())} parameters, {held}); '
           f'/reset starts over, /exit leaves', flush=True)
     while True:
         try: line = _read_line('user> ').strip()
@@ -522,10 +530,11 @@ def cmd_quantize(model_dir:str=None, # a metai checkpoint folder (config.json, m
 
 # %% ../nbs/20_cli.ipynb #ed4eaed2
 def cmd_plot(run_dir:str, # a training output folder (or its metrics.jsonl)
-             out:str=None # the PNG to write (default: loss.png in the run folder)
+             out:str=None # the PNG to write, or an existing folder to write loss.png into (default: loss.png in the run folder)
             ):
     "Plot a run's train and validation loss and learning rate into a PNG; prints its path."
     from metai.train.monitor import plot_metrics
+    if out is not None and not out.strip(): raise UsageError('argument --out: must not be empty')
     print(plot_metrics(run_dir, out))
 
 # %% ../nbs/20_cli.ipynb #b2651bae

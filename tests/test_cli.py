@@ -331,6 +331,15 @@ def test_chat_errors_and_eof(tiny_run):
     rc, out, err = metai('chat', '--model-dir', tiny_run/'nowhere')
     assert rc == 1 and 'no such model directory' in one_line(err)
 
+def test_chat_max_context(tiny_run):
+    rc, out, err = metai('chat', '--model-dir', tiny_run, '--max-context', 40, '--max-new-tokens', 200, '--temperature', 0,
+                         '--device', 'cpu', input='the cat\nthe cat sat on the mat\n')
+    assert rc == 0 and '40 of its 128 tokens of context (--max-context)' in out.splitlines()[0], (out, err)
+    assert out.count('assistant> ') == 2 and 'do not fit the context of 40' in one_line(err), err  # the first reply filled the 40
+    for bad in (1, 129, -1):
+        rc, out, err = metai('chat', '--model-dir', tiny_run, '--max-context', bad, '--device', 'cpu', input='')
+        assert rc == 2 and '--max-context' in one_line(err) and out == '', (bad, out, err)
+
 def test_quantize_then_generate(tiny_run, tmp_path):
     q = tmp_path/'q4'
     rc, out, err = metai('quantize', '--model-dir', tiny_run, '--group-size', 32, '--out', q)

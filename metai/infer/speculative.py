@@ -18,7 +18,7 @@ from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
 from . import kernels
 from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok, mtp_rows_step
-from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, TextStreamer, load_model_dir,
+from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, chat_context, TextStreamer, load_model_dir,
                                   rng_state, set_rng_state, _to_host,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles, _compile_settings)
 
@@ -569,14 +569,16 @@ class SpeculativeChatSession(ChatSession):
                  temperature:float=0.7, top_k:int|None=None, top_p:float|None=0.9, # sampling
                  seed:int|None=None, # seed of the first reply (then seed+1, ...)
                  compile:bool=False, # compile the short forwards (CUDA graphs on CUDA)
-                 bos:bool=True # start the conversation with `<s>`
+                 bos:bool=True, # start the conversation with `<s>`
+                 max_context:int|None=None # positions the caches hold (default: the pair's context, at most CHAT_CONTEXT)
                 ):
         if draft is None and model.cfg.mtp_depth < 1: raise ValueError('model: has no MTP modules (mtp_depth=0); give a draft model')
+        L = model.cfg.max_seq_len if draft is None else min(model.cfg.max_seq_len, draft.cfg.max_seq_len)
+        L = chat_context(L, max_context)
         super().__init__(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, bos=bos)
+                         top_p=top_p, seed=seed, bos=bos, max_context=L)
         self.draft, self.gamma = draft, gamma or (4 if draft is not None else model.cfg.mtp_depth)
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
-        L = model.cfg.max_seq_len if draft is None else min(model.cfg.max_seq_len, draft.cfg.max_seq_len)
         self.cache = make_cache(model, 1, L, mtp=draft is None)
         if draft is None: self.hidden = torch.zeros(1, L, model.cfg.dim, device=model.embed.weight.device, dtype=model.embed.weight.dtype)
         else: self.draft_cache = make_cache(draft, 1, L, mtp=False)
@@ -598,6 +600,7 @@ class SpeculativeChatSession(ChatSession):
         kw = dict(eos_id=self.stop, seed=None if self.seed is None else self.seed + self.turn, cache=self.cache, gamma=self.gamma,
                   stream=TextStreamer(self.tok, stream) if stream is not None else None,
                   start_pos=min(self.n_cached, len(ids) - 1), **self.sampling)
+        kw['max_new_tokens'] = min(kw['max_new_tokens'], L - len(ids) + 1)  # the reply ends at the caches' end
         if self.draft is None:
             reply, st = mtp_speculative_generate(self.model, ids, hidden=self.hidden, mtp_start_pos=min(self.n_draft, kw['start_pos']), **kw)
         else:

@@ -146,14 +146,33 @@ def test_existing_checkpoint_without_resume_is_refused(corpus, ref):
     assert rc == 1 and 'already holds a checkpoint' in msg and '--resume' in msg, msg
     assert snapshot(ref) == before
 
-@pytest.mark.parametrize('flag, value, saved', [('--batch-size', 4, 8), ('--seq-len', 64, 128), ('--grad-accum', 2, 1)])
-def test_resume_with_another_batch_geometry_is_refused(corpus, ref, flag, value, saved):
-    "An exact resume keeps the checkpoint's batch size, sequence length and accumulation: one line naming the flag and both values."
+@pytest.mark.parametrize('extra, expect', [
+    (('--batch-size', 4), 'the checkpoint was trained with --batch-size 8 x --grad-accum 1 = 8 windows per step, this run asks for 4 x 1 = 4'),
+    (('--grad-accum', 2), 'the checkpoint was trained with --batch-size 8 x --grad-accum 1 = 8 windows per step, this run asks for 8 x 2 = 16'),
+    (('--seq-len', 64), 'the checkpoint was trained with --seq-len 128, this run asks for --seq-len 64')])
+def test_resume_with_another_batch_geometry_is_refused(corpus, ref, extra, expect):
+    "A resume keeps the checkpoint's sequence length and windows per step: one line naming the flags and both values."
     before = snapshot(ref)
-    rc, o, e = metai(*train_args(corpus, ref, 96, '--resume', '--steps', N + 10, flag, value))
+    rc, o, e = metai(*train_args(corpus, ref, 96, '--resume', '--steps', N + 10, *extra))
     msg = one_line(e)
-    assert rc == 1 and f'train_config.json: the checkpoint was trained with {flag} {saved}, this run asks for {flag} {value}' in msg, msg
+    assert rc == 1 and 'train_config.json: ' + expect in msg, msg
     assert snapshot(ref) == before
+
+def test_resume_trading_batch_size_for_accumulation(corpus, ref, tmp_path):
+    "8 windows per step as 4 x 2 after 8 x 1: the same windows in every step and the same validation set, so the same losses to rounding."
+    runs = {}
+    for name, extra in (('same', ()), ('traded', ('--batch-size', 4, '--grad-accum', 2))):
+        out = tmp_path/name; shutil.copytree(ref, out)
+        rc, o, e = metai(*train_args(corpus, out, 96, '--resume', '--steps', N + EVAL, *extra))
+        assert (rc, e) == (0, ''), e
+        runs[name] = losses(out)
+    (tr_a, va_a), (tr_b, va_b) = runs['same'], runs['traded']
+    assert [s for s, _ in tr_a] == [s for s, _ in tr_b] and tr_a[-1][0] == N + EVAL and va_a[-1][0] == va_b[-1][0] == N + EVAL
+    assert max(abs(a - b) for (_, a), (_, b) in zip(tr_a, tr_b)) < 1e-4, (tr_a[-EVAL:], tr_b[-EVAL:])
+    assert abs(va_a[-1][1] - va_b[-1][1]) < 1e-4, (va_a[-1], va_b[-1])
+    cfgs = [json.loads((ck/(ck/'latest').read_text().strip()/'train_config.json').read_text())
+            for ck in (tmp_path/'same'/'checkpoints', tmp_path/'traded'/'checkpoints')]
+    assert cfgs[0]['eval_windows'] == cfgs[1]['eval_windows'] > 0 and cfgs[1]['batch_size'] == 4
 
 def test_batch_sizes_that_cannot_fit_are_one_line(corpus, ref, tmp_path):
     "A batch whose logits alone exceed the machine's memory, or that holds more windows than the data: refused, naming --batch-size."

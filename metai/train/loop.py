@@ -6,14 +6,14 @@ bf16 autocast on CUDA, MoE bias balancing, MTP, periodic validation, atomic chec
 # %% auto #0
 __all__ = ['CKPT_FILES', 'BATCH_FIELDS', 'DISTILL_FIELDS', 'PEAK_FLOPS', 'COMPILE_MODES', 'CUDA_GRAPH_MODES', 'TrainConfig',
            'configure_optimizer', 'lr_at', 'save_checkpoint', 'latest_checkpoint', 'check_config_matches',
-           'load_train_state', 'saved_train_config', 'check_batch_matches', 'evaluate', 'bytes_per_token',
-           'unigram_entropy', 'sample_text', 'distill_kl', 'check_teacher_dir', 'load_teacher', 'check_distill_matches',
-           'device_memory', 'check_batch_fits', 'is_out_of_memory', 'out_of_memory_error', 'check_compile_mode',
-           'compile_model', 'peak_flops', 'train']
+           'load_train_state', 'saved_train_config', 'check_batch_matches', 'eval_window_count', 'evaluate',
+           'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl', 'check_teacher_dir', 'load_teacher',
+           'check_distill_matches', 'device_memory', 'check_batch_fits', 'is_out_of_memory', 'out_of_memory_error',
+           'check_compile_mode', 'compile_model', 'peak_flops', 'train']
 
 # %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, fields, replace
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from safetensors import SafetensorError
@@ -43,6 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # max global grad norm (0 = off)
     eval_interval: int = 100        # steps between validation, sample and checkpoint
     eval_batches: int = 10          # validation micro-batches
+    eval_windows: int = 0           # validation windows (0: eval_batches x batch_size); a resume keeps its checkpoint's set
     log_interval: int = 10          # steps between log lines
     keep_last: int = 2              # checkpoints kept
     seed: int = 0
@@ -160,27 +161,44 @@ def saved_train_config(path:str # a checkpoint's train_config.json
     except (OSError, ValueError): return {}
     return saved if isinstance(saved, dict) else {}
 
+def _saved_int(saved:dict, f:str, default:int) -> int:
+    v = saved.get(f)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
 def check_batch_matches(path:str, # a checkpoint's train_config.json
                         tc:TrainConfig):
-    "An exact resume keeps the batch geometry: one-line error naming the flag whose value differs from the checkpoint's."
+    "A resume keeps the tokens per window and the windows per step; `batch_size` and `grad_accum` may trade (8 x 1 for 4 x 2)."
     saved = saved_train_config(path)
-    for f in BATCH_FIELDS:
-        old, new = saved.get(f, getattr(tc, f)), getattr(tc, f)
-        if old != new:
-            flag = '--' + f.replace('_', '-')
-            raise ValueError(f'{path}: the checkpoint was trained with {flag} {old}, this run asks for {flag} {new}; an exact resume needs '
-                             f'the same batch geometry (resume with {flag} {old}, or train into another --output-dir)')
+    T = _saved_int(saved, 'seq_len', tc.seq_len)
+    if T != tc.seq_len:
+        raise ValueError(f'{path}: the checkpoint was trained with --seq-len {T}, this run asks for --seq-len {tc.seq_len}; a resume '
+                         f'needs the same windows (resume with --seq-len {T}, or train into another --output-dir)')
+    b, g = _saved_int(saved, 'batch_size', tc.batch_size), _saved_int(saved, 'grad_accum', tc.grad_accum)
+    if b * g != tc.batch_size * tc.grad_accum:
+        raise ValueError(f'{path}: the checkpoint was trained with --batch-size {b} x --grad-accum {g} = {b * g} windows per step, this run '
+                         f'asks for {tc.batch_size} x {tc.grad_accum} = {tc.batch_size * tc.grad_accum}; a resume keeps the windows per step '
+                         f'(--batch-size and --grad-accum may trade, e.g. --batch-size {b} --grad-accum {g}), or train into another --output-dir')
+
+def eval_window_count(tc:TrainConfig, # the run's settings
+                      ck:str|None=None # the checkpoint folder it resumes, if any
+                     ) -> int:
+    "Validation windows: a resume keeps its checkpoint's set (unless `eval_batches` changed); otherwise `eval_windows` or eval_batches x batch_size."
+    saved = saved_train_config(os.path.join(ck, 'train_config.json')) if ck else {}
+    new = tc.eval_windows or tc.eval_batches * tc.batch_size
+    if _saved_int(saved, 'eval_batches', 0) != tc.eval_batches: return new   # a fresh run, an older checkpoint, or another size asked for
+    e, b = saved['eval_batches'], _saved_int(saved, 'batch_size', tc.batch_size)
+    return _saved_int(saved, 'eval_windows', e * b)
 
 # %% ../../nbs/13_train.ipynb #56910052
 @torch.no_grad()
 def evaluate(model:nn.Module, batches:list, device) -> float:
     "Mean next-token loss of `model` over `batches` [(x, y), ...] (MTP and aux terms left out)."
-    was_training = model.training; model.eval(); tot = 0.0
-    for x, y in batches:
+    was_training = model.training; model.eval(); tot, n = 0.0, 0
+    for x, y in batches:  # each micro-batch weighs its windows: the last one of a resumed run's set may be short
         with autocast(device): logits, _, _ = model(x.to(device))
-        tot += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item()
+        tot += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item() * len(x); n += len(x)
     model.train(was_training)
-    return tot / max(1, len(batches))
+    return tot / max(1, n)
 
 def bytes_per_token(tok, batches:list) -> float:
     "UTF-8 bytes per token over the targets of `batches`, for bits-per-byte."
@@ -349,7 +367,9 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     train_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='train', seed=tc.seed, vocab_size=cfg.vocab_size)
     val_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='val', seed=tc.seed, vocab_size=cfg.vocab_size)
     check_batch_fits(cfg, tc, len(train_ds), device)   # before the first batch is read
-    val_batches = [val_ds.get_batch(tc.batch_size) for _ in range(tc.eval_batches)]
+    n_val = eval_window_count(tc, latest_checkpoint(tc.out_dir) if resume and os.path.isdir(tc.out_dir) else None)
+    tc = replace(tc, eval_windows=n_val)               # recorded in train_config.json: a later resume evaluates the same windows
+    val_batches = [val_ds.get_batch(min(tc.batch_size, n_val - i)) for i in range(0, n_val, tc.batch_size)]
     bpt = bytes_per_token(tok, val_batches)
     teacher = load_teacher(tc.distill_from, cfg, tok, tc.seq_len, device) if tc.distill_from else None  # checked before any file is written
 

@@ -470,18 +470,19 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
             ):
     "Chat with a model in the terminal (multi-turn, streamed replies; /reset starts over, /exit leaves)."
     from metai.core import fmt_num
-    from metai.infer.generate import ChatSession
+    from metai.infer.generate import ChatSession, CHAT_CONTEXT
     _check_sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     _check_speculation_flags(draft_model_dir, speculate_k, mtp_speculate, repetition_penalty, None)
     if max_context < 0: raise UsageError(f'argument --max-context: must be >= 0, got {max_context}')
     model, tok, dev = load_for_inference(model_dir, device)
-    if max_context and not 2 <= max_context <= model.cfg.max_seq_len:
-        raise UsageError(f"argument --max-context: {max_context} is not in 2..{model.cfg.max_seq_len} (the model's context)")
     spec = bool(draft_model_dir or mtp_speculate)
+    draft = _drafter(model_dir, model, tok, draft_model_dir, mtp_speculate) if spec else None
+    ctx = model.cfg.max_seq_len if draft is None else min(model.cfg.max_seq_len, draft.cfg.max_seq_len)  # a draft's may be shorter
+    if max_context and not 2 <= max_context <= ctx:
+        raise UsageError(f"argument --max-context: {max_context} is not in 2..{ctx} (the {'model' if ctx == model.cfg.max_seq_len else 'draft model'}'s context)")
     if compile and dev.type == 'cuda': _compile_notice('chat')
     if spec:
         from metai.infer.speculative import SpeculativeChatSession, format_stats
-        draft = _drafter(model_dir, model, tok, draft_model_dir, mtp_speculate)
         s = SpeculativeChatSession(model, tok, draft=draft, gamma=speculate_k or (4 if draft is not None else None), system=system, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed, compile=compile and dev.type == 'cuda',
                                    max_context=max_context or None)
@@ -489,8 +490,10 @@ def cmd_chat(model_dir:str=None, # a model folder: a metai checkpoint, a local H
         s = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
                         top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, compile=compile and dev.type == 'cuda',
                         freeze=freeze, max_context=max_context or None)
-    L, ctx = s.cache.max_seq_len, model.cfg.max_seq_len
-    held = f'{L:,} tokens of context' if L == ctx else f'{L:,} of its {ctx:,} tokens of context (--max-context)'
+    L, full = s.cache.max_seq_len, model.cfg.max_seq_len
+    why = ('--max-context' if max_context else "the draft model's context" if L == ctx < full else
+           f'a chat holds at most {CHAT_CONTEXT:,} by default; --max-context for more')
+    held = f'{L:,} tokens of context' if L == full else f'{L:,} of its {full:,} tokens of context ({why})'
     print(f'metai chat: {model_dir} ({fmt_num(model.cfg.num_params())} parameters, {held}); '
           f'/reset starts over, /exit leaves', flush=True)
     while True:

@@ -88,7 +88,7 @@ _NONNEG = ('n_kv_heads', 'head_dim', 'q_lora_rank', 'kv_lora_rank', 'qk_nope_hea
            'ffn_dim', 'n_routed_experts', 'n_shared_experts', 'n_activated_experts', 'moe_ffn_dim', 'n_dense_layers',
            'mtp_depth', 'index_n_heads', 'aux_loss_alpha', 'bias_update_speed', 'mtp_loss_weight', 'mtp_distill', 'mscale', 'mscale_all_dim')
 _POS_FLOATS = ('rope_theta', 'norm_eps', 'init_std', 'route_scale')
-MAX_ROPE_TABLE_BYTES = 2**30   # the RoPE tables a model builds for max_seq_len positions: 1 GiB at most
+MAX_ROPE_TABLE_BYTES = 2**32   # the RoPE tables a model builds for max_seq_len positions: 4 GiB at most
 
 @patch
 def rope_table_bytes(self:ModelConfig, n_positions:int|None=None # rows (default max_seq_len)
@@ -97,11 +97,13 @@ def rope_table_bytes(self:ModelConfig, n_positions:int|None=None # rows (default
     rope_dim = self.qk_rope_head_dim if self.attn_type == 'mla' else self.hd
     return 2 * (n_positions or self.max_seq_len) * (rope_dim // 2) * 4
 
-@patch
-def validate(self:ModelConfig) -> ModelConfig:
-    "Check every field; raise `ConfigError` (a `ValueError`) naming the first bad one. Returns `self`."
-    c = self
-    def bad(f, why): raise ConfigError(f, f'{f}={getattr(c, f)!r}: {why}')
+def _bad(c:ModelConfig, f:str, why:str):
+    r = repr(getattr(c, f))
+    raise ConfigError(f, f'{f}={r if len(r) <= 40 else r[:20] + f"... ({len(r)} characters)"}: {why}')
+
+def _check_each_field(c:ModelConfig):
+    "The checks of one field alone: its type, its allowed strings, its sign."
+    bad = lambda f, why: _bad(c, f, why)
     for f in dataclasses.fields(c):                          # types first: JSON and CLI hand us strings and bools
         v, t = getattr(c, f.name), f.type
         if t is bool: ok = isinstance(v, bool)
@@ -117,6 +119,13 @@ def validate(self:ModelConfig) -> ModelConfig:
         if getattr(c, f) <= 0: bad(f, 'must be positive')
     for f in _NONNEG:
         if getattr(c, f) < 0: bad(f, 'must not be negative')
+
+@patch
+def validate(self:ModelConfig) -> ModelConfig:
+    "Check every field; raise `ConfigError` (a `ValueError`) naming the first bad one. Returns `self`."
+    c = self
+    bad = lambda f, why: _bad(c, f, why)
+    _check_each_field(c)
     # attention
     if c.attn_type == 'gqa':
         if not c.head_dim and c.dim % c.n_heads: bad('n_heads', f'must divide dim={c.dim} (or set head_dim)')
@@ -156,8 +165,9 @@ def validate(self:ModelConfig) -> ModelConfig:
     if c.rope_factor < 1: bad('rope_factor', 'must be at least 1 (1 = no YaRN)')
     if not 0 < c.beta_slow < c.beta_fast: bad('beta_slow', f'needs 0 < beta_slow < beta_fast={c.beta_fast}')
     # context: the model builds its RoPE tables for all max_seq_len positions up front
-    if c.rope_table_bytes() > MAX_ROPE_TABLE_BYTES:
-        bad('max_seq_len', f'its fp32 RoPE tables would take {fmt_bytes(c.rope_table_bytes())}, over the {fmt_bytes(MAX_ROPE_TABLE_BYTES)} '
+    if (rb := c.rope_table_bytes()) > MAX_ROPE_TABLE_BYTES:
+        size = fmt_bytes(rb) if rb < 2**80 else 'more than a yottabyte'   # a float division of a larger int overflows
+        bad('max_seq_len', f'its fp32 RoPE tables would take {size}, over the {fmt_bytes(MAX_ROPE_TABLE_BYTES)} '
                            f'limit (at most {MAX_ROPE_TABLE_BYTES // c.rope_table_bytes(1)} positions at this head size)')
     return c
 
@@ -357,13 +367,10 @@ def from_dict(cls:ModelConfig, d:dict # field -> value, as in config.json
             near = difflib.get_close_matches(str(k), list(fields), n=1)
             raise ConfigError(k, f'unknown key {k!r}' + (f' (did you mean {near[0]!r}?)' if near else ''))
     d = {k: _float(v) if fields[k].type is float and type(v) is int else v for k, v in d.items()}   # JSON writes 10000.0 as 10000
-    missing = [f for f in SHAPE_FIELDS if f not in d]
-    try: c = cls(**d).validate()                 # the values given are checked first, where they stand
-    except ConfigError as e:
-        if missing and e.field not in d: raise _missing(missing) from None   # a default failed: the omission is the error
-        raise
-    if missing: raise _missing(missing)
-    return c
+    c, missing = cls(**d), [f for f in SHAPE_FIELDS if f not in d]
+    _check_each_field(c)                  # a value wrong in itself is reported where it stands
+    if missing: raise _missing(missing)   # before the checks across fields: a default standing in could blame a field that is right
+    return c.validate()
 
 def _unique_keys(pairs:list) -> dict:
     "`object_pairs_hook` for `json.loads`: a key given twice is an error (JSON would keep the last one silently)."
@@ -373,10 +380,10 @@ def _unique_keys(pairs:list) -> dict:
         d[k] = v
     return d
 
-def _line(text:str, key:str, last:bool=False) -> int|None:
-    "Number of the first (or the last) line of `text` that holds the JSON key `key`."
+def _line(text:str, key:str, nth:int=1) -> int|None:
+    "Number of the `nth` line of `text` that holds the JSON key `key` (the last one if fewer)."
     lines = [i for i, l in enumerate(text.splitlines(), 1) if f'"{key}"' in l]
-    return (lines[-1] if last else lines[0]) if lines else None
+    return lines[min(nth, len(lines)) - 1] if lines else None
 
 def _config_path(path) -> str:
     path = os.fspath(path)
@@ -403,7 +410,7 @@ def from_json(cls:ModelConfig, path # a config.json, or a directory holding one
     try: d = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e: raise ValueError(f'{path}:{e.lineno}: bad JSON: {e.msg} (column {e.colno})') from None
     except ConfigError as e:
-        line = _line(text, e.field, last=True)
+        line = _line(text, e.field, nth=2)   # the key's second occurrence is the duplicate
         raise ValueError(f'{path}:{line}: {e}' if line else f'{path}: {e}') from None
     except (ValueError, RecursionError) as e:   # an int of more than 4300 digits, or arrays nested thousands deep
         raise ValueError(f'{path}: bad JSON: {str(e).split(";")[0]}') from None

@@ -336,6 +336,7 @@ def test_chat_max_context(tiny_run):
                          '--device', 'cpu', input='the cat\nthe cat sat on the mat\n')
     assert rc == 0 and '40 of its 128 tokens of context (--max-context)' in out.splitlines()[0], (out, err)
     assert out.count('assistant> ') == 2 and 'do not fit the context of 40' in one_line(err), err  # the first reply filled the 40
+    assert 'max_context (metai chat --max-context) allows up to 128' in err, err
     for bad in (1, 129, -1):
         rc, out, err = metai('chat', '--model-dir', tiny_run, '--max-context', bad, '--device', 'cpu', input='')
         assert rc == 2 and '--max-context' in one_line(err) and out == '', (bad, out, err)
@@ -412,3 +413,9 @@ def test_draft_with_a_shorter_context(tiny_run, tmp_path):
     assert rc == 1 and out == '' and len(lines) == 2 and 'Traceback' not in err, err
     assert lines[0].startswith('metai generate: warning: ') and 'is shorter than the target' in lines[0], err
     assert lines[1].startswith("metai generate: error: prompt: ") and f"the draft model's context of 16 tokens (max_seq_len in {d}/config.json)" in lines[1], err
+    rc, out, err = metai('chat', '--model-dir', tiny_run, '--draft-model-dir', d, '--device', 'cpu', '--temperature', 0,
+                         '--max-new-tokens', 100, input='the cat\nthe cat sat\n')
+    assert rc == 0 and '16 of its 128 tokens of context (the draft model\'s context)' in out.splitlines()[0], (out, err)
+    assert 'do not fit the context of 16 tokens (reset to start over)' in err and 'allows up to' not in err, err
+    rc, out, err = metai('chat', '--model-dir', tiny_run, '--draft-model-dir', d, '--max-context', 40, '--device', 'cpu', input='')
+    assert rc == 2 and out == '' and "--max-context: 40 is not in 2..16 (the draft model's context)" in err.splitlines()[-1], err

@@ -297,8 +297,8 @@ def test_json_unknown_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'zzz'"): ModelConfig.from_dict({'zzz': 1})
 
 def test_json_bad_values_name_file_line_field(tmp_path):
-    p = write_cfg(tmp_path, {'vocab_size': 100, 'dim': 64, 'n_heads': 5})
-    with pytest.raises(ValueError, match=rf'^{p}:4: n_heads=5: must divide dim=64'): ModelConfig.from_json(p)
+    p = write_cfg(tmp_path, {**ModelConfig.preset('micro').to_dict(), 'dim': 64, 'n_heads': 5})
+    with pytest.raises(ValueError, match=rf'^{p}:5: n_heads=5: must divide dim=64'): ModelConfig.from_json(p)
     p = write_cfg(tmp_path, {'dim': '64'})
     with pytest.raises(ValueError, match=rf"^{p}:2: dim='64': expected int"): ModelConfig.from_json(p)
     p = write_cfg(tmp_path, {'dim': 64.0})

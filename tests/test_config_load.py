@@ -41,8 +41,13 @@ def test_missing_other_field_takes_its_default(tmp_path, field):
 def test_missing_fields_listed_and_given_values_checked_first(tmp_path):
     p = write(tmp_path, {})
     msg = refused(p, rf"^{p}: missing fields 'vocab_size', 'dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim' and 16 more \(")
-    p = write(tmp_path, {'dim': 64, 'n_heads': 5})                     # a wrong value is reported where it stands
-    refused(p, rf'^{p}:3: n_heads=5: must divide dim=64')
+    p = write(tmp_path, {'dim': 64, 'n_heads': 5})                     # the omission first: the defaults would blame n_heads
+    refused(p, rf"^{p}: missing fields 'vocab_size', 'n_layers', 'n_kv_heads', ")
+    gpt2 = ModelConfig.preset('gpt2').to_dict(); del gpt2['dim']          # not "n_heads=12: must divide dim=256" (a default)
+    refused(write(tmp_path, gpt2), rf"^{tmp_path/'config.json'}: missing field 'dim' \(")
+    full = {**ModelConfig.preset('micro').to_dict(), 'n_heads': 5}      # a wrong value in a whole file is reported where it stands
+    p = write(tmp_path, full)
+    refused(p, rf'^{p}:{line_of(p, "n_heads")}: n_heads=5: must divide dim=')
     tiny = ModelConfig.preset('ds-tiny').to_dict()                     # MLA whose sizes are left out: the omission is the error,
     p = write(tmp_path, {k: v for k, v in tiny.items() if k not in ('kv_lora_rank', 'v_head_dim')})   # not "kv_lora_rank=0"
     refused(p, rf"^{p}: missing fields 'kv_lora_rank', 'v_head_dim' \(")
@@ -96,7 +101,7 @@ BAD = [('dim', '768', "dim='768': expected int, got str"), ('n_layers', 2.5, 'n_
        ('attn_type', None, 'attn_type=None: expected str'), ('attn_type', 'GQA', "attn_type='GQA': must be one of gqa, mla"),
        ('rope_theta', '1e4', "rope_theta='1e4': expected a finite float"), ('rope_theta', 10**400, 'rope_theta=inf: expected a finite float'),
        ('norm_eps', None, 'norm_eps=None: expected a finite float'), ('dim', -256, 'dim=-256: must be positive'),
-       ('max_seq_len', 100_000_000, 'max_seq_len=100000000: its fp32 RoPE tables would take 23.84 GiB, over the 1.00 GiB limit')]
+       ('max_seq_len', 100_000_000, 'max_seq_len=100000000: its fp32 RoPE tables would take 23.84 GiB, over the 4.00 GiB limit')]
 
 @pytest.mark.parametrize('field,value,why', BAD, ids=[f'{f}={v!r}'[:40] for f, v, _ in BAD])
 def test_bad_value_names_file_line_field(tmp_path, field, value, why):
@@ -112,6 +117,8 @@ def test_not_an_object_unknown_duplicate_and_unparseable(tmp_path):
     refused(p, rf"^{p}:{line_of(p, 'n_layer')}: unknown key 'n_layer' \(did you mean 'n_layers'\?\)$")
     p.write_text(json.dumps(MICRO.to_dict(), indent=2).replace('"dim": 256,', '"dim": 256,\n  "dim": 512,'))
     refused(p, rf"^{p}:4: duplicate key 'dim'$")                      # the second one: JSON alone would keep 512
+    p.write_text(json.dumps(MICRO.to_dict(), indent=2).replace('"dim": 256,', '"dim": 256,\n  "dim": 512,\n  "dim": 768,'))
+    refused(p, rf"^{p}:4: duplicate key 'dim'$")                      # given three times: still the second one
     p.write_text('{"dim": 1' + '0' * 5000 + '}')
     refused(p, rf'^{p}: bad JSON: Exceeds the limit \(4300 digits\) for integer string conversion: value has 5001 digits$')
     p.write_text('[' * 100_000 + ']' * 100_000)
@@ -138,6 +145,8 @@ def test_max_seq_len_bound():
     with pytest.raises(ValueError, match='^max_seq_len=100000000'): Transformer(big)          # refused before any table is built
     with pytest.raises(ValueError, match='^max_seq_len=100000000'), torch.device('meta'): Transformer(big)
     with pytest.raises(ValueError, match='max_seq_len'): ModelConfig.preset('micro', max_seq_len=100_000_000)
+    with pytest.raises(ConfigError, match=r'^max_seq_len=1000000000\d*\.\.\. \(321 characters\): .* more than a yottabyte'):
+        dataclasses.replace(MICRO, max_seq_len=10**320).validate()       # no OverflowError from sizing it, and not 321 digits
 
 def test_hf_config_with_huge_context_is_refused():
     from metai.model.hf import config_from_hf
@@ -145,6 +154,8 @@ def test_hf_config_with_huge_context_is_refused():
              intermediate_size=128, max_position_embeddings=100_000_000)
     with pytest.raises(ValueError, match=r'^hf/config.json: max_seq_len=100000000: its fp32 RoPE tables'): config_from_hf(d, 'hf/config.json')
     assert config_from_hf({**d, 'max_position_embeddings': 131072}, 'hf/config.json').max_seq_len == 131072
+    big = dict(d, hidden_size=4096, num_attention_heads=32, max_position_embeddings=4_194_304)   # Llama-3-8B at 4M positions: 2 GiB
+    assert config_from_hf(big, 'hf/config.json').rope_table_bytes() == 2 * 2**30
 
 # ---------------------------------------------------------------- the command line
 

@@ -526,7 +526,13 @@ class ChatSession:
         L = chat_context(model.cfg.max_seq_len, max_context)
         self.cache = make_cache(model, 1, L, mtp=False)  # allocated once, kept across turns
         self.reset()
-        if len(self.ids) >= L: raise ValueError(f'system: the system message takes {len(self.ids)} tokens of the context of {L}: no room for a conversation')
+        if len(self.ids) >= L: raise ValueError(f'system: the system message takes {len(self.ids)} tokens of the context of {L}: no room for a conversation{self._more()}')
+
+    def _context(self) -> int: return self.model.cfg.max_seq_len  # the most positions the session's cache could hold
+
+    def _more(self) -> str:  # where the cache is shorter than that, how to ask for more
+        L, full = self.cache.max_seq_len, self._context()
+        return '' if L >= full else f'; max_context (metai chat --max-context) allows up to {full}'
 
     def reset(self):
         "Forget the conversation (the system message stays)."
@@ -542,7 +548,7 @@ class ChatSession:
         user = {'role': 'user', 'content': text}
         ids = self.ids + apply_chat_template(self.tok, [user], add_generation_prompt=True)[0]
         L = self.cache.max_seq_len
-        if len(ids) > L: raise ValueError(f'conversation: {len(ids)} tokens do not fit the context of {L} tokens (reset to start over)')
+        if len(ids) > L: raise ValueError(f'conversation: {len(ids)} tokens do not fit the context of {L} tokens (reset to start over){self._more()}')
         if stream is print: stream = lambda s: print(s, end='', flush=True)
         streamer = TextStreamer(self.tok, stream) if stream is not None else None
         seed = None if self.seed is None else self.seed + self.turn

@@ -573,16 +573,19 @@ class SpeculativeChatSession(ChatSession):
                  max_context:int|None=None # positions the caches hold (default: the pair's context, at most CHAT_CONTEXT)
                 ):
         if draft is None and model.cfg.mtp_depth < 1: raise ValueError('model: has no MTP modules (mtp_depth=0); give a draft model')
-        L = model.cfg.max_seq_len if draft is None else min(model.cfg.max_seq_len, draft.cfg.max_seq_len)
-        L = chat_context(L, max_context)
+        self.model, self.draft = model, draft
+        L = chat_context(self._context(), max_context)
         super().__init__(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, bos=bos, max_context=L)
-        self.draft, self.gamma = draft, gamma or (4 if draft is not None else model.cfg.mtp_depth)
+        self.gamma = gamma or (4 if draft is not None else model.cfg.mtp_depth)
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
         self.cache = make_cache(model, 1, L, mtp=draft is None)
         if draft is None: self.hidden = torch.zeros(1, L, model.cfg.dim, device=model.embed.weight.device, dtype=model.embed.weight.dtype)
         else: self.draft_cache = make_cache(draft, 1, L, mtp=False)
         self.stats = []   # one stats dict per reply
+
+    def _context(self) -> int:  # the pair's: a draft's context may be the shorter
+        return self.model.cfg.max_seq_len if self.draft is None else min(self.model.cfg.max_seq_len, self.draft.cfg.max_seq_len)
 
     def reset(self):
         super().reset(); self.n_draft = 0
@@ -595,7 +598,7 @@ class SpeculativeChatSession(ChatSession):
         user = {'role': 'user', 'content': text}
         ids = self.ids + apply_chat_template(self.tok, [user], add_generation_prompt=True)[0]
         L = self.cache.max_seq_len
-        if len(ids) > L: raise ValueError(f'conversation: {len(ids)} tokens do not fit the context of {L} tokens (reset to start over)')
+        if len(ids) > L: raise ValueError(f'conversation: {len(ids)} tokens do not fit the context of {L} tokens (reset to start over){self._more()}')
         if stream is print: stream = lambda s: print(s, end='', flush=True)
         kw = dict(eos_id=self.stop, seed=None if self.seed is None else self.seed + self.turn, cache=self.cache, gamma=self.gamma,
                   stream=TextStreamer(self.tok, stream) if stream is not None else None,

@@ -165,8 +165,12 @@ def _metai(*args):
                        env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
-def test_cli_refuses_broken_config_in_one_line(tmp_path):
+def test_cli_refuses_broken_config_in_one_line(tmp_path, capsys, monkeypatch):
     from metai.data.tokenizer import train_tokenizer
+    from metai.cli import main
+    monkeypatch.delenv('METAI_DEBUG', raising=False)
+    def _metai(*args):  # in this process: the same main() as the script, without starting Python each time
+        rc = main([str(a) for a in args]); r = capsys.readouterr(); return rc, r.out, r.err
     d = tmp_path/'ck'; d.mkdir()
     docs = [f'The quick brown fox {i} jumps over the lazy dog.' for i in range(100)]
     tok = train_tokenizer(docs, d/'tokenizer.model', vocab_size=400, num_threads=1)

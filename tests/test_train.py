@@ -356,8 +356,11 @@ def test_generate_and_plot(ref, tmp_path):
     rc, o, e = metai('plot', ref, '--out', png)
     assert (rc, o, e) == (0, f'{png}\n', '') and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
-def test_plot_out_is_a_file_or_a_folder(ref, tmp_path):
+def test_plot_out_is_a_file_or_a_folder(ref, tmp_path, capsys):
     "--out names the PNG, or an existing folder that receives loss.png (like cp's target); a folder that is not there is one line."
+    from metai.cli import main
+    def metai(*args):  # in this process: the same main() as the script, without starting Python each time
+        rc = main([str(a) for a in args]); r = capsys.readouterr(); return rc, r.out, r.err
     rc, o, e = metai('plot', ref, '--out', f'{tmp_path}/')
     assert (rc, o, e) == (0, f'{tmp_path}/loss.png\n', '') and (tmp_path/'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     (tmp_path/'plots').mkdir()

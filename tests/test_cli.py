@@ -1,5 +1,5 @@
 "The `metai` console script end to end: run the installed script in a subprocess, as a user would."
-import os, random, shutil, signal, subprocess, sys, json, threading
+import io, os, random, shutil, signal, subprocess, sys, json, threading
 from pathlib import Path
 import pytest
 
@@ -19,6 +19,18 @@ def metai(*args, env=None, cwd=None, timeout=300, input=None):
     e = dict(os.environ, OMP_NUM_THREADS='1'); e.pop('METAI_DEBUG', None); e.update(env or {})
     r = subprocess.run([METAI, *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=timeout, input=input)
     return r.returncode, r.stdout, r.stderr
+
+@pytest.fixture
+def metai_here(capsys, monkeypatch):
+    "`metai ARGS` in this process: the same `main()` as the script, without starting Python (for the many quick refusals)."
+    from metai.cli import main
+    monkeypatch.delenv('METAI_DEBUG', raising=False)
+    def run(*args, input=''):
+        monkeypatch.setattr(sys, 'stdin', io.StringIO(input))
+        try: rc = main([str(a) for a in args])
+        except SystemExit as e: rc = e.code
+        r = capsys.readouterr(); return rc, r.out, r.err
+    return run
 
 def one_line(err):
     "stderr is exactly one line, with no traceback."
@@ -244,17 +256,17 @@ def test_generate_bad_input(tiny_run, tmp_path):
     rc, out, err = metai('generate', '--model-dir', d, '--prompt', 'hi', '--device', 'cpu')
     assert rc == 1 and one_line(err).startswith(f'metai generate: error: {d}/tokenizer.model: missing'), err
 
-def test_generate_and_chat_flag_errors(tiny_run, tmp_path):
+def test_generate_and_chat_flag_errors(tiny_run, tmp_path, metai_here):
     "Values no run could use are refused before the model loads: one line, exit 2 (or 1 for a device this machine lacks)."
     base = ('generate', '--model-dir', tiny_run, '--prompt', 'the', '--max-new-tokens', 4)
     for extra, flag in ((('--temperature', 'nan'), '--temperature'), (('--temperature', 'inf'), '--temperature'),
                         (('--repetition-penalty', 'nan'), '--repetition-penalty'), (('--top-p', 'nan'), '--top-p'),
                         (('--seed', 2**70), '--seed'), (('--seed', -1), '--seed'), (('--stop', ''), '--stop'),
                         (('--device', 'gpu'), '--device'), (('--device', 'cuda:x'), '--device')):
-        rc, out, err = metai(*base, *extra)
+        rc, out, err = metai_here(*base, *extra)
         assert rc == 2 and flag in one_line(err) and out == '', (extra, rc, err)
         if flag != '--stop':
-            rc, out, err = metai('chat', '--model-dir', tiny_run, *extra, input='hi\n')
+            rc, out, err = metai_here('chat', '--model-dir', tiny_run, *extra, input='hi\n')
             assert rc == 2 and flag in one_line(err), (extra, rc, err)
     import torch
     if not torch.cuda.is_available():

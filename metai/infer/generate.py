@@ -523,7 +523,7 @@ class ChatSession:
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, compile=compile, freeze=freeze)
         self.seed, self.stop = seed, [tok.special_ids['im_end'], tok.eos_id]
-        L = chat_context(model.cfg.max_seq_len, max_context)
+        L = chat_context(self._context(), max_context)
         self.cache = make_cache(model, 1, L, mtp=False)  # allocated once, kept across turns
         self.reset()
         if len(self.ids) >= L: raise ValueError(f'system: the system message takes {len(self.ids)} tokens of the context of {L}: no room for a conversation{self._more()}')

@@ -18,7 +18,7 @@ from ..data.tokenizer import Tokenizer, apply_chat_template
 from .cache import KVCache, make_cache, forward_step
 from . import kernels
 from .kernels import decode_forward, fused_decode_ok, verify_forward, verify_ok, mtp_rows_step
-from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, chat_context, TextStreamer, load_model_dir,
+from .generate import (logits_to_probs, multinomial_no_sync, prefill, fast_prefill, PREFILL_BUCKETS, ChatSession, TextStreamer, load_model_dir,
                                   rng_state, set_rng_state, _to_host,
                                   capture_graph, lru_get, _rows, _check_sampling, _seeded, _allow_recompiles, _compile_settings)
 
@@ -573,10 +573,10 @@ class SpeculativeChatSession(ChatSession):
                  max_context:int|None=None # positions the caches hold (default: the pair's context, at most CHAT_CONTEXT)
                 ):
         if draft is None and model.cfg.mtp_depth < 1: raise ValueError('model: has no MTP modules (mtp_depth=0); give a draft model')
-        self.model, self.draft = model, draft
-        L = chat_context(self._context(), max_context)
+        self.draft = draft   # before the session sizes its cache: `_context` reads it
         super().__init__(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, bos=bos, max_context=L)
+                         top_p=top_p, seed=seed, bos=bos, max_context=max_context)
+        L = self.cache.max_seq_len
         self.gamma = gamma or (4 if draft is not None else model.cfg.mtp_depth)
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
         self.cache = make_cache(model, 1, L, mtp=draft is None)

@@ -273,20 +273,77 @@ def test_cuda_graph_decode_equals_eager(name):
     assert generate(m, prompts, 30, temperature=0, compile=True, eos_id=stop) == \
            [r[:r.index(stop)] if stop in r else r for r in generate(m, prompts, 30, temperature=0)]
 
+def route_margins(gate, x):
+    """(N,) for each token, the smallest gap between a choice the router made and one it did not (kept against dropped
+    group, then chosen against unchosen expert): the room bf16 rounding of `x` has before the routing changes."""
+    x = x.reshape(-1, gate.dim).float()
+    s = torch.nn.functional.linear(x, gate.weight.float())
+    s = s.softmax(-1) if gate.score_func == 'softmax' else s.sigmoid()
+    c = s if gate.bias is None else s + gate.bias.float()                   # (N, E) what selection sees
+    N, E, G, k = c.shape[0], gate.n_experts, gate.n_groups, gate.topk
+    gap = torch.full((N,), float('inf'), device=x.device)
+    if G > 1 and gate.topk_groups < G:
+        gr = c.view(N, G, E // G)
+        gs = gr.amax(-1) if gate.bias is None else gr.topk(min(2, E // G), -1)[0].sum(-1)   # (N, G) as `Gate` scores groups
+        v = gs.sort(-1, descending=True).values
+        gap = torch.minimum(gap, v[:, gate.topk_groups - 1] - v[:, gate.topk_groups])
+        drop = torch.ones_like(gs, dtype=torch.bool).scatter_(1, gs.topk(gate.topk_groups, -1)[1], False)
+        c = c.masked_fill(drop.repeat_interleave(E // G, 1), float('-inf'))
+    v = c.sort(-1, descending=True).values
+    return torch.minimum(gap, v[:, k - 1] - v[:, k]) if k < E else gap
+
+ROUTE_TIE, LOGIT_TIE = 0.01, 0.0625  # a routing decision or a logit gap this close can go either way in bf16
+
+def check_moe_bf16_greedy(m, prompt, new):
+    """Every greedy token of the bf16 MoE model `m` is in the top 2 of a full forward over the output, except where bf16
+    rounding may choose otherwise: a router decision at that position within ROUTE_TIE (prefill and decode round the
+    router's input differently, and a flipped expert moves the logits by up to ~2), or a gap to the best logit within
+    LOGIT_TIE. At least half the positions must be decisive, so the check cannot pass by excusing everything."""
+    margins = []
+    hooks = [l.ffn.gate.register_forward_hook(lambda mod, inp, out: margins.append(route_margins(mod, inp[0]))) for l in m.layers if l.is_moe]
+    try: full = m(torch.tensor([prompt + new], device=m.embed.weight.device))[0][0, len(prompt) - 1:-1].float()   # (n, V)
+    finally:
+        for h in hooks: h.remove()
+    margin = torch.stack(margins).amin(0)[len(prompt) - 1:-1].tolist()                 # (n,) the closest call of any router
+    top2 = full.topk(2).indices.tolist()
+    gaps = [full[i].max().item() - full[i, t].item() for i, t in enumerate(new)]
+    outside = [(i, t, top2[i], round(gaps[i], 4), round(margin[i], 5)) for i, t in enumerate(new) if t not in top2[i]]
+    bad = [o for o in outside if o[3] > LOGIT_TIE and o[4] >= ROUTE_TIE]
+    strict = sum(mg >= ROUTE_TIE for mg in margin)
+    return bad, outside, strict
+
+def test_moe_bf16_greedy_near_full_forward():
+    "The criterion of the CUDA test below, on the CPU for a few seeds: bf16 decoding differs from a full forward only at near ties."
+    cfg, mode = CASES['DeepSeek MLA+MoE']
+    excused = 0
+    for seed in range(4):
+        m = build(cfg, mode, seed=seed).to(torch.bfloat16); m.init_freqs()
+        prompt = list(range(5, 17))
+        new = generate(m, prompt, 30, temperature=0)
+        bad, outside, strict = check_moe_bf16_greedy(m, prompt, new)
+        assert len(new) == 30 and not bad and strict >= 15, (seed, bad, strict)
+        excused += len(outside)
+    assert excused >= 1   # seed 2 flips an expert at a near tie (margin 0.0008): the tokens outside the top 2 are real here
+    # the check fails when decoding is wrong: tokens from another model are far outside the top 2 at decisive positions
+    m = build(cfg, mode, seed=0).to(torch.bfloat16); m.init_freqs()
+    other = build(cfg, mode, seed=1).to(torch.bfloat16); other.init_freqs()
+    bad, _, _ = check_moe_bf16_greedy(m, list(range(5, 17)), generate(other, list(range(5, 17)), 30, temperature=0))
+    assert len(bad) >= 10
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_graph_decode_moe_bf16():
-    "A DeepSeek-style MLA + MoE model in bf16 through the CUDA-graph path: every greedy token is in the top 2 of a full forward."
+    "A DeepSeek-style MLA + MoE model in bf16 through the CUDA-graph path: greedy tokens agree with a full forward up to bf16 near ties."
     cfg, mode = CASES['DeepSeek MLA+MoE']
     m = build(cfg, mode).cuda().to(torch.bfloat16); m.init_freqs()
     prompt = list(range(5, 17))
     new = generate(m, prompt, 30, temperature=0, compile=True)
-    full = m(torch.tensor([prompt + new], device='cuda'))[0][0, len(prompt) - 1:-1].float()   # (30, V)
-    top2 = full.topk(2).indices.tolist()
-    bad = [(i, t, top2[i], round(full[i].max().item() - full[i, t].item(), 4)) for i, t in enumerate(new) if t not in top2[i]]
+    bad, outside, strict = check_moe_bf16_greedy(m, prompt, new)
     eager = generate(m, prompt, 30, temperature=0)   # the same model without graphs: where the two part, if they do
     first = next((i for i, (a, b) in enumerate(zip(new, eager)) if a != b), None)
-    assert len(new) == 30 and not bad, f'outside the top 2 (position, token, top 2, gap to the best logit): {bad}; first step where eager differs: {first}'
+    assert len(new) == 30 and not bad and strict >= 15, \
+        (f'outside the top 2 at decisive positions (position, token, top 2, gap to the best logit, route margin): {bad}; '
+         f'excused near ties: {[o for o in outside if o not in bad]}; decisive positions {strict}; first step where eager differs: {first}')
 
 # ---------------------------------------------------------------- streaming
 

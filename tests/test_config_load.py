@@ -190,3 +190,31 @@ def test_cli_refuses_broken_config_in_one_line(tmp_path, capsys, monkeypatch):
     write(d, {'dim': 32})
     rc, out, err = _metai('config', d)
     assert rc == 1 and err.count('\n') == 1 and err.startswith(f"metai config: error: {d}/config.json: missing fields 'vocab_size'"), err
+
+def sparse_weights(model, path):
+    "A safetensors file whose header matches `model` (built on meta) and whose data is a hole: no disk or memory taken."
+    header, off = {}, 0
+    for k, t in model.state_dict().items():
+        n = t.numel() * t.element_size()
+        header[k] = {'dtype': {torch.float32: 'F32', torch.bfloat16: 'BF16'}[t.dtype], 'shape': list(t.shape), 'data_offsets': [off, off + n]}
+        off += n
+    h = json.dumps(header).encode(); h += b' ' * (-len(h) % 8)
+    with open(path, 'wb') as f:
+        f.write(len(h).to_bytes(8, 'little')); f.write(h); f.truncate(8 + len(h) + off)
+
+def test_model_larger_than_memory_is_one_line(tmp_path, capsys):
+    "A config.json (and a file that matches it) too large for the machine: one line naming the file and the size, not to_empty's error."
+    from metai.core import device_memory
+    from metai.cli import main
+    ram = device_memory('cpu')
+    cfg = dataclasses.replace(MICRO, vocab_size=2 * ram // (MICRO.dim * 4) + 1, n_layers=1)   # the tied table alone: twice the RAM in fp32
+    d = tmp_path/'big'; d.mkdir(); cfg.to_json(d/'config.json')
+    with torch.device('meta'): m = Transformer(cfg)
+    try: sparse_weights(m, d/'model.safetensors')
+    except OSError as e: pytest.skip(f'no sparse file here ({e})')
+    try: rc = main(['generate', '--model-dir', str(d), '--prompt', 'hi', '--device', 'cpu'])
+    except SystemExit as e: rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, (rc, err)
+    assert re.search(rf'big/config.json: [\d.]+B parameters \(vocab_size={cfg.vocab_size}, dim=256, n_layers=1\) in float32 take [\d.]+ GiB, '
+                     r'more than the [\d.]+ GiB of cpu memory', err), err

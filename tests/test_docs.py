@@ -82,3 +82,19 @@ def test_learning_path_is_honest():
         avail = {k for k,v in rows.items() if v == 'available'}
         assert avail == on_disk, f'{name}: marked available {sorted(avail - on_disk)} but missing; present but not marked available {sorted(on_disk - avail)}'
     assert _path_status(index) == _path_status(readme), 'README.md and nbs/index.ipynb disagree on the learning path'
+
+def test_no_slow_cell_runs_while_the_docs_build():
+    """nbdev's doc processing runs every cell whose code holds an import anywhere (even inside a function): a `#| slow` or
+    `#| cuda` cell doing so, beyond the imports, would run while the docs build (one that trained models cost them 147 s)."""
+    import ast
+    bad = []
+    for nb in _notebooks():
+        for i, c in enumerate(json.loads(nb.read_text(encoding='utf-8'))['cells']):
+            src = ''.join(c['source'])
+            flags = set(re.findall(r'^#\|\s*(slow|cuda)\s*$', src, re.M))
+            if c['cell_type'] != 'code' or not flags or re.search(r'^#\|\s*eval:\s*false', src, re.M): continue
+            code = '\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!')))
+            tree, imp = ast.parse(code), (ast.Import, ast.ImportFrom)
+            if any(isinstance(n, imp) for n in ast.walk(tree)) and not all(isinstance(n, imp) for n in tree.body):  # imports alone: cheap
+                bad.append(f'{nb.name} cell {i} (#| {", ".join(sorted(flags))})')
+    assert not bad, 'move these imports into an import cell of their own:\n' + '\n'.join(bad)

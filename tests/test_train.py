@@ -1,7 +1,7 @@
 """Training from the command line, end to end in subprocesses: a run killed with SIGKILL and resumed matches an
 uninterrupted one bit for bit, Ctrl-C saves and exits cleanly, bad checkpoints and bad flags get one-line errors and
 leave every file as it was, and `generate` and `plot` work on the result."""
-import json, math, os, random, shutil, signal, subprocess, sys, time
+import json, math, os, random, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 
@@ -186,6 +186,20 @@ def test_batch_sizes_that_cannot_fit_are_one_line(corpus, ref, tmp_path):
     assert rc == 1 and msg.startswith('metai train-custom: error: --batch-size 3000: a micro-batch would hold every one of the ') and \
         'windows of 128 tokens (--seq-len)' in msg, msg
     assert not (tmp_path/'x'/'metrics.jsonl').exists() and not (tmp_path/'x'/'checkpoints').exists()
+    rc, o, e = metai(*train_args(corpus, tmp_path/'x', 96, '--num-layers', 10**6))   # 1.5 TiB of training state
+    msg = one_line(e)
+    assert rc == 1 and 'error: model: training 101.57B parameters (vocab_size=512, dim=96, ' in msg and 'n_layers=1000000) takes 16 bytes each' in msg, msg
+    assert not (tmp_path/'x').exists() and snapshot(data) == before
+
+def test_validation_set_is_at_most_the_split(corpus, tmp_path):
+    "A huge --eval-batches evaluates every validation window once, says so, and records that count for a resume."
+    out = tmp_path/'v'
+    rc, o, e = metai(*train_args(corpus, out, 32, '--steps', 2, '--eval-interval', 2, '--eval-batches', 10**9))
+    assert (rc, e) == (0, ''), e
+    m = re.search(r'validation: all ([\d,]+) windows of 128 tokens in the split \(8,000,000,000 asked for', o)
+    assert m, o[-2000:]
+    tc = json.loads((latest(out)/'train_config.json').read_text())
+    assert tc['eval_windows'] == int(m.group(1).replace(',', '')) > 0
 
 def oom_at_first_step(error):
     "A Transformer whose training forward raises `error`, as an allocation that fails would."

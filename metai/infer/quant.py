@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file
-from ..core import atomic_path, atomic_write_text
+from ..core import atomic_path, atomic_write_text, memory_shortfall
 from ..config import ModelConfig
 from ..model.moe import MoE, moe_experts
 from ..model.transformer import Transformer, load_weights, load_transformer
@@ -533,6 +533,10 @@ def load_quantized(path:str, # a directory written by `save_quantized` / `quanti
     except AttributeError as e: raise ValueError(f"{os.path.join(path, 'quant.json')}: module list does not fit config.json ({e})") from None
     scale_dtype = getattr(torch, qc['scale_dtype'])  # checked by read_quant_json
     if qc['method'] == 'int4': _swap(model, plan, qc['group_size'], 'int4', scale_dtype, empty=True)
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())   # what to_empty is about to allocate
+    if short := memory_shortfall(need, 'cpu'):
+        raise ValueError(f"{os.path.join(path, 'config.json')}: loading the model (vocab_size={cfg.vocab_size}, dim={cfg.dim}, "
+                         f"n_layers={cfg.n_layers}) takes {short}")
     model.to_empty(device='cpu')
     if cfg.tie_embeddings and isinstance(model.head, nn.Linear): model.head.weight = model.embed.weight  # to_empty unties
     if qc['method'] == 'nf4':

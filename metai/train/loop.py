@@ -8,8 +8,8 @@ __all__ = ['CKPT_FILES', 'DISTILL_FIELDS', 'PEAK_FLOPS', 'COMPILE_MODES', 'CUDA_
            'configure_optimizer', 'lr_at', 'save_checkpoint', 'latest_checkpoint', 'check_config_matches',
            'load_train_state', 'saved_train_config', 'check_batch_matches', 'eval_window_count', 'evaluate',
            'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl', 'check_teacher_dir', 'load_teacher',
-           'check_distill_matches', 'device_memory', 'check_batch_fits', 'is_out_of_memory', 'out_of_memory_error',
-           'check_compile_mode', 'compile_model', 'peak_flops', 'train']
+           'check_distill_matches', 'check_batch_fits', 'is_out_of_memory', 'out_of_memory_error', 'check_compile_mode',
+           'compile_model', 'peak_flops', 'train']
 
 # %% ../../nbs/13_train.ipynb #076094a7
 import os, re, json, math, time, random, signal, shutil
@@ -18,7 +18,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import save_model
-from ..core import get_device, autocast, autocast_dtype, seed_everything, atomic_path, atomic_write_text, fmt_num, fmt_bytes
+from ..core import (get_device, autocast, autocast_dtype, seed_everything, atomic_path, atomic_write_text, fmt_num, fmt_bytes,
+                        memory_shortfall)
 from ..config import ModelConfig
 from ..model.transformer import Transformer, load_weights, load_transformer, mean_kl  # load_weights: resume (notebook 07)
 
@@ -282,27 +283,22 @@ def check_distill_matches(path:str, # a checkpoint's train_config.json
         raise ValueError(f'{path}: the run was trained with {diff}; resume it with the same --distill-* flags')
 
 # %% ../../nbs/13_train.ipynb #8152f83a
-def device_memory(device) -> int|None:
-    "Total memory of `device` in bytes: the GPU's, or the machine's RAM for the CPU (None when unknown)."
-    device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.get_device_properties(device).total_memory
-    if device.type != 'cpu': return None
-    try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError, AttributeError): return None  # not a POSIX system
-
 def check_batch_fits(cfg:ModelConfig, tc:TrainConfig,
                      n_windows:int|None=None, # windows of seq_len tokens in the training split (None: not built yet)
                      device=None): # where the run trains (default: tc.device)
-    "One-line `ValueError` naming --batch-size / --seq-len when one micro-batch cannot fit, before anything is allocated."
+    "One-line `ValueError` naming the model's size or --batch-size / --seq-len when a step cannot fit, before anything is allocated."
     B, T = tc.batch_size, tc.seq_len
     dev = torch.device(device) if device is not None else get_device(tc.device)
+    n = cfg.num_params() + cfg.mtp_params()                       # fp32 weights, gradients and two AdamW moments: 16 bytes each
+    if short := memory_shortfall(16 * n, dev):
+        raise ValueError(f'model: training {fmt_num(n)} parameters (vocab_size={cfg.vocab_size}, dim={cfg.dim}, n_layers={cfg.n_layers}) takes '
+                         f'16 bytes each (fp32 weights, gradients, AdamW moments): {short}; choose a smaller model')
     if n_windows is not None and B > n_windows:
         raise ValueError(f'--batch-size {B}: a micro-batch would hold every one of the {n_windows:,} windows of {T} tokens (--seq-len) '
                          f'in the training split, and repeat them; use --batch-size {n_windows} or less, or more data')
-    need, have = B * T * cfg.vocab_size * autocast_dtype(dev).itemsize, device_memory(dev)   # the logits of one micro-batch, (B, T, V)
-    if have and need > have:
-        raise ValueError(f'--batch-size {B} x --seq-len {T}: the logits of one micro-batch alone would take {fmt_bytes(need)}, more than the '
-                         f'{fmt_bytes(have)} of {dev.type} memory; lower --batch-size or --seq-len (a larger --grad-accum keeps the tokens per step)')
+    if short := memory_shortfall(B * T * cfg.vocab_size * autocast_dtype(dev).itemsize, dev):   # the logits of one micro-batch, (B, T, V)
+        raise ValueError(f'--batch-size {B} x --seq-len {T}: the logits of one micro-batch alone would take {short}; '
+                         f'lower --batch-size or --seq-len (a larger --grad-accum keeps the tokens per step)')
 
 def is_out_of_memory(e:BaseException) -> bool:
     "Whether `e` is a failed allocation: `MemoryError` (numpy), torch's `OutOfMemoryError` (CUDA), the CPU allocator's `RuntimeError`."
@@ -365,7 +361,8 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     train_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='train', seed=tc.seed, vocab_size=cfg.vocab_size)
     val_ds = LazyTextDataset(tc.data_dir, tc.seq_len, split='val', seed=tc.seed, vocab_size=cfg.vocab_size)
     check_batch_fits(cfg, tc, len(train_ds), device)   # before the first batch is read
-    n_val = eval_window_count(tc, latest_checkpoint(tc.out_dir) if resume and os.path.isdir(tc.out_dir) else None)
+    asked = eval_window_count(tc, latest_checkpoint(tc.out_dir) if resume and os.path.isdir(tc.out_dir) else None)
+    n_val = min(asked, len(val_ds))                    # more would repeat windows (and hold them all in memory): the whole split
     tc = replace(tc, eval_windows=n_val)               # recorded in train_config.json: a later resume evaluates the same windows
     val_batches = [val_ds.get_batch(min(tc.batch_size, n_val - i)) for i in range(0, n_val, tc.batch_size)]
     bpt = bytes_per_token(tok, val_batches)
@@ -403,6 +400,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     fwd = compile_model(model, tc) if tc.compile else model
     flops_tok, peak = cfg.flops_per_token(tc.seq_len, training=True), peak_flops(device)
     mon = monitor or Monitor(tc.out_dir, total_steps=tc.max_steps, cfg=cfg, start_step=step)
+    if asked > n_val: mon.message(f'validation: all {n_val:,} windows of {tc.seq_len} tokens in the split ({asked:,} asked for: --eval-batches x --batch-size)')
     flag = _StopFlag()
     old_handlers = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
 

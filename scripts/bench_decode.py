@@ -124,7 +124,7 @@ def tile_choices() -> dict:
 
 def add_ratios(r:dict, compile:bool):
     "The best metai row of model result `r`, its fraction of the HBM bound and its ratios to the baselines (in place)."
-    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
+    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_compiled_sample_kernel', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
     best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in keys])
     if not best: return
     r['best_metai_tokens_per_s'] = best
@@ -277,6 +277,15 @@ def bench_int4(model, prompt:list, n_new:int, runs:int, device, triton_gemv:bool
     return r
 
 
+def bench_sample_kernel(model, prompt:list, n_new:int, runs:int, device) -> dict:
+    "`bench_metai`'s compiled path with top-k draws in `topk_sample` (notebook 09b's `SAMPLE_KERNEL`) instead of `torch.topk`."
+    clear_graphs()  # the graphs recorded so far hold the other sampler
+    keep, metai_kernels.SAMPLE_KERNEL = metai_kernels.SAMPLE_KERNEL, True
+    try: r = bench_metai(model, prompt, n_new, True, runs, device)
+    finally: metai_kernels.SAMPLE_KERNEL = keep; clear_graphs()
+    return dict(r, sampler='topk_sample (Triton)')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--out', required=True, help='JSON results file (written after each model)')
@@ -296,6 +305,7 @@ def main():
     ap.add_argument('--int4', action='store_true', help='also decode an int4 copy (group size 64, head included) through the same path')
     ap.add_argument('--int4-kernels', default='torch,gemv', help="with --int4: which products (torch: PyTorch's int4 kernel, gemv: gemv_int4)")
     ap.add_argument('--trace', default=None, help="with --profile: write the profiled call's timeline to this Chrome trace file")
+    ap.add_argument('--sample-kernel', action='store_true', help="also time metai compiled with top-k draws in one Triton kernel (`topk_sample`) instead of torch.topk")
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
@@ -351,6 +361,8 @@ def main():
                 ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and 'torch' in int4k else None,
                 ('metai_compiled_int4_gemv', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device, triton_gemv=True))
                 if compile and 'gemv' in int4k else None,
+                ('metai_compiled_sample_kernel', lambda: bench_sample_kernel(model, prompt, a.new_tokens, a.runs, device))
+                if compile and a.sample_kernel else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

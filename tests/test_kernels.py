@@ -165,3 +165,34 @@ def test_cuda_decode_attention_long():
                 assert a.shape == b.shape == qkv.shape[:-1] + (H * D,)
                 assert (a - b).abs().max() <= 0.01 * b.abs().max() + 0.01, (H, KV, D, pos, T, (a - b).abs().max().item())
                 assert all((x.float() - y.float()).abs().max() <= 0.02 * y.float().abs().max() for x, y in zip(caches, c2)), (H, KV, D, pos, T)
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_topk_sample():
+    """`topk_sample` on the GPU at the 1B vocabulary: exactly the reference's token with the same exponential draws; seeded draws
+    kept, repeatable and distributed as `logits_to_probs`; and `generate` through it reproduces itself under a seed."""
+    from metai.infer.kernels import topk_sample, topk_sample_ref
+    from metai.infer.generate import logits_to_probs, generate
+    import metai.infer.kernels as K
+    g = torch.Generator(device='cuda').manual_seed(0)
+    l = (torch.randn(4, 128256, device='cuda', generator=g) * 3).to(torch.bfloat16)
+    l[0, :5] = l[0].float().topk(200).values[-1].to(torch.bfloat16)               # ties at the 200th value
+    e = torch.empty(4, 128256, device='cuda').exponential_(generator=g)
+    seed = torch.randint(0, 2**31 - 1, (4,), device='cuda', generator=g)
+    for k in (1, 50, 200):
+        assert torch.equal(topk_sample(l, seed, 0.8, k, e), topk_sample_ref(l, e, 0.8, k)), k
+    got = topk_sample(l, seed, 0.8, 200)
+    assert logits_to_probs(l, 0.8, 200).gather(1, got).gt(0).all() and torch.equal(got, topk_sample(l, seed, 0.8, 200))
+    n, V = 20000, 1000
+    row = (torch.randn(1, V, device='cuda', generator=g) * 2).to(torch.bfloat16)
+    draws = topk_sample(row.expand(n, V).contiguous(), torch.randint(0, 2**31 - 1, (n,), device='cuda', generator=g), 0.8, 20)
+    tv = 0.5 * (torch.bincount(draws.flatten(), minlength=V).float() / n - logits_to_probs(row, 0.8, 20)[0]).abs().sum().item()
+    assert tv < 0.03, tv
+    m = Transformer(llama()).cuda().to(torch.bfloat16).eval(); m.init_freqs()
+    keep, K.SAMPLE_KERNEL = K.SAMPLE_KERNEL, True
+    try:
+        a = generate(m, list(range(5, 17)), 40, temperature=0.8, top_k=50, compile=True, seed=3)
+        b = generate(m, list(range(5, 17)), 40, temperature=0.8, top_k=50, compile=True, seed=3)
+        c = generate(m, list(range(5, 17)), 40, temperature=0.8, top_k=50, seed=3)   # eager, the same kernel
+    finally: K.SAMPLE_KERNEL = keep
+    assert a == b and len(a) == 40 and len(c) == 40, (a, b, c)

@@ -20,7 +20,7 @@ from ..core import get_device
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer, load_transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
-from .kernels import decode_forward, fused_decode_ok
+from .kernels import decode_forward, fused_decode_ok, topk_sample, topk_sample_ok
 
 # %% ../../nbs/10_generate.ipynb #f45ad2b2
 def logits_to_probs(logits:Tensor, # (..., V) logits
@@ -67,6 +67,9 @@ def sample(logits:Tensor, # (B, V) logits of the next position
     if temperature == 0: return logits.argmax(-1, keepdim=True)
     if top_k is None or top_k >= logits.size(-1):
         return multinomial_no_sync(logits_to_probs(logits, temperature, top_k, top_p), generator)
+    if topk_sample_ok(logits, top_k, top_p):  # one Triton kernel, no sort (notebook 09b's `SAMPLE_KERNEL`): its seeds from torch's RNG
+        seed = torch.randint(0, 2**31 - 1, (logits.shape[0],), device=logits.device, generator=generator)
+        return topk_sample(logits, seed, temperature, top_k)
     vals, idx = torch.topk(logits, top_k, sorted=False)                      # (B, k) in the logits' dtype, in no set order
     return idx.gather(-1, multinomial_no_sync(logits_to_probs(vals, temperature, None, top_p), generator))
 

@@ -24,6 +24,7 @@ import torch
 from metai.core import get_device, autocast, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
+import metai.model.transformer as metai_transformer
 from metai.train.loop import configure_optimizer, CUDA_GRAPH_MODES
 from metai.data.datasets import LazyTextDataset, read_meta
 
@@ -210,6 +211,7 @@ def main(argv=None):
     p.add_argument('--only', default='', help="comma list of row names to time (e.g. 'metai small,metai small (reduce-overhead)'); default all")
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
+    p.add_argument('--fused-ce', action='store_true', help="also time metai gpt2 and small with the loss in `cross_entropy_rows` (two Triton kernels, notebook 07's FUSED_CE)")
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
@@ -269,15 +271,22 @@ def main(argv=None):
         items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
                   (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
                   (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
+    if args.fused_ce:  # the same steps with the loss in two Triton kernels instead of inductor's
+        items += [('metai gpt2 (fused CE)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_ce=True)),
+                  ('metai small (fused CE)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_ce=True))]
     if args.only: items = [it for it in items if it[0] in args.only.split(',')]
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
+        metai_transformer.FUSED_CE = bool(extra.get('fused_ce'))  # read when the step is traced: a change recompiles it
         try: res['results'].append(throughput(name, build, device, args, flops_fn, extra, profile))
         except Exception as e: res['errors'].append(f'{name}: {short_error(e)}')
+        finally: metai_transformer.FUSED_CE = False
         free(device); save()
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
+        if 'metai gpt2 (fused CE)' in by:
+            res['ratios']['metai_gpt2_fused_ce_vs_nanogpt'] = round(by['metai gpt2 (fused CE)']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):
                 if a in by and b in by: res['ratios'][f'{a} vs {b}'] = round(by[a]['tokens_per_s'] / by[b]['tokens_per_s'], 3)

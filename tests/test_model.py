@@ -258,3 +258,32 @@ def test_bench_fp8_script_checks_the_arithmetic(tmp_path):
     for s in res['shapes']:
         assert max(s['bf16_rel_err']) < 1e-2 and max(s['fp8_rel_err']) < 0.1, s  # e5m2 gradients: about 6%
         assert min(s['fp8_rel_err']) > 1e-3, s  # it really went through 8 bits
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_fused_cross_entropy():
+    """`cross_entropy_rows` on the GPU at gpt2's vocabulary (bf16 logits, ignored rows): losses and gradients as
+    `F.cross_entropy`'s; and a compiled gpt2-shaped training step with `FUSED_CE` gives eager's loss and gradients."""
+    import metai.model.transformer as T
+    from metai.core import autocast
+    g = torch.Generator(device='cuda').manual_seed(0)
+    x = (torch.randn(4096, 50304, device='cuda', generator=g) * 4).to(torch.bfloat16)
+    t = torch.randint(0, 50304, (4096,), device='cuda', generator=g); t[::7] = -100
+    xa, xr = x.clone().requires_grad_(), x.float().clone().requires_grad_()
+    loss, lse = T.cross_entropy_rows(xa, t)
+    ref = F.cross_entropy(xr, t, ignore_index=-100, reduction='none')
+    w = torch.rand(4096, device='cuda', generator=g)
+    (loss * w).sum().backward(); (ref * w).sum().backward()
+    assert (loss - ref).abs().max() < 1e-3 and (lse - xr.detach().logsumexp(-1)).abs().max() < 1e-3
+    assert (xa.grad.float() - xr.grad).abs().max() < 2e-3 * xr.grad.abs().max() + 1e-6
+    c = ModelConfig.preset('gpt2', n_layers=2)
+    losses, grads = [], []
+    for fused in (False, True):
+        torch._dynamo.reset(); T.FUSED_CE = fused
+        try:
+            m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
+            with autocast('cuda'): l = torch.compile(m)(xs, ys)[1]
+            l.backward()
+        finally: T.FUSED_CE = False
+        losses.append(l.item()); grads.append(m.embed.weight.grad.float())
+    assert abs(losses[0] - losses[1]) < 1e-3 and (grads[0] - grads[1]).abs().max() < 1e-3 * grads[0].abs().max() + 1e-7, losses

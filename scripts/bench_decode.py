@@ -124,7 +124,7 @@ def tile_choices() -> dict:
 
 def add_ratios(r:dict, compile:bool):
     "The best metai row of model result `r`, its fraction of the HBM bound and its ratios to the baselines (in place)."
-    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_compiled_sample_kernel', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
+    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_compiled_sample_kernel', 'metai_compiled_attn_merge', 'metai_compiled_both', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
     best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in keys])
     if not best: return
     r['best_metai_tokens_per_s'] = best
@@ -277,13 +277,16 @@ def bench_int4(model, prompt:list, n_new:int, runs:int, device, triton_gemv:bool
     return r
 
 
-def bench_sample_kernel(model, prompt:list, n_new:int, runs:int, device) -> dict:
-    "`bench_metai`'s compiled path with top-k draws in `topk_sample` (notebook 09b's `SAMPLE_KERNEL`) instead of `torch.topk`."
-    clear_graphs()  # the graphs recorded so far hold the other sampler
-    keep, metai_kernels.SAMPLE_KERNEL = metai_kernels.SAMPLE_KERNEL, True
+def bench_switched(model, prompt:list, n_new:int, runs:int, device, **switches) -> dict:
+    "`bench_metai`'s compiled path with notebook 09b's switches set (e.g. SAMPLE_KERNEL=True, ATTN_MERGE=True), then restored."
+    clear_graphs()  # the graphs recorded so far hold the other paths
+    keep = {k: getattr(metai_kernels, k) for k in switches}
+    for k, v in switches.items(): setattr(metai_kernels, k, v)
     try: r = bench_metai(model, prompt, n_new, True, runs, device)
-    finally: metai_kernels.SAMPLE_KERNEL = keep; clear_graphs()
-    return dict(r, sampler='topk_sample (Triton)')
+    finally:
+        for k, v in keep.items(): setattr(metai_kernels, k, v)
+        clear_graphs()
+    return dict(r, switches=switches)
 
 
 def main():
@@ -305,7 +308,8 @@ def main():
     ap.add_argument('--int4', action='store_true', help='also decode an int4 copy (group size 64, head included) through the same path')
     ap.add_argument('--int4-kernels', default='torch,gemv', help="with --int4: which products (torch: PyTorch's int4 kernel, gemv: gemv_int4)")
     ap.add_argument('--trace', default=None, help="with --profile: write the profiled call's timeline to this Chrome trace file")
-    ap.add_argument('--sample-kernel', action='store_true', help="also time metai compiled with top-k draws in one Triton kernel (`topk_sample`) instead of torch.topk")
+    ap.add_argument('--sample-kernel', action='store_true', help="also time metai compiled with top-k draws in two Triton kernels (`topk_sample`) instead of torch.topk")
+    ap.add_argument('--attn-merge', action='store_true', help="also time metai compiled with each head's attention splits merged by the last of them (no combine kernel)")
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
@@ -361,8 +365,12 @@ def main():
                 ('metai_compiled_int4', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device)) if compile and 'torch' in int4k else None,
                 ('metai_compiled_int4_gemv', lambda: bench_int4(model, prompt, a.new_tokens, a.runs, device, triton_gemv=True))
                 if compile and 'gemv' in int4k else None,
-                ('metai_compiled_sample_kernel', lambda: bench_sample_kernel(model, prompt, a.new_tokens, a.runs, device))
+                ('metai_compiled_sample_kernel', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, SAMPLE_KERNEL=True))
                 if compile and a.sample_kernel else None,
+                ('metai_compiled_attn_merge', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, ATTN_MERGE=True))
+                if compile and a.attn_merge else None,
+                ('metai_compiled_both', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, SAMPLE_KERNEL=True, ATTN_MERGE=True))
+                if compile and a.attn_merge and a.sample_kernel else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

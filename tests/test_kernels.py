@@ -63,9 +63,12 @@ def assert_steps_match(m, fast, T=1, n=40):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_fused_decode_matches():
-    "`decode_forward` with the kernels against `forward_step` at every position (bf16), and generate's greedy tokens."
-    from metai.infer.generate import generate
+@pytest.mark.parametrize('merge', [False, True])
+def test_cuda_fused_decode_matches(merge, monkeypatch):
+    "`decode_forward` with the kernels against `forward_step` at every position (bf16), and generate's greedy tokens (CUDA graphs)."
+    from metai.infer.generate import generate, clear_graphs
+    import metai.infer.kernels as K
+    monkeypatch.setattr(K, 'ATTN_MERGE', merge); clear_graphs()   # graphs recorded with the other attention are not reused
     torch.manual_seed(0)
     m = Transformer(llama()).eval().cuda().to(torch.bfloat16); m.init_freqs()
     toks = assert_steps_match(m, decode_forward)
@@ -144,9 +147,13 @@ def test_cuda_gemv_rows_and_verify_forward(few, pk, monkeypatch):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_decode_attention_long():
-    "The split attention (one token, and 2-16 causal tokens) against its reference on long caches: empty splits, one position, block edges, the last slot."
+@pytest.mark.parametrize('merge', [False, True])
+def test_cuda_decode_attention_long(merge, monkeypatch):
+    """The split attention (one token, and 2-16 causal tokens) against its reference on long caches: empty splits, one
+    position, block edges, the last slot; with `merge`, one token's splits merged by the last of them (the counters back at 0)."""
     from metai.infer.kernels import decode_attention, decode_attention_ref
+    import metai.infer.kernels as K
+    monkeypatch.setattr(K, 'ATTN_MERGE', merge)
     torch.manual_seed(0)
     bf = dict(device='cuda', dtype=torch.bfloat16)
     for H, KV, D, inter in ((32, 8, 64, True), (12, 12, 64, False), (6, 2, 128, True), (16, 2, 64, False)):  # groups of 4, 1, 3, 8
@@ -165,6 +172,7 @@ def test_cuda_decode_attention_long():
                 assert a.shape == b.shape == qkv.shape[:-1] + (H * D,)
                 assert (a - b).abs().max() <= 0.01 * b.abs().max() + 0.01, (H, KV, D, pos, T, (a - b).abs().max().item())
                 assert all((x.float() - y.float()).abs().max() <= 0.02 * y.float().abs().max() for x, y in zip(caches, c2)), (H, KV, D, pos, T)
+                if merge: assert K._COUNTERS[torch.device('cuda', torch.cuda.current_device())].abs().sum() == 0
 
 @pytest.mark.cuda
 @cuda

@@ -283,6 +283,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels._kernel_ok': ('kernels.html#_kernel_ok', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._launcher': ('kernels.html#_launcher', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._long_rows': ('kernels.html#_long_rows', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels._long_tile': ('kernels.html#_long_tile', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._merge_counters': ('kernels.html#_merge_counters', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._pdl': ('kernels.html#_pdl', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels._rows_layer': ('kernels.html#_rows_layer', 'metai/infer/kernels.py'),

@@ -25,7 +25,7 @@ for step in $STEPS; do
       timeout "$(limit $step 400)" python3 -m pytest -q -m cuda tests/ 2>&1 | tail -15 | tee "$OUT/cuda_tests.log" ;;
     decode-dense)  # 125M and 1B Llama shapes: metai (8 steps / CUDA graph, 1 step / graph, frozen) vs gpt-fast and transformers
       timeout "$(limit $step 540)" python3 scripts/bench_decode.py --out "$OUT/decode_$CARD.json" --models llama-125m,llama-1b \
-        --no-eager --streamed --sample-kernel --attn-merge ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
+        --no-eager --streamed --sample-kernel --attn-merge --product-tiles ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
     kernels)       # the decode kernels alone, cold, against what they replace (products vs cuBLAS, attention vs its reference, draws)
       timeout "$(limit $step 200)" python3 scripts/bench_kernels.py --out "$OUT/kernels_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/kernels.log" ;;
     gemv-tiles)    # every gemv (then gemv_int4) tile for each 1B product inside the 16-layer chain (CUDA graph, PDL): checks _LONG_TILE and

@@ -124,7 +124,7 @@ def tile_choices() -> dict:
 
 def add_ratios(r:dict, compile:bool):
     "The best metai row of model result `r`, its fraction of the HBM bound and its ratios to the baselines (in place)."
-    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_compiled_sample_kernel', 'metai_compiled_attn_merge', 'metai_compiled_both', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
+    keys = ['metai_compiled', 'metai_compiled_frozen', 'metai_compiled_sample_kernel', 'metai_compiled_attn_merge', 'metai_compiled_product_tiles', 'metai_compiled_switched', 'metai_eager'] + [k for k in r if k.startswith('metai_compiled_chunk')]
     best = max([r.get(k, {}).get('tokens_per_s') or 0 for k in keys])
     if not best: return
     r['best_metai_tokens_per_s'] = best
@@ -279,13 +279,13 @@ def bench_int4(model, prompt:list, n_new:int, runs:int, device, triton_gemv:bool
 
 def bench_switched(model, prompt:list, n_new:int, runs:int, device, **switches) -> dict:
     "`bench_metai`'s compiled path with notebook 09b's switches set (e.g. SAMPLE_KERNEL=True, ATTN_MERGE=True), then restored."
-    clear_graphs()  # the graphs recorded so far hold the other paths
+    clear_graphs(); torch._dynamo.reset()  # the graphs and compiled steps so far hold the other paths (a guard failure mid-timing would recompile)
     keep = {k: getattr(metai_kernels, k) for k in switches}
     for k, v in switches.items(): setattr(metai_kernels, k, v)
     try: r = bench_metai(model, prompt, n_new, True, runs, device)
     finally:
         for k, v in keep.items(): setattr(metai_kernels, k, v)
-        clear_graphs()
+        clear_graphs(); torch._dynamo.reset()
     return dict(r, switches=switches)
 
 
@@ -310,6 +310,7 @@ def main():
     ap.add_argument('--trace', default=None, help="with --profile: write the profiled call's timeline to this Chrome trace file")
     ap.add_argument('--sample-kernel', action='store_true', help="also time metai compiled with top-k draws in two Triton kernels (`topk_sample`) instead of torch.topk")
     ap.add_argument('--attn-merge', action='store_true', help="also time metai compiled with each head's attention splits merged by the last of them (no combine kernel)")
+    ap.add_argument('--product-tiles', action='store_true', help="also time metai compiled with each long product's own best tile (PRODUCT_TILES) instead of _LONG_TILE")
     ap.add_argument('--no-unfused', action='store_true', help="skip metai compiled without its batch-1 kernels (PyTorch's products)")
     ap.add_argument('--no-freeze', action='store_true', help='skip metai compiled with inductor freezing (weights folded, q/k/v fused)')
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
@@ -356,6 +357,7 @@ def main():
         root, ext = os.path.splitext(a.trace or '')
         trace = a.trace and (a.trace if len(names) == 1 else f'{root}_{name}{ext}')  # one file per model
         int4k = a.int4_kernels.split(',') if a.int4 else []
+        switched = {k: True for k, on in (('SAMPLE_KERNEL', a.sample_kernel), ('ATTN_MERGE', a.attn_merge), ('PRODUCT_TILES', a.product_tiles)) if on}
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile, trace=trace)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
                 ('metai_compiled_streamed', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, streamed=True))
@@ -369,8 +371,10 @@ def main():
                 if compile and a.sample_kernel else None,
                 ('metai_compiled_attn_merge', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, ATTN_MERGE=True))
                 if compile and a.attn_merge else None,
-                ('metai_compiled_both', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, SAMPLE_KERNEL=True, ATTN_MERGE=True))
-                if compile and a.attn_merge and a.sample_kernel else None,
+                ('metai_compiled_product_tiles', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, PRODUCT_TILES=True))
+                if compile and a.product_tiles else None,
+                ('metai_compiled_switched', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, **switched))
+                if compile and len(switched) > 1 else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

@@ -33,12 +33,15 @@ def test_gemv_rows_bad_arguments():
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_gemv_matches_reference():
+@pytest.mark.parametrize('product_tiles', [False, True])
+def test_cuda_gemv_matches_reference(product_tiles, monkeypatch):
     "The tuned kernels at the 1B shapes (three weights with a norm, SwiGLU + residual, the head): fp32-reference close."
+    import metai.infer.kernels as kernels
+    monkeypatch.setattr(kernels, 'PRODUCT_TILES', product_tiles)
     torch.manual_seed(0)
     bf = dict(device='cuda', dtype=torch.bfloat16)
     for K, Ns, kw in [(2048, (2048, 512, 512), 'norm'), (8192, (2048,), 'silu'), (2048, (128256,), 'norm'), (768, (768,), 'res'),
-                      (2048, (32001,), 'norm')]:  # a head whose rows no tile divides
+                      (2048, (8192, 8192), 'norm'), (2048, (2048,), 'res'), (2048, (32001,), 'norm')]:  # w1/w3, wo; a head whose rows no tile divides
         ws = [torch.randn(n, K, **bf) / K ** 0.5 for n in Ns]
         x = torch.randn(2 * K if kw == 'silu' else K, **bf)
         a = dict(norm=torch.rand(K, **bf) + 0.5) if kw == 'norm' else dict(residual=torch.randn(sum(Ns), **bf)) if kw == 'res' else {}

@@ -68,7 +68,7 @@ def sample(logits:Tensor, # (B, V) logits of the next position
     if top_k is None or top_k >= logits.size(-1):
         return multinomial_no_sync(logits_to_probs(logits, temperature, top_k, top_p), generator)
     if topk_sample_ok(logits, top_k, top_p):  # one Triton kernel, no sort (notebook 09b's `SAMPLE_KERNEL`): its seeds from torch's RNG
-        seed = torch.randint(0, 2**31 - 1, (logits.shape[0],), device=logits.device, generator=generator)
+        seed = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device, generator=generator)   # 62 bits: no repeats in practice
         return topk_sample(logits, seed, temperature, top_k)
     vals, idx = torch.topk(logits, top_k, sorted=False)                      # (B, k) in the logits' dtype, in no set order
     return idx.gather(-1, multinomial_no_sync(logits_to_probs(vals, temperature, None, top_p), generator))

@@ -902,9 +902,10 @@ if triton is not None:
         return t
 
     @triton.jit
-    def topk_chunk_kernel(l_ptr, ck_ptr, ci_ptr, cn_ptr, V, stride, k, P, CHUNK: tl.constexpr, CAP: tl.constexpr):
-        "Chunk `program_id(0)` of row `program_id(1)`: its keys at or above its own k-th largest, with their indices (at most CAP)."
-        p, row = tl.program_id(0), tl.program_id(1)
+    def topk_chunk_kernel(l_ptr, ck_ptr, ci_ptr, cn_ptr, ct_ptr, V, stride, k, P, CHUNK: tl.constexpr, CAP: tl.constexpr):
+        """Chunk `program_id(0)` of row `program_id(1)`: its keys at or above its own k-th largest, with their indices (the
+        first CAP), how many there are (`cn`, possibly more than CAP: ties) and that k-th largest key (`ct`)."""
+        p, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
         i = p * CHUNK + tl.arange(0, CHUNK)
         key = tl.where(i < V, _order_key(tl.load(l_ptr + row * stride + i, mask=i < V, other=0.)), -1)   # (CHUNK,)
         t = _kth_key(key, k)
@@ -914,25 +915,44 @@ if triton is not None:
         ok = (gt | eq) & (pos < CAP)
         slot = (row * P + p) * CAP + pos
         tl.store(ck_ptr + slot, key, mask=ok); tl.store(ci_ptr + slot, i, mask=ok)
-        tl.store(cn_ptr + row * P + p, tl.minimum(n_gt + tl.sum(eq.to(tl.int32)), CAP))
+        tl.store(cn_ptr + row * P + p, n_gt + tl.sum(eq.to(tl.int32))); tl.store(ct_ptr + row * P + p, t)
 
     @triton.jit
-    def topk_draw_kernel(l_ptr, ck_ptr, ci_ptr, cn_ptr, seed_ptr, e_ptr, out_ptr, V, stride, k, P, inv_t,
-                         NOISE: tl.constexpr, PB: tl.constexpr, CAP: tl.constexpr):
-        "Row `program_id(0)`: the k-th largest key among its chunks' candidates, then a Gumbel-max over those at or above it."
-        row = tl.program_id(0)
-        pp, cc = tl.arange(0, PB)[:, None], tl.arange(0, CAP)[None, :]
-        n = tl.load(cn_ptr + row * P + pp, mask=pp < P, other=0)                        # (PB, 1) candidates of each chunk
-        slot = (row * P + pp) * CAP + cc                                                 # (PB, CAP)
-        key = tl.load(ck_ptr + slot, mask=(pp < P) & (cc < n), other=-1)
-        keep = key >= _kth_key(key, k)
-        i = tl.load(ci_ptr + slot, mask=keep, other=0)
+    def _gumbel(l_ptr, e_ptr, seed, row, i, keep, V, stride, inv_t, NOISE: tl.constexpr):
+        "Scores `x / T - log E` of row `row`'s logits at indices `i` where `keep` (-inf elsewhere); E ~ Exponential(1)."
         x = tl.load(l_ptr + row * stride + i, mask=keep, other=0.).to(tl.float32)
         if NOISE: e = tl.load(e_ptr + row * V + i, mask=keep, other=1.)
-        else: e = -tl.log(tl.maximum(tl.rand(tl.load(seed_ptr + row), i), 1e-30))     # Exponential(1) from a uniform in [0, 1)
-        sc = tl.where(keep, x * inv_t - tl.log(tl.maximum(e, 1e-30)), float('-inf'))
+        else: e = -tl.log(tl.maximum(tl.rand(seed, i), 1e-30))                           # from a uniform in [0, 1)
+        return tl.where(keep, x * inv_t - tl.log(tl.maximum(e, 1e-30)), float('-inf'))
+
+    @triton.jit
+    def topk_draw_kernel(l_ptr, ck_ptr, ci_ptr, cn_ptr, ct_ptr, seed_ptr, e_ptr, out_ptr, V, stride, k, P, inv_t,
+                         NOISE: tl.constexpr, PB: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr):
+        """Row `program_id(0)`: the k-th largest key among its chunks' candidates, then a Gumbel-max over the values at or
+        above it: the candidates, and, for a chunk with more ties at that key than its CAP slots held, its whole ties again."""
+        row = tl.program_id(0).to(tl.int64)
+        pp, cc = tl.arange(0, PB)[:, None], tl.arange(0, CAP)[None, :]
+        n = tl.load(cn_ptr + row * P + pp, mask=pp < P, other=0)                        # (PB, 1) each chunk's keys at or above its own
+        slot = (row * P + pp) * CAP + cc                                                 # (PB, CAP)
+        key = tl.load(ck_ptr + slot, mask=(pp < P) & (cc < n), other=-1)
+        thr = _kth_key(key, k)                       # exact: a chunk that dropped ties still holds CAP >= k keys at or above its own
+        over = (n > CAP) & (tl.load(ct_ptr + row * P + pp, mask=pp < P, other=-1) == thr)  # (PB, 1) ties at thr left out there
+        keep = (key >= thr) & ~(over & (key == thr))                                     # those chunks' ties: all of them, below
+        i = tl.load(ci_ptr + slot, mask=keep, other=0)
+        seed = tl.load(seed_ptr + row)
+        sc = _gumbel(l_ptr, e_ptr, seed, row, i, keep, V, stride, inv_t, NOISE)
         best = tl.max(tl.max(sc, 1), 0)
-        tl.store(out_ptr + row, tl.min(tl.min(tl.where(sc == best, i, V), 1), 0).to(tl.int64))  # the first of equal maxima
+        arg = tl.min(tl.min(tl.where(sc == best, i, V), 1), 0)                           # the first of equal maxima
+        for q in range(0, P):                                                            # rare: a chunk of many equal values
+            if tl.load(cn_ptr + row * P + q) > CAP and tl.load(ct_ptr + row * P + q) == thr:
+                j = q * CHUNK + tl.arange(0, CHUNK)
+                tie = (j < V) & (_order_key(tl.load(l_ptr + row * stride + j, mask=j < V, other=0.)) == thr)
+                s2 = _gumbel(l_ptr, e_ptr, seed, row, j, tie, V, stride, inv_t, NOISE)
+                m2 = tl.max(s2, 0)
+                a2 = tl.min(tl.where(s2 == m2, j, V), 0)
+                arg = tl.where((m2 > best) | ((m2 == best) & (a2 < arg)), a2, arg)
+                best = tl.maximum(best, m2)
+        tl.store(out_ptr + row, arg.to(tl.int64))
 
 def topk_sample_ok(logits:Tensor, top_k:int|None, top_p:float|None) -> bool:
     "Whether `sample` should take `topk_sample`: `SAMPLE_KERNEL` on, bf16 rows on CUDA (or the interpreter), top-k (<= 1024) without top-p."
@@ -951,12 +971,14 @@ def topk_sample(logits:Tensor, # (B, V) bf16, each row contiguous
     B, V = logits.shape
     chunk = 256 if INTERPRET else SAMPLE_CHUNK
     P, cap = triton.cdiv(V, chunk), triton.next_power_of_2(max(top_k, 16))
-    ck = torch.empty(B, P, cap, dtype=torch.int32, device=logits.device)              # candidates: keys, indices, counts
-    ci, cn = torch.empty_like(ck), torch.empty(B, P, dtype=torch.int32, device=logits.device)
+    ck = torch.empty(B, P, cap, dtype=torch.int32, device=logits.device)              # candidates: keys, indices
+    ci = torch.empty_like(ck)
+    cn, ct = torch.empty(B, P, dtype=torch.int32, device=logits.device), torch.empty(B, P, dtype=torch.int32, device=logits.device)
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    topk_chunk_kernel[(P, B)](logits, ck, ci, cn, V, logits.stride(0), top_k, P, CHUNK=chunk, CAP=cap, num_warps=8)
-    topk_draw_kernel[(B,)](logits, ck, ci, cn, seed, noise if noise is not None else logits, out, V, logits.stride(0), top_k, P,
-                           1.0 / max(temperature, 1e-5), NOISE=noise is not None, PB=triton.next_power_of_2(P), CAP=cap, num_warps=16)
+    topk_chunk_kernel[(P, B)](logits, ck, ci, cn, ct, V, logits.stride(0), top_k, P, CHUNK=chunk, CAP=cap, num_warps=8)
+    topk_draw_kernel[(B,)](logits, ck, ci, cn, ct, seed, noise if noise is not None else logits, out, V, logits.stride(0), top_k, P,
+                           1.0 / max(temperature, 1e-5), NOISE=noise is not None, PB=triton.next_power_of_2(P), CAP=cap, CHUNK=chunk,
+                           num_warps=16)
     return out[:, None]
 
 @topk_sample.register_fake
@@ -984,16 +1006,17 @@ def check_topk_sample_interpreted(timeout:float=300) -> str:
         for r in range(0, B, 3):                                   # ties at the k-th value
             l[r, :3] = l[r].float().topk(k).values[-1].to(torch.bfloat16)
         l[1, :] = float('-inf'); l[1, 5] = -0.0; l[1, 6] = 0.0; l[1, 7] = -3.0   # fewer finite values than k; -0 and +0
+        l[2, :] = 0.0                                              # every value tied: each chunk keeps CAP of 256
+        l[4, :] = -4.0; l[4, 300:310] = 3.0; l[4, 400:420] = 1.0   # 10 above, then 20 ties in one chunk: more than its 16 slots
         e = torch.empty(B, V).exponential_(generator=g)
-        seed = torch.randint(0, 2**31 - 1, (B,), generator=g)
-        exact = all(torch.equal(topk_sample(l, seed, T, kk, e), topk_sample_ref(l, e, T, kk)) for kk in (k, 1))
-        l[2, :] = 0.0                                              # every value tied: a chunk keeps CAP of them
+        seed = torch.randint(0, 2**62, (B,), generator=g)
+        exact = all(torch.equal(topk_sample(l, seed, T, kk, e), topk_sample_ref(l, e, T, kk)) for kk in (k, 1, 16))
         got = topk_sample(l, seed, T, k)
         kept = bool(logits_to_probs(l, T, k).gather(1, got).gt(0).all())
         same = torch.equal(got, topk_sample(l, seed, T, k))
         n, V2 = 400, 200                                           # one row (of one chunk) drawn n times
         row = l[3:4, :V2].expand(n, V2).contiguous()
-        draws = topk_sample(row, torch.randint(0, 2**31 - 1, (n,), generator=g), T, k)
+        draws = topk_sample(row, torch.randint(0, 2**62, (n,), generator=g), T, k)
         emp = torch.bincount(draws.flatten(), minlength=V2).float() / n
         tv = 0.5 * (emp - logits_to_probs(l[3:4, :V2], T, k)[0]).abs().sum().item()
         print(f'exact {int(exact)} kept {int(kept)} repeat {int(same)} tv {tv:.4f}')

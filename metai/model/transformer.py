@@ -282,9 +282,10 @@ if triton is not None:
             m = m_new
         lse = m + tl.log(s)
         t = tl.load(t_ptr + row)
-        xt = tl.load(base + tl.maximum(t, 0)).to(tl.float32)
+        bad = (t != -100) & ((t < 0) | (t >= V))                # a class out of range: NaN, which the loop's finite test catches
+        xt = tl.load(base + tl.minimum(tl.maximum(t, 0), V - 1)).to(tl.float32)
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, tl.where(t == -100, 0., lse - xt))
+        tl.store(loss_ptr + row, tl.where(bad, float('nan'), tl.where(t == -100, 0., lse - xt)))
 
     @triton.jit
     def ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, dx_ptr, V, stride, dstride, BLOCK: tl.constexpr):
@@ -292,6 +293,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr + row)
         g = tl.where(t == -100, 0., tl.load(g_ptr + row))
+        g = tl.where((t != -100) & ((t < 0) | (t >= V)), float('nan'), g)    # a class out of range: NaN, as the forward
         gs = g + tl.load(glse_ptr + row)
         lse = tl.load(lse_ptr + row)
         for c in range(0, V, BLOCK):
@@ -327,7 +329,7 @@ def cross_entropy_rows_backward(logits:Tensor, targets:Tensor, lse:Tensor, # wha
     return dx
 
 @cross_entropy_rows_backward.register_fake
-def _(logits, targets, lse, grad, grad_lse): return torch.empty_like(logits)
+def _(logits, targets, lse, grad, grad_lse): return logits.new_empty(logits.shape)   # contiguous, as the real op's
 
 def _ce_setup(ctx, inputs, output): ctx.save_for_backward(inputs[0], inputs[1], output[1])
 

@@ -8,7 +8,7 @@ __all__ = ['INTERPRET', 'FUSED_CE', 'CE_BLOCK', 'CE_WARPS', 'Block', 'MTPModule'
            'load_weights', 'load_transformer', 'cross_entropy_rows', 'cross_entropy_rows_backward']
 
 # %% ../../nbs/07_model.ipynb #883e4733
-import os, math, json
+import os, math, json, warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -105,6 +105,8 @@ class Transformer(nn.Module):
                 ):
         super().__init__()
         cfg.validate()
+        if cfg.index_n_heads: warnings.warn('index_n_heads: the DeepSeek-V3.2 lightning indexer is not built; attention is dense '
+                                            '(num_params() counts it, this model does not)', stacklevel=2)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))

@@ -305,6 +305,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'metai.infer.kernels.gemv_int4': ('kernels.html#gemv_int4', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv_ref': ('kernels.html#gemv_ref', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.gemv_rows': ('kernels.html#gemv_rows', 'metai/infer/kernels.py'),
+                                     'metai.infer.kernels.kernel_switches': ('kernels.html#kernel_switches', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.mtp_rows_step': ('kernels.html#mtp_rows_step', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.prologue': ('kernels.html#prologue', 'metai/infer/kernels.py'),
                                      'metai.infer.kernels.rows_product': ('kernels.html#rows_product', 'metai/infer/kernels.py'),

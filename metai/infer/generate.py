@@ -20,7 +20,7 @@ from ..core import get_device
 from ..data.tokenizer import Tokenizer, apply_chat_template
 from ..model.transformer import Transformer, load_transformer
 from .cache import KVCache, make_cache, forward_step, set_mla_mode
-from .kernels import decode_forward, fused_decode_ok, topk_sample, topk_sample_ok
+from .kernels import decode_forward, fused_decode_ok, topk_sample, topk_sample_ok, kernel_switches
 
 # %% ../../nbs/10_generate.ipynb #f45ad2b2
 def logits_to_probs(logits:Tensor, # (..., V) logits
@@ -255,7 +255,7 @@ _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> Grap
 def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, freeze:bool=False, use_seen:bool=False,
                   kernels:bool=True) -> GraphDecoder:
     "The `GraphDecoder` for this model, cache and setting: reused while the model's tensors and the cache are the same ones."
-    key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen, kernels,
+    key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen, kernels, kernel_switches(),  # graphs bake the switches in
            tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
            tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
     return lru_get(_GRAPHS, key, lambda: GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen, kernels), 8)

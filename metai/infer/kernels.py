@@ -11,7 +11,7 @@ __all__ = ['INTERPRET', 'PRODUCT_TILES', 'PDL', 'PROLOGUE_KERNEL', 'FEW_ROWS', '
            'gemv_ref', 'gemv', 'gemv_rows', 'rows_prologue', 'gemv_few', 'rows_product', 'gemv_int4',
            'check_kernels_interpreted', 'decode_attention_ref', 'decode_attention', 'topk_sample_ok', 'topk_sample',
            'topk_sample_ref', 'check_topk_sample_interpreted', 'fused_gemv', 'fused_decode_ok', 'decode_forward',
-           'verify_ok', 'verify_forward', 'mtp_rows_step', 'fold_norm_gains']
+           'kernel_switches', 'verify_ok', 'verify_forward', 'mtp_rows_step', 'fold_norm_gains']
 
 # %% ../../nbs/09b_kernels.ipynb #53e4bb1b
 import os, sys, subprocess, textwrap
@@ -1086,6 +1086,10 @@ def decode_forward(model, # a metai `Transformer`
 ROWS_IN_VERIFY = True  # speculative rounds verify with `verify_forward` (H200, 1B target: 1.09 ms for 2 tokens against 1.60 compiled modules)
 MTP_ROWS = False  # MTP rounds draft with `mtp_rows_step` (H200: 102 against 141 µs alone, yet the whole γ = 1 round 1,315 against 1,278 µs)
 GLU_ROWS = False  # `_rows_layer` computes SwiGLU's silu(a) * b in the w1/w3 product's epilogue (`gemv_rows(glu=True)`); not yet timed on a GPU
+
+def kernel_switches() -> tuple:
+    "This notebook's switches as they stand: a captured CUDA graph bakes them in, so the graph caches (notebooks 10, 11) key on them."
+    return (PDL, INT4_IN_DECODE, SAMPLE_KERNEL, ATTN_MERGE, PRODUCT_TILES, PROLOGUE_KERNEL, FEW_ROWS, ROWS_IN_VERIFY, MTP_ROWS, GLU_ROWS)
 
 def verify_ok(model, # a metai `Transformer`
               tokens:Tensor # (1, T) the tokens to score

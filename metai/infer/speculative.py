@@ -448,7 +448,7 @@ def _compiled_round(mtp:bool):
 def _spec_rounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden=None) -> _SpecRounds:
     "The `_SpecRounds` for these models, caches and setting, reused while they are the same (a few recent ones)."
     models = [target] + ([] if draft is None else [draft])
-    key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs, kernels.ROWS_IN_VERIFY, kernels.MTP_ROWS, kernels.FEW_ROWS, kernels.PROLOGUE_KERNEL, kernels.GLU_ROWS,  # captured graphs keep the switches
+    key = (id(target), id(draft), id(cache), id(draft_cache), gamma, sampling, W, graphs, kernels.kernel_switches(),  # captured graphs keep the switches
            None if hidden is None else tuple(hidden.shape), tuple(t.data_ptr() for m in models for t in m.parameters()))
     return lru_get(_SPEC, key, lambda: _SpecRounds(target, draft, cache, draft_cache, gamma, sampling, W, graphs, hidden), 4)
 

@@ -196,7 +196,7 @@ def test_validation_set_is_at_most_the_split(corpus, tmp_path):
     out = tmp_path/'v'
     rc, o, e = metai(*train_args(corpus, out, 32, '--steps', 2, '--eval-interval', 2, '--eval-batches', 10**9))
     assert (rc, e) == (0, ''), e
-    m = re.search(r'validation: all ([\d,]+) windows of 128 tokens in the split \(8,000,000,000 asked for', o)
+    m = re.search(r'validation: the whole split, ([\d,]+) windows of 128 tokens \(--eval-batches x --batch-size asks for 8,000,000,000\)', o)
     assert m, o[-2000:]
     tc = json.loads((latest(out)/'train_config.json').read_text())
     assert tc['eval_windows'] == int(m.group(1).replace(',', '')) > 0

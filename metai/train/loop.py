@@ -400,7 +400,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
     fwd = compile_model(model, tc) if tc.compile else model
     flops_tok, peak = cfg.flops_per_token(tc.seq_len, training=True), peak_flops(device)
     mon = monitor or Monitor(tc.out_dir, total_steps=tc.max_steps, cfg=cfg, start_step=step)
-    if asked > n_val: mon.message(f'validation: all {n_val:,} windows of {tc.seq_len} tokens in the split ({asked:,} asked for: --eval-batches x --batch-size)')
+    if asked > n_val: mon.message(f'validation: the whole split, {n_val:,} windows of {tc.seq_len} tokens (--eval-batches x --batch-size asks for {asked:,})')
     flag = _StopFlag()
     old_handlers = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
 

@@ -9,6 +9,7 @@
 # whose baseline folder is not given runs without it. DATA_DIR is a `metai prepare-data` folder (with corpus/zh.txt
 # and corpus/en.txt), needed by speculative (it trains a target/draft pair on it) and by train's quality check.
 # Each step's limit (seconds) can be changed with LIMIT_<STEP> (dashes as underscores), e.g. LIMIT_decode_dense=600.
+# TRAIN_MODES adds torch.compile modes to train's rows, nanoGPT's included (e.g. TRAIN_MODES=max-autotune-no-cudagraphs: minutes of autotuning).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}; mkdir -p "$OUT"
@@ -82,7 +83,7 @@ for step in $STEPS; do
         --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 | quiet | tail -20 | tee "$OUT/model.log" ;;
     train)         # training step against nanoGPT's GPT-2 124M (metai also with the loss in two Triton kernels), and the quality check at equal tokens
       [ -n "${NANOGPT_DIR:-}" ] || { echo "train: needs NANOGPT_DIR"; continue; }
-      timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" --fused-ce \
+      timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" --fused-ce ${TRAIN_MODES:+--extra-modes "$TRAIN_MODES"} \
         ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$OUT/train_$CARD.json" --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 \
         | quiet | tail -20 | tee "$OUT/train.log" ;;
     graph-launch)  # the host's time inside a CUDA graph launch by what the graph holds (Triton / aten kernels, cuBLAS, RNG, copies); under a minute

@@ -269,12 +269,14 @@ def bench_int4(model, prompt:list, n_new:int, runs:int, device, triton_gemv:bool
     m4 = copy.deepcopy(model)
     quantize_model(m4, group_size=64, include_head=True); prepare_int4(m4, device)
     keep, metai_kernels.INT4_IN_DECODE = metai_kernels.INT4_IN_DECODE, triton_gemv
-    torch._dynamo.reset()  # no compiled step of another row reused, nor recompiled inside a timed call
-    try: r = bench_metai(m4, prompt, n_new, True, runs, device)
-    finally: metai_kernels.INT4_IN_DECODE = keep
-    r.update(weight_bytes=sum(t.numel() * t.element_size() for t in m4.state_dict().values()), group_size=64, include_head=True,
-             products='gemv_int4 (Triton)' if triton_gemv else "PyTorch's int4 kernel")
-    clear_graphs(); torch._dynamo.reset(); del m4; free(device)  # its graphs hold it
+    clear_graphs(); torch._dynamo.reset()  # no graph or compiled step of another row reused, nor a recompile inside a timed call
+    try:
+        r = bench_metai(m4, prompt, n_new, True, runs, device)
+        r.update(weight_bytes=sum(t.numel() * t.element_size() for t in m4.state_dict().values()), group_size=64, include_head=True,
+                 products='gemv_int4 (Triton)' if triton_gemv else "PyTorch's int4 kernel")
+    finally:
+        metai_kernels.INT4_IN_DECODE = keep
+        clear_graphs(); torch._dynamo.reset(); del m4; free(device)  # its graphs hold it
     return r
 
 

@@ -303,11 +303,14 @@ _LONG_TILE = (4, 2048, 8, 1)  # bf16 products with K >= 2048 and rows enough for
 PRODUCT_TILES = False  # those products take their own best tile of the chain sweep instead (H200, 1B: 555 against 577 µs); not yet timed in `generate`
 _PRODUCT_TILE = dict(qkv=(4, 1024, 8, 2), o=(2, 1024, 4, 2), w13=(2, 2048, 4, 1), w2=(4, 2048, 8, 1))  # `gemv_tiles_h200_run2.json`
 
-def _long_tile(n_weights:int, norm:bool, res:bool, silu:bool) -> tuple:
-    "The fixed tile of a long product: `_LONG_TILE`, or with `PRODUCT_TILES` the sweep's best for its kind (the head keeps `_LONG_TILE`)."
+def _long_tile(Ns:list, norm:bool, res:bool, silu:bool) -> tuple:
+    """The fixed tile of a long product (weights of `Ns` rows): `_LONG_TILE`, or with `PRODUCT_TILES` the sweep's best for
+    its kind where its blocks of rows fit the weights (the head keeps `_LONG_TILE`)."""
     if not PRODUCT_TILES: return _LONG_TILE
+    n_weights = sum(n > 0 for n in Ns)
     kind = 'w2' if silu else 'o' if res else {3: 'qkv', 2: 'w13'}.get(n_weights) if norm else None
-    return _PRODUCT_TILE.get(kind, _LONG_TILE)
+    tile = _PRODUCT_TILE.get(kind, _LONG_TILE)
+    return tile if _bounds_fit(tile[0], Ns[0], Ns[1], sum(Ns)) else _LONG_TILE
 
 def _sm_count(device) -> int: return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -376,7 +379,7 @@ def gemv(x:Tensor, # (K,) one row (or (2K,) = [a; b] with `silu`), bf16 for the 
     flags = dict(NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=_pdl(x))
     if INTERPRET: gemv_kernel[(triton.cdiv(N, _block_n(Ns[0], Ns[1])),)](*args, **flags, BLOCK_N=_block_n(Ns[0], Ns[1]), BLOCK_K=64)
     elif _long_rows(Ns[0], Ns[1], N, K, x.device):  # the measured tile, not the autotuner's pick (see above)
-        bn, bk, w, s = _long_tile(sum(n > 0 for n in Ns), norm is not None, residual is not None, silu)
+        bn, bk, w, s = _long_tile(Ns, norm is not None, residual is not None, silu)
         gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s, launch_pdl=flags['PDL'])
     else: _launcher(gemv_kernel)[lambda m: (triton.cdiv(N, m['BLOCK_N']),)](*args, **flags, launch_pdl=flags['PDL'])
     return y
@@ -835,12 +838,16 @@ ATTN_BLOCK_S, ATTN_PROGRAMS = 16, 256  # positions per block; programs to aim fo
 ATTN_MERGE = False  # one new token: the last split of each head merges the splits (no combine kernel); not yet timed on a GPU
 
 _COUNTERS = {}
-def _merge_counters(device, n:int) -> Tensor:
-    """Per-device counters of finished splits, one per KV head, zero between calls (the merging program resets its own).
+def _merge_counters(device, n:int) -> Tensor|None:
+    """Per-device counters of finished splits, one per KV head, zero between calls (the merging program resets its own);
+    never replaced, since captured graphs hold their address. None (merge in a second kernel) for more than 1,024 heads,
+    or when they would first be made inside a CUDA graph capture (the zero fill would be recorded, not run).
     Calls on one device must not overlap in time: a stream runs them one after another."""
     c = _COUNTERS.get(device)
-    if c is None or c.numel() < n: c = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return c
+    if c is None:
+        if n > 1024 or (device.type == 'cuda' and torch.cuda.is_current_stream_capturing()): return None
+        c = _COUNTERS[device] = torch.zeros(1024, dtype=torch.int32, device=device)
+    return c if n <= c.numel() else None
 
 @torch.library.custom_op('metai::decode_attention', mutates_args=('k_cache', 'v_cache'))
 def decode_attention(qkv:Tensor, # (H*D + 2*KV*D,) one new token's q/k/v product; or (T, ...) for T <= 16 tokens
@@ -863,9 +870,10 @@ def decode_attention(qkv:Tensor, # (H*D + 2*KV*D,) one new token's q/k/v product
     o = qkv.new_empty(qkv.shape[:-1] + (n_heads * D,))
     pdl = dict(PDL=_pdl(qkv))  # the kernels let the next product start early, but launch as usual (measured faster)
     bs, args = 16 if INTERPRET else ATTN_BLOCK_S, (qkv.contiguous(), k_cache, v_cache, input_pos, cos.contiguous(), sin.contiguous(), ml, acc, scale)
-    merge = ATTN_MERGE and qkv.dim() == 1
+    cnt = _merge_counters(qkv.device, KV) if ATTN_MERGE and qkv.dim() == 1 else None
+    merge = cnt is not None
     if qkv.dim() == 1:
-        decode_attention_kernel[(KV, splits)](*args, _merge_counters(qkv.device, KV) if merge else ml, o, H=n_heads, KV=KV, D=D, S=S,
+        decode_attention_kernel[(KV, splits)](*args, cnt if merge else ml, o, H=n_heads, KV=KV, D=D, S=S,
                                               GP=GP, SPLITS=splits, INTERLEAVED=interleaved, BLOCK_S=bs, TO_POS=not INTERPRET,
                                               MERGE=merge, num_warps=4, **pdl)
     else:
@@ -1089,7 +1097,8 @@ GLU_ROWS = False  # `_rows_layer` computes SwiGLU's silu(a) * b in the w1/w3 pro
 
 def kernel_switches() -> tuple:
     "This notebook's switches as they stand: a captured CUDA graph bakes them in, so the graph caches (notebooks 10, 11) key on them."
-    return (PDL, INT4_IN_DECODE, SAMPLE_KERNEL, ATTN_MERGE, PRODUCT_TILES, PROLOGUE_KERNEL, FEW_ROWS, ROWS_IN_VERIFY, MTP_ROWS, GLU_ROWS)
+    return (PDL, INT4_IN_DECODE, SAMPLE_KERNEL, SAMPLE_CHUNK, ATTN_MERGE, ATTN_BLOCK_S, ATTN_PROGRAMS, PRODUCT_TILES, PROLOGUE_KERNEL,
+            FEW_ROWS, ROWS_IN_VERIFY, MTP_ROWS, GLU_ROWS)
 
 def verify_ok(model, # a metai `Transformer`
               tokens:Tensor # (1, T) the tokens to score

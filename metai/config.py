@@ -166,8 +166,7 @@ def validate(self:ModelConfig) -> ModelConfig:
     if not 0 < c.beta_slow < c.beta_fast: bad('beta_slow', f'needs 0 < beta_slow < beta_fast={c.beta_fast}')
     # context: the model builds its RoPE tables for all max_seq_len positions up front
     if (rb := c.rope_table_bytes()) > MAX_ROPE_TABLE_BYTES:
-        size = fmt_bytes(rb) if rb < 2**80 else 'more than a yottabyte'   # a float division of a larger int overflows
-        bad('max_seq_len', f'its fp32 RoPE tables would take {size}, over the {fmt_bytes(MAX_ROPE_TABLE_BYTES)} '
+        bad('max_seq_len', f'its fp32 RoPE tables would take {fmt_bytes(rb)}, over the {fmt_bytes(MAX_ROPE_TABLE_BYTES)} '
                            f'limit (at most {MAX_ROPE_TABLE_BYTES // c.rope_table_bytes(1)} positions at this head size)')
     return c
 

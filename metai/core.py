@@ -62,7 +62,8 @@ def fmt_num(n:float, # a count
 
 def fmt_bytes(n:float, # a size in bytes
               digits:int=2) -> str:
-    "`n` bytes in binary units: 9.2e9 -> '8.57 GiB'."
+    "`n` bytes in binary units: 9.2e9 -> '8.57 GiB'; beyond 2**80, 'more than a yottabyte' (a float of a larger int can overflow)."
+    if abs(n) > 2**80: return 'more than a yottabyte'
     for div, s in ((2**40, 'TiB'), (2**30, 'GiB'), (2**20, 'MiB'), (2**10, 'KiB')):
         if abs(n) >= div: return f'{n/div:.{digits}f} {s}'
     return f'{int(n)} B'
@@ -81,8 +82,7 @@ def memory_shortfall(need:int, # bytes something would take
     "`'X, more than the Y of cpu memory'` when `need` bytes exceed `device`'s memory, else None (also when that is unknown)."
     have = device_memory(device)
     if not have or need <= have: return None
-    size = fmt_bytes(need) if need < 2**80 else 'more than a yottabyte'   # a float division of a larger int overflows
-    return f'{size}, more than the {fmt_bytes(have)} of {torch.device(device).type} memory'
+    return f'{fmt_bytes(need)}, more than the {fmt_bytes(have)} of {torch.device(device).type} memory'
 
 
 # %% ../nbs/00_core.ipynb #17ae7e6b

@@ -60,7 +60,7 @@ def test_every_config_the_project_writes_loads(tmp_path):
 
 def _signature(cfg):
     """Names and shapes of what model.safetensors holds for `cfg` (parameters, tied ones once, persistent buffers), and the
-    parameter count of the accounting (the DSA indexer is counted there; `Transformer` does not build it yet)."""
+    parameter count of the accounting."""
     with torch.device('meta'): m = Transformer(cfg)
     sd = m.state_dict()
     return ({**{n: tuple(p.shape) for n, p in m.named_parameters()}, **{n: tuple(b.shape) for n, b in m.named_buffers() if n in sd}},

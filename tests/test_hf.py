@@ -54,6 +54,9 @@ CASES = {
     'ds-half-split-rope': (dict(MLA, q_lora_rank=32, rope_interleaved=False), 0.0),
     'ds-dense-mla': (dict(BASE, attn_type='mla', kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16), 0.0),
     'ds-tied-mtp2': (dict(MLA, q_lora_rank=32, tie_embeddings=True, mtp_depth=2), 0.0),
+    # DeepSeek-V3.2 (DeepseekV32ForCausalLM): 16 tokens, each query keeps its 6 best keys
+    'ds32-sparse': (dict(MLA, q_lora_rank=32, index_n_heads=4, index_head_dim=16, index_topk=6, n_dense_layers=1), 0.0),
+    'ds32-sparse-mtp': (dict(MLA, q_lora_rank=32, index_n_heads=2, index_head_dim=8, index_topk=3, mtp_depth=1), 0.0),
 }
 
 @pytest.fixture(scope='module')
@@ -76,6 +79,18 @@ def test_parity_and_round_trip(name, tokens, tmp_path):
     assert same_weights(model, back)
     assert torch.equal(back(tokens)[0], logits)
     if cfg.tie_embeddings: assert back.head.weight is back.embed.weight
+
+def test_ds32_parity_is_sparse(tokens):
+    "The V3.2 cases attend sparsely: the same weights without the indexer (dense MLA) give other logits."
+    cfg = ModelConfig(**CASES['ds32-sparse'][0])
+    model = randomize(Transformer(cfg), seed=3)
+    dense = Transformer(dataclasses.replace(cfg, index_n_heads=0)).eval()
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if '.indexer.' not in k})
+    assert (model(tokens)[0] - dense(tokens)[0]).abs().max() > 0.1
+    assert hf_logits_diff(model, tokens) <= TOL
+    wide = Transformer(dataclasses.replace(cfg, index_topk=16)).eval()  # top-k covers all 16 tokens: dense exactly
+    wide.load_state_dict(model.state_dict())
+    assert torch.equal(wide(tokens)[0], dense(tokens)[0])
 
 def test_hf_model_sees_different_weights():
     "A check that cannot fail is no check: perturb one weight on the transformers side and parity breaks."
@@ -199,7 +214,7 @@ def test_mtp_at_layer_61_matches_transformers_drafter(tokens, tmp_path):
 
 # --- configs ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('preset', ['micro', 'gpt2', 'llama3-8b', 'ds-tiny', 'deepseek-v3'])
+@pytest.mark.parametrize('preset', ['micro', 'gpt2', 'llama3-8b', 'ds-tiny', 'deepseek-v3', 'deepseek-v3.2'])
 def test_config_round_trip(preset):
     cfg = ModelConfig.preset(preset)
     d = json.loads(json.dumps(config_to_hf(cfg)))
@@ -234,6 +249,19 @@ def test_hub_deepseek_v3_config():
     for f in dataclasses.fields(cfg):
         if f.name not in skip: assert getattr(cfg, f.name) == getattr(ref, f.name), f.name
     with torch.device('meta'): assert Transformer(cfg).num_params() == 671_026_419_200
+
+def test_hub_deepseek_v32_config():
+    "DeepSeek-V3.2's hub config: V3's plus the three index keys; transformers' DeepseekV32Config builds the same shapes."
+    from transformers import AutoConfig
+    hub = config_to_hf(ModelConfig.preset('deepseek-v3'))
+    hub.update(architectures=['DeepseekV32ForCausalLM'], model_type='deepseek_v32', index_n_heads=64, index_head_dim=128,
+               index_topk=2048)
+    cfg = config_from_hf(hub)
+    assert cfg == ModelConfig.preset('deepseek-v3.2')
+    assert config_to_hf(cfg)['architectures'] == ['DeepseekV32ForCausalLM']
+    hc = AutoConfig.for_model(**{k: v for k, v in config_to_hf(cfg).items() if k not in ('metai', 'torch_dtype', 'dtype')})
+    assert (type(hc).__name__, hc.index_n_heads, hc.index_head_dim, hc.index_topk) == ('DeepseekV32Config', 64, 128, 2048)
+    with torch.device('meta'): assert Transformer(cfg).num_params() == 671_026_419_200 + 61 * 13_959_424
 
 # --- FP8 -----------------------------------------------------------------------------------------------------------
 
@@ -342,6 +370,7 @@ def test_error_index_lists_missing_file(tmp_path):
     (dict(BASE, n_routed_experts=8, n_activated_experts=2, moe_ffn_dim=32), 'n_routed_experts'),
     (dict(MLA, score_func='softmax'), 'score_func'),
     (dict(BASE, mtp_depth=1), 'mtp_depth'),
+    (dict(MLA, q_lora_rank=32, index_n_heads=2, index_head_dim=8, rope_interleaved=False), 'rope_interleaved'),
 ])
 def test_error_no_transformers_counterpart(kw, field):
     with pytest.raises(ValueError, match=field): config_to_hf(ModelConfig(**kw))

@@ -44,12 +44,13 @@ def test_preset_counts_on_meta(name):
     c = ModelConfig.preset(name)
     with torch.device('meta'): m = Transformer(c)
     assert m.embed.weight.is_meta
-    # the DSA indexer of deepseek-v3.2 is not part of this model (notebook 19): compare without it
-    main = c.num_params() - c.n_layers * c.indexer_params()
-    mtp = c.mtp_params() - c.mtp_depth * c.indexer_params()
+    main, mtp = c.num_params(), c.mtp_params()          # the accounting, DeepSeek-V3.2's indexers included (notebook 19)
     assert m.num_params() == main
     assert m.num_params(include_mtp=True) - m.num_params() == mtp
-    if name in ('deepseek-v3', 'deepseek-v3.2'): assert (main, mtp) == (671_026_419_200, 11_610_068_224)
+    if name == 'deepseek-v3': assert (main, mtp) == (671_026_419_200, 11_610_068_224)
+    if name == 'deepseek-v3.2':  # V3 plus one 13,959,424-parameter indexer in each of the 61 layers and the MTP layer
+        assert (main, mtp) == (671_026_419_200 + 61 * 13_959_424, 11_610_068_224 + 13_959_424)
+        assert sum(p.numel() for n, p in m.named_parameters() if '.indexer.' in n) == 62 * 13_959_424
     if name == 'llama3-8b': assert main == 8_030_261_248
 
 def test_block_params_match_accounting():
@@ -104,7 +105,7 @@ def test_forward_backward(fam):
     assert abs(aux['ce'].item() - math.log(c.vocab_size)) < 0.05
     want = aux['ce'] + aux['moe_aux_loss'] + (c.mtp_loss_weight * aux['mtp_loss'] if c.mtp_depth else 0)
     assert torch.allclose(loss.detach(), want, atol=1e-5)
-    assert set(aux) == {'ce', 'moe_aux_loss', 'mtp_loss', 'load', 'mtp_logits', 'hidden'}
+    assert set(aux) == {'ce', 'moe_aux_loss', 'mtp_loss', 'index_loss', 'load', 'mtp_logits', 'hidden'}
     assert [t.shape for t in aux['mtp_logits']] == [(2, 16 - k, c.vocab_size) for k in range(1, c.mtp_depth + 1)]
     assert (aux['load'] is None) == (not c.is_moe)
     loss.backward()

@@ -55,7 +55,29 @@ class KVCache:
 # %% ../../nbs/09_cache.ipynb #d88e37d1
 class MLACache(KVCache):
     "MLA's cache: per layer only the normalised KV latent `(B, S, kv_lora_rank)` and the shared RoPE key `(B, S, qk_rope_head_dim)`."
+    def __init__(self, cfg:ModelConfig, batch_size:int, max_seq_len:int, device=None, dtype:torch.dtype=torch.float32,
+                 n_layers:int|None=None): # as `KVCache`
+        super().__init__(cfg, batch_size, max_seq_len, device, dtype, n_layers)
+        # DeepSeek-V3.2: the lightning indexer's key, one (B, S, index_head_dim) buffer per layer (notebook 19)
+        self.c = [torch.zeros(batch_size, max_seq_len, cfg.index_head_dim, device=device, dtype=dtype)
+                  for _ in self.a] if cfg.index_n_heads else []
+
     def entry_shapes(self, cfg): return (cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)
+
+    def update_index(self, layer_id:int, # which layer's buffer
+                     start_pos:int, # absolute position of k[:, 0] (unused in static-shape mode)
+                     k:Tensor # (B, T, index_head_dim) the indexer's new keys
+                    ) -> Tensor: # (B, start_pos+T, index_head_dim), or the whole buffer in static-shape mode
+        "Write the indexer's keys, as `update` writes the latents."
+        C = self.c[layer_id][:k.size(0)]
+        if self.input_pos is not None: C[:, self.input_pos] = k.to(C.dtype); return C
+        end = start_pos + k.size(1)
+        if end > self.max_seq_len: raise ValueError(f'cache: positions up to {end - 1} do not fit max_seq_len={self.max_seq_len}')
+        C[:, start_pos:end] = k
+        return C[:, :end]
+
+    @property
+    def nbytes(self) -> int: return sum(t.nbytes for t in self.a + self.b + self.c)
 
 # %% ../../nbs/09_cache.ipynb #aba24535
 def set_mla_mode(model, # a metai `Transformer`
@@ -122,7 +144,7 @@ def cache_bytes(cfg:ModelConfig, # the model
     kind = kind or ('mla' if mla else 'gqa')
     if kind == 'mla':
         if not mla: raise ValueError(f"kind='mla': the config has attn_type={cfg.attn_type!r} (no kv_lora_rank)")
-        e = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        e = cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim * (cfg.index_n_heads > 0)  # + the DSA indexer's key
     elif kind == 'gqa':
         if mla: raise ValueError("kind='gqa': an MLA config has no n_kv_heads (build a GQA config to compare)")
         e = 2 * cfg.kv_heads * cfg.hd

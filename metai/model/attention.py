@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from ..config import ModelConfig
 from .rope import apply_rope, yarn_softmax_scale
+from .dsa import Indexer, selection_mask
 
 # %% ../../nbs/05_attention.ipynb #a81648e2
 class RMSNorm(nn.Module):
@@ -134,6 +135,8 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(H * self.v_head_dim, cfg.dim, bias=False)
+        self.indexer = Indexer(cfg, layer_id) if cfg.index_n_heads else None  # DeepSeek-V3.2 sparse attention (notebook 19)
+        self.index_loss = None  # the indexer's training loss from the last forward (notebook 19)
 
     def forward(self, x:Tensor, # (B, T, dim)
                 cos:Tensor, # (L, qk_rope_head_dim/2) full RoPE table
@@ -146,7 +149,7 @@ class MLA(nn.Module):
         H, dn, dr, dv, r = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
         q, kv = fused_linear(x, self.wq if self.q_lora_rank == 0 else self.wq_a, self.wkv_a)  # both projections of x
         # queries: (B, T, H, dn + dr), per head [nope | rope]
-        if self.q_lora_rank: q = self.wq_b(self.q_norm(q))
+        if self.q_lora_rank: qr = self.q_norm(q); q = self.wq_b(qr)                            # qr: the query latent
         q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved, start_pos)                        # (B, T, H, dr)
         # the latent and the decoupled key: all that is cached
@@ -155,19 +158,32 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved, start_pos).squeeze(2)  # one head shared by all
         if cache is not None: kv, k_pe = cache.update(self.layer_id, start_pos, kv, k_pe)     # (B, S, r), (B, S, dr)
         S = kv.size(1)
+        sel, scores, self.index_loss = None, None, None
+        if self.indexer is not None:  # DSA: (idx, ok) (B, T, k) the keys each query keeps, or None when it keeps all it sees
+            sel, scores = self.indexer(x, qr, cos, sin, start_pos, cache, attn_mask, with_scores=self.training and torch.is_grad_enabled())
+            if sel is not None: attn_mask = selection_mask(*sel, S)                          # (B, T, S), within attn_mask
         mask, is_causal = sdpa_mask(T, S, attn_mask, x.device)
         mode = self.mode or ('naive' if cache is None else 'absorbed')
         if mode == 'naive':
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)         # (B, S, H, dn), (B, S, H, dv)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)           # (B, S, H, dn + dr)
             q = torch.cat([q_nope, q_pe], dim=-1)                                             # (B, T, H, dn + dr)
+            if scores is not None:  # training the indexer: match the heads' summed attention (notebook 19)
+                self.index_loss = self.indexer.loss(scores, q, k, mask if mask is not None else causal_mask(T, S, x.device), self.softmax_scale)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                                is_causal=is_causal, scale=self.softmax_scale)  # (B, H, T, dv)
             y = y.transpose(1, 2)                                                             # (B, T, H, dv)
         elif mode == 'absorbed':
             w = self.wkv_b.weight.view(H, dn + dv, r)                                         # [W^UK ; W^UV] per head
             q_lat = torch.einsum('bthd,hdc->bthc', q_nope, w[:, :dn])                         # (B, T, H, r): W^UK folded in
-            if T == 1:  # decode: the scores straight from the cached latents and rope keys, no [c ; k_pe] copy of them
+            if T == 1 and sel is not None:  # DSA decode: gather the k selected latents, attend over k instead of S
+                idx, ok = sel[0][:, 0], sel[1]                                                  # (B, k), (B, 1, k)
+                kv_s = kv.gather(1, idx[..., None].expand(-1, -1, r))                           # (B, k, r)
+                s = ((q_lat[:, 0] @ kv_s.mT).float()
+                     + (q_pe[:, 0] @ k_pe.gather(1, idx[..., None].expand(-1, -1, dr)).mT).float()) * self.softmax_scale  # (B, H, k)
+                p = s.masked_fill(~ok, float('-inf')).softmax(-1).nan_to_num(0.)
+                y = (p.to(kv.dtype) @ kv_s).view(B, H, T, r)                                    # (B, H, 1, r)
+            elif T == 1:  # decode: the scores straight from the cached latents and rope keys, no [c ; k_pe] copy of them
                 s = ((q_lat[:, 0] @ kv.mT).float() + (q_pe[:, 0] @ k_pe.mT).float()) * self.softmax_scale  # (B, H, S)
                 if mask is not None: s = s.masked_fill(~mask[:, 0], float('-inf'))              # mask (B, 1, 1, S)
                 p = s.softmax(-1)

@@ -105,8 +105,6 @@ class Transformer(nn.Module):
                 ):
         super().__init__()
         cfg.validate()
-        if cfg.index_n_heads: warnings.warn('index_n_heads: the DeepSeek-V3.2 lightning indexer is not built; attention is dense '
-                                            '(num_params() counts it, this model does not)', stacklevel=2)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -158,13 +156,19 @@ class Transformer(nn.Module):
 
         moe_loss = sum(moe_aux) if moe_aux else h.new_zeros((), dtype=torch.float32)
         mtp_loss = sum(mtp_ce) / len(mtp_ce) if mtp_ce else None
+        # DeepSeek-V3.2: each indexer's KL to its layer's attention, set by MLA while training (notebook 19); its inputs are
+        # detached, so it trains the indexers only and leaves the language-model gradient as it was
+        idx = [b.attn.index_loss for b in [*self.layers, *(m.block for m in self.mtp)] if getattr(b.attn, 'index_loss', None) is not None]
+        index_loss = sum(idx) / len(idx) if idx else None
         loss = None
         if targets is not None:   # an identically-zero term is left out: inductor would drop the loss's grad (notebook 07)
             loss = ce
             if moe_aux and self.cfg.aux_loss_alpha > 0: loss = loss + moe_loss
             if mtp_loss is not None: loss = loss + self.cfg.mtp_loss_weight * mtp_loss
+            if index_loss is not None: loss = loss + index_loss
         aux = dict(ce=None if ce is None else ce.detach(), moe_aux_loss=moe_loss.detach(),
                    mtp_loss=None if mtp_loss is None else mtp_loss.detach(),
+                   index_loss=None if index_loss is None else index_loss.detach(),
                    load=torch.stack(loads) if loads else None, mtp_logits=mtp_logits, hidden=h)
         return logits, loss, aux
 

@@ -247,7 +247,8 @@ CUSTOM_FLAGS = {'hidden_dim': 'dim', 'num_layers': 'n_layers', 'num_heads': 'n_h
                 'n_shared_experts': 'n_shared_experts', 'moe_ffn_dim': 'moe_ffn_dim', 'n_dense_layers': 'n_dense_layers',
                 'score_func': 'score_func', 'n_expert_groups': 'n_expert_groups', 'n_limited_groups': 'n_limited_groups',
                 'route_scale': 'route_scale', 'aux_loss_alpha': 'aux_loss_alpha', 'bias_update_speed': 'bias_update_speed',
-                'mtp_depth': 'mtp_depth', 'mtp_distill': 'mtp_distill'}
+                'mtp_depth': 'mtp_depth', 'mtp_distill': 'mtp_distill', 'index_n_heads': 'index_n_heads',
+                'index_head_dim': 'index_head_dim', 'index_topk': 'index_topk'}
 
 def cmd_train_custom(preset:str='micro', # the preset the model starts from; the flags below change it
                      hidden_dim:int=None, # model width (dim)
@@ -277,6 +278,9 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
                      bias_update_speed:float=None, # aux-loss-free balancing step (sigmoid router)
                      mtp_depth:int=None, # multi-token prediction modules (0 = off)
                      mtp_distill:float=None, # with --mtp-depth: weight of KL(main head || MTP head) in each depth's loss, for MTP self-speculation (0 = off)
+                     index_n_heads:int=None, # DeepSeek-V3.2 sparse attention: lightning-indexer heads (0 = dense attention; needs --attn-type mla and --q-lora-rank)
+                     index_head_dim:int=None, # with --index-n-heads: indexer head size
+                     index_topk:int=None, # with --index-n-heads: keys each query attends to
                      chinese_path:str=None, # Chinese corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                      english_path:str=None, # English corpus: a .txt/.jsonl file, a directory or a glob (default: the embedded corpus)
                      output_dir:str='output_custom', # run folder: checkpoints, config.json, model.safetensors, tokenizer.model, metrics.jsonl
@@ -304,7 +308,7 @@ def cmd_train_custom(preset:str='micro', # the preset the model starts from; the
                      distill_temperature:float=1.0, # with --distill-from: softmax temperature of both distributions in that term
                      sample_prompt:str='《静夜思》' # prompt sampled at each eval and at the end ('' for none)
                     ):
-    "Train a model of any shape (dense, MLA, MoE, MTP): a preset plus architecture flags."
+    "Train a model of any shape (dense, MLA, MoE, MTP, DeepSeek-V3.2 sparse attention): a preset plus architecture flags."
     a = dict(locals())
     from metai.config import PRESETS
     if preset not in PRESETS: raise UsageError(f"argument --preset: unknown preset {preset!r}{_did_you_mean(preset, PRESETS)} (valid: {', '.join(PRESETS)})")

@@ -40,10 +40,11 @@ for step in $STEPS; do
     decode-moe)    # the small MoE (no baseline runs it); a first compiled call takes about 77 s on an H200
       timeout "$(limit $step 200)" python3 scripts/bench_decode.py --out "$OUT/decode_moe_$CARD.json" \
         --models small-moe --no-eager --no-hf --no-chunk1 --no-freeze --no-unfused 2>&1 | quiet | tee "$OUT/decode_moe.log" ;;
-    decode-mla)    # absorbed vs naive MLA decode at 4K and 32K on the DeepSeek-shaped model cut to 2 layers: one compile per mode and
-                   # context (four of the MoE step); 217 s on an H200 (4 layers did not fit 120 s)
+    decode-mla)    # absorbed vs naive MLA decode at 4K and 32K on the DeepSeek-shaped model cut to 2 layers, and DeepSeek-V3.2's
+                   # sparse attention (top-2048) beside them: one compile per mode and context; the first two modes took 217 s on
+                   # an H200 (4 layers did not fit 120 s), the third is untimed (about 330 s expected in all)
       timeout "$(limit $step 400)" python3 scripts/bench_decode.py --out "$OUT/decode_mla_$CARD.json" \
-        --models deepseek-mla --mla-only --layers 2 --mla-steps 32 2>&1 | quiet | tee "$OUT/decode_mla.log" ;;
+        --models deepseek-mla --mla-only --layers 2 --mla-steps 32 --dsa-topk 2048 2>&1 | quiet | tee "$OUT/decode_mla.log" ;;
     speculative)   # a ~1B target (the 1B shape, 8K vocab) with one MTP module, and a 2-layer 512-wide draft (context 512) trained twice
                    # on DATA_DIR: on its own, and distilled from the target (--distill-from); then greedy speculation on a held-out
                    # prompt with each draft and with MTP. Give it a 600 s device call of its own: on an H200 (2026-12-03) the

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Batch-1 decode speed of metai (`metai.infer.generate`, compiled decode step in a CUDA graph) against transformers
 `generate` and gpt-fast on the same random bf16 weights, measured in one run on one GPU; and MLA's absorbed decode
-against the naive one (the latent cache re-expanded into per-head keys and values at every step) at long context.
+against the naive one (the latent cache re-expanded into per-head keys and values at every step) at long context,
+and with --dsa-topk DeepSeek-V3.2's sparse attention (a lightning indexer in every layer) against both.
 
 Models (random init, bf16):
   llama-125m    Llama-shaped: dim 768, 12 layers, 12 heads (MHA), FFN 2048, vocab 32000, untied head
@@ -30,7 +31,7 @@ the activated experts).
     python scripts/bench_decode.py --models llama-1b --runs 5 --out /tmp/1b.json
     python scripts/bench_decode.py --device cpu --tiny --out /tmp/decode_cpu.json      # a quick check of the script
 """
-import os, sys, time, copy, argparse, inspect, importlib.util, statistics, contextlib
+import os, sys, time, copy, argparse, inspect, importlib.util, statistics, contextlib, dataclasses
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, save_json, free, peak_mem_gb, short_error, sync, profile_fn
 import torch
@@ -38,6 +39,7 @@ from metai.core import get_device, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 from metai.model.moe import MoE
+from metai.model.dsa import Indexer
 from metai.infer.cache import make_cache, set_mla_mode, cache_bytes
 from metai.infer.generate import generate, fast_prefill, decode_n_tokens, graph_decoder, clear_graphs
 from metai.infer.quant import quantize_model, prepare_int4
@@ -229,10 +231,21 @@ def bench_gpt_fast(gf_model, gf_gen, model, prompt:list, n_new:int, runs:int, co
     return dict(tokens_per_s=n_new / statistics.median(ts), first_call_s=t_first, runs_s=ts, max_abs_logit_diff_vs_metai=diff)
 
 
-def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device, saved=lambda res: None) -> dict:
-    """Decode steps at a filled context of each length: absorbed MLA (attention on the latents) against naive (re-expanded).
+def dsa_indexers(model, topk:int) -> tuple:
+    "DeepSeek-V3.2's indexer shape (64 heads of 128, top-`topk`) for `model`'s MLA: its config and one random indexer per layer."
+    c32 = dataclasses.replace(model.cfg, index_n_heads=64, index_head_dim=128, index_topk=topk)
+    p = model.embed.weight
+    with torch.device(p.device): idx = [Indexer(c32, l.attn.layer_id).to(p.dtype).eval() for l in model.layers]
+    return c32, idx
+
+
+def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device, saved=lambda res: None, dsa_topk:int=0) -> dict:
+    """Decode steps at a filled context of each length: absorbed MLA (attention on the latents) against naive (re-expanded),
+    and with `dsa_topk` DeepSeek-V3.2's sparse attention: the same model with a random lightning indexer in every layer,
+    each step attending to the `dsa_topk` keys its indexer picks (absorbed mode, the selected latents gathered).
     `saved(res)` is called after each measurement, so that a run cut short keeps what it measured."""
     cfg, res = model.cfg, {}
+    c32, idx = dsa_indexers(model, dsa_topk) if dsa_topk else (None, [])
     for ctx in contexts:
         S = round8(ctx + n_steps + 8)
         if S > cfg.max_seq_len: res[str(ctx)] = dict(skipped=f'context {S} > max_seq_len {cfg.max_seq_len}'); continue
@@ -240,8 +253,14 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device, sav
         for a, b in zip(cache.a, cache.b): a[:, :ctx].normal_(); b[:, :ctx].normal_()  # the cost depends on the length, not the content
         r = dict(latent_cache_bytes=cache_bytes(cfg, ctx, cache.a[0].dtype, 'mla', mtp=False),
                  expanded_cache_bytes=cache_bytes(cfg, ctx, cache.a[0].dtype, 'mha', mtp=False))
-        for mode in ('absorbed', 'naive'):
-            set_mla_mode(model, mode)
+        for mode in ('absorbed', 'naive') + (('dsa',) if dsa_topk else ()):
+            set_mla_mode(model, 'absorbed' if mode == 'dsa' else mode)
+            if mode == 'dsa':  # the indexers in, and a cache with their keys (filled like the latents)
+                for l, ix in zip(model.layers, idx): l.attn.indexer = ix
+                del cache; free(device)
+                cache = make_cache(c32, 1, S, device, model.embed.weight.dtype, mtp=False)
+                for t in cache.a + cache.b + cache.c: t[:, :ctx].normal_()
+                r.update(dsa_topk=dsa_topk, dsa_cache_bytes=cache_bytes(c32, ctx, cache.a[0].dtype, 'mla', mtp=False))
             tok, pos = torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([ctx], device=device)
             try:
                 with torch.no_grad():
@@ -253,10 +272,14 @@ def bench_mla_modes(model, contexts:list, n_steps:int, compile:bool, device, sav
                     dt = statistics.median(wall(run, device) for _ in range(3))
                 r[mode] = dict(tokens_per_s=n_steps / dt, ms_per_token=dt / n_steps * 1e3, peak_mem_gb=peak_mem_gb(device))
             except Exception as e: r[mode] = dict(error=short_error(e))
+            finally:
+                for l in model.layers: l.attn.indexer = None
             print(f'  MLA {mode:8s} at {ctx:6d}: {r[mode].get("ms_per_token", 0):.3f} ms per token {r[mode].get("error", "")}', flush=True)
             res[str(ctx)] = r; saved(res)
         if 'tokens_per_s' in r['absorbed'] and 'tokens_per_s' in r['naive']:
             r['absorbed_speedup'] = r['absorbed']['tokens_per_s'] / r['naive']['tokens_per_s']
+        if 'tokens_per_s' in r.get('dsa', {}) and 'tokens_per_s' in r['absorbed']:
+            r['dsa_speedup'] = r['dsa']['tokens_per_s'] / r['absorbed']['tokens_per_s']
         res[str(ctx)] = r
         del cache; free(device)
     set_mla_mode(model, None)
@@ -319,6 +342,7 @@ def main():
     ap.add_argument('--compile', choices=['auto', 'on', 'off'], default='auto', help='compile decode steps (auto: on CUDA)')
     ap.add_argument('--mla-contexts', default='4096,32768', help='contexts for absorbed vs naive MLA decode ("" to skip)')
     ap.add_argument('--mla-only', action='store_true', help='only the absorbed vs naive MLA measurement (no generate rows)')
+    ap.add_argument('--dsa-topk', type=int, default=0, help="with --mla-contexts: also decode with DeepSeek-V3.2's sparse attention, this many keys per step (V3.2: 2048; 0 = skip)")
     ap.add_argument('--layers', type=int, default=None, help='override every model\'s layer count (a shorter model compiles faster; the per-layer costs stay)')
     ap.add_argument('--mla-steps', type=int, default=64, help='decode steps timed at each context')
     a = ap.parse_args()
@@ -334,6 +358,7 @@ def main():
     if a.tiny:
         a.prompt_len, a.new_tokens, a.runs, a.mla_steps = min(a.prompt_len, 8), min(a.new_tokens, 16), min(a.runs, 2), min(a.mla_steps, 8)
         contexts = [c for c in (64, 256) if contexts]
+        a.dsa_topk = min(a.dsa_topk, 32)  # sparse at the toy contexts too
     torch._dynamo.config.cache_size_limit = 64           # one graph per model, MLA mode and context
     torch._dynamo.config.accumulated_cache_size_limit = 512
     torch._inductor.config.coordinate_descent_tuning = True  # gpt-fast's settings, for both
@@ -402,10 +427,11 @@ def main():
         save_json(a.out, res)
         if cfg.attn_type == 'mla' and contexts:
             def saved(part, name=name): res['mla_modes'][name] = part; save_json(a.out, res)
-            res['mla_modes'][name] = bench_mla_modes(model, contexts, a.mla_steps, compile, device, saved)
+            res['mla_modes'][name] = bench_mla_modes(model, contexts, a.mla_steps, compile, device, saved, a.dsa_topk)
             for ctx, m in res['mla_modes'][name].items():
                 print(f'  MLA at {ctx}: absorbed {m.get("absorbed", {}).get("tokens_per_s", 0):,.1f} tokens/s, '
-                      f'naive {m.get("naive", {}).get("tokens_per_s", 0):,.1f} tokens/s', flush=True)
+                      f'naive {m.get("naive", {}).get("tokens_per_s", 0):,.1f} tokens/s'
+                      + (f', DSA top-{a.dsa_topk} {m.get("dsa", {}).get("tokens_per_s", 0):,.1f} tokens/s' if a.dsa_topk else ''), flush=True)
             save_json(a.out, res)
         del model; free(device)
     print(f'wrote {a.out}')

@@ -403,6 +403,50 @@ def test_generate_mtp_speculation(tmp_path, tiny_run):
     rc, spec, err = metai(*base, '--mtp-speculate'); assert rc == 0, err
     assert spec == plain, (spec, plain)
 
+def test_train_sparse_attention_then_generate_and_export(tmp_path, tiny_run):
+    """train-custom with DeepSeek-V3.2's lightning indexer (notebook 19): its KL is logged; greedy decoding past index_topk
+    (sparse) equals the argmax of full forwards; MTP speculation equals plain greedy; transformers' DeepseekV32ForCausalLM
+    reads export-hf's folder and gives the same logits."""
+    import torch
+    d = tmp_path
+    rc, out, err = metai('train-custom', '--preset', 'ds-tiny', '--chinese-path', tiny_run.parent/'zh.txt',
+                         '--english-path', tiny_run.parent/'en.txt', '--output-dir', d/'run', '--data-dir', tiny_run/'data',
+                         '--vocab-size', 512, '--hidden-dim', 64, '--num-layers', 2, '--num-heads', 4, '--q-lora-rank', 32,
+                         '--kv-lora-rank', 32, '--qk-nope-head-dim', 16, '--qk-rope-head-dim', 8, '--v-head-dim', 16,
+                         '--mlp-dim', 128, '--n-routed-experts', 8, '--moe-ffn-dim', 32, '--n-activated-experts', 2,
+                         '--mtp-depth', 1, '--mtp-distill', 2, '--index-n-heads', 2, '--index-head-dim', 16, '--index-topk', 8,
+                         '--seq-len', 64, '--max-seq-len', 128, '--batch-size', 8, '--steps', 10, '--warmup', 2,
+                         '--eval-interval', 10, '--log-interval', 5, '--device', 'cpu', '--sample-prompt', '', env={'METAI_PLAIN': '1'})
+    assert rc == 0, err
+    assert 'index ' in err + out                                                   # the log line shows the indexer's KL
+    cfg = json.loads((d/'run'/'config.json').read_text())
+    assert (cfg['index_n_heads'], cfg['index_head_dim'], cfg['index_topk']) == (2, 16, 8)
+    recs = [json.loads(l) for l in (d/'run'/'metrics.jsonl').read_text().splitlines()]
+    kl = [r['index_loss'] for r in recs if 'index_loss' in r]
+    assert len(kl) == 2 and all(v >= 0 and v == v for v in kl), kl
+    from metai.infer.generate import load_model_dir, encode_prompt, generate
+    model, tok = load_model_dir(d/'run', 'cpu')
+    prompt = 'the cat sat on the mat. all that glitters is not gold.'
+    ids = encode_prompt(tok, prompt)
+    assert len(ids) > 8                                                            # every decode step attends sparsely
+    new = generate(model, ids, 20, temperature=0, eos_id=tok.eos_id)
+    seq = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in new: seq = torch.cat([seq, model(seq)[0][:, -1:].argmax(-1)], 1)  # no cache: a full forward per token
+    assert seq[0, len(ids):].tolist() == new
+    base = ('generate', '--model-dir', d/'run', '--prompt', prompt, '--max-new-tokens', 20, '--device', 'cpu', '--temperature', 0)
+    rc, plain, err = metai(*base); assert rc == 0, err
+    assert plain == prompt + tok.decode(new) + '\n'
+    rc, spec, err = metai(*base, '--mtp-speculate'); assert rc == 0, err
+    assert spec == plain, (spec, plain)
+    rc, out, err = metai('export-hf', '--model-dir', d/'run', '--out', d/'hf'); assert rc == 0, err
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(d/'hf').eval()
+    assert type(hf).__name__ == 'DeepseekV32ForCausalLM'
+    x = torch.tensor([ids])
+    with torch.no_grad(): diff = (hf(input_ids=x).logits - model(x)[0]).abs().max().item()
+    assert diff < 1e-4, diff
+
 def test_speculation_flag_errors(tiny_run):
     for extra in (('--draft-model-dir', tiny_run, '--mtp-speculate'), ('--mtp-speculate', '--speculate-k', 99),
                   ('--mtp-speculate', '--repetition-penalty', 1.2)):

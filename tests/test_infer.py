@@ -28,7 +28,10 @@ CASES = {'MHA': (tiny(n_kv_heads=4), None), 'GQA': (tiny(), None), 'MQA': (tiny(
          'MLA naive': (tiny(**{**MLA, 'q_lora_rank': 0}), 'naive'), 'MLA absorbed': (tiny(**MLA), 'absorbed'),
          'MoE softmax': (tiny(**MOE, n_dense_layers=1), None),
          'DeepSeek MLA+MoE': (tiny(**MLA, **MOE, score_func='sigmoid', n_expert_groups=4, n_limited_groups=2, n_shared_experts=1,
-                                   route_scale=2.5, mtp_depth=1), 'absorbed')}
+                                   route_scale=2.5, mtp_depth=1), 'absorbed'),
+         # DeepSeek-V3.2: each query attends to its 5 best keys (notebook 19), so decoding is sparse after the 5th token
+         'DeepSeek-V3.2 DSA': (tiny(**MLA, **MOE, score_func='sigmoid', n_expert_groups=4, n_limited_groups=2, n_shared_experts=1,
+                                    route_scale=2.5, mtp_depth=1, index_n_heads=4, index_head_dim=16, index_topk=5), 'absorbed')}
 
 def build(cfg, mode=None, seed=0):
     torch.manual_seed(seed)
@@ -122,7 +125,7 @@ def test_greedy_equals_full_forward_argmax(name):
     full = m(torch.tensor([prompt + new]))[0][0]
     assert full[len(prompt) - 1:-1].argmax(-1).tolist() == new
 
-@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE'])
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE', 'DeepSeek-V3.2 DSA'])
 def test_batched_equals_unbatched(name):
     cfg, mode = CASES[name]
     m = build(cfg, mode)
@@ -191,7 +194,7 @@ def test_compiled_step_traces_once():
     assert len(graphs) == 2
     torch._dynamo.reset()
 
-@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE'])
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE', 'DeepSeek-V3.2 DSA'])
 def test_chunked_decode_equals_one_step_at_a_time(name):
     "Several steps per call of the step function (what one CUDA graph holds) change nothing: tokens, seeds, ragged rows."
     cfg, mode = CASES[name]
@@ -226,7 +229,7 @@ def test_decode_n_tokens_equals_n_steps():
             outs.append((buf, pos.item()))
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1] == 11
 
-@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE'])
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek MLA+MoE', 'DeepSeek-V3.2 DSA'])
 def test_padded_prefill_equals_prefill(name):
     "The bucket-padded prefill (what the compiled path runs) gives the plain prefill's logits, cache and next tokens."
     from metai.infer.generate import prefill_padded, PREFILL_BUCKETS, decode_n_tokens
@@ -236,7 +239,7 @@ def test_padded_prefill_equals_prefill(name):
     c1, c2 = make_cache(m, 2, 48, mtp=False), make_cache(m, 2, 48, mtp=False)
     l1, l2 = prefill(m, x, c1), prefill_padded(m, x, c2)
     torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
-    for a, b in zip(c1.a + c1.b, c2.a + c2.b): torch.testing.assert_close(b[:, :13], a[:, :13], atol=1e-5, rtol=1e-5)
+    for a, b in zip(c1.a + c1.b + getattr(c1, 'c', []), c2.a + c2.b + getattr(c2, 'c', [])): torch.testing.assert_close(b[:, :13], a[:, :13], atol=1e-5, rtol=1e-5)
     outs = []
     for c, l in ((c1, l1), (c2, l2)):
         buf = torch.zeros(2, 10, dtype=torch.long)
@@ -247,7 +250,7 @@ def test_padded_prefill_equals_prefill(name):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed'])
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'DeepSeek-V3.2 DSA'])
 def test_cuda_graph_decode_equals_eager(name):
     "compile=True on CUDA: inductor step, `chunk` steps per CUDA graph; fp32 greedy tokens equal eager ones, seeds reproduce."
     cfg, mode = CASES[name]
@@ -450,10 +453,13 @@ def test_bench_decode_mla_only_layers(tmp_path):
     "`--mla-only --layers N`: the absorbed vs naive rows of a cut-down model, and no generate rows."
     out = tmp_path / 'mla.json'
     r = subprocess.run([sys.executable, 'scripts/bench_decode.py', '--device', 'cpu', '--tiny', '--models', 'deepseek-mla', '--mla-only',
-                        '--layers', '2', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        '--layers', '2', '--dsa-topk', '2048', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     m = res['models']['deepseek-mla']
     assert m['config']['n_layers'] == 2 and not any(k.startswith('metai_') for k in m), sorted(m)
-    assert all(v['absorbed']['tokens_per_s'] > 0 and v['naive']['tokens_per_s'] > 0 for v in res['mla_modes']['deepseek-mla'].values())
+    modes = res['mla_modes']['deepseek-mla'].values()
+    assert all(v['absorbed']['tokens_per_s'] > 0 and v['naive']['tokens_per_s'] > 0 for v in modes)
+    # --dsa-topk: a third row, DeepSeek-V3.2's sparse attention (top-32 at the toy contexts), with its bigger cache
+    assert all(v['dsa']['tokens_per_s'] > 0 and v['dsa_topk'] == 32 and v['dsa_cache_bytes'] > v['latent_cache_bytes'] for v in modes)

@@ -459,6 +459,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 if device.type == 'cuda': rec['mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
                 if load is not None: rec['expert_load'] = (load.float().sum(0) / load.float().sum()).tolist()
                 if 'mtp_loss' in aux and aux['mtp_loss'] is not None: rec['mtp_loss'] = float(aux['mtp_loss'])
+                if aux.get('index_loss') is not None: rec['index_loss'] = float(aux['index_loss'])
                 if teacher is not None: rec['distill_kl'] = kl_v
                 mon.log(rec)
             if step % tc.eval_interval == 0 or step == tc.max_steps or flag.stop:

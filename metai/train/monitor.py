@@ -111,7 +111,7 @@ def _jsonable(o):
 # %% ../../nbs/14_monitor.ipynb #1aec76a6
 HIST = 240        # values kept per metric for the sparklines
 SPARK_W = 32      # sparkline width in characters
-KNOWN = {'step', 'time', 'loss', 'ce', 'mtp_loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu', 'mem_gb', 'expert_load',
+KNOWN = {'step', 'time', 'loss', 'ce', 'mtp_loss', 'index_loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu', 'mem_gb', 'expert_load',
          'val_loss', 'val_bpb', 'message'}
 
 def _is_num(x): return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -216,6 +216,7 @@ def _plain_line(self:Monitor, rec:dict) -> str:
     parts = [f"step {rec['step']}/{self.total}"]
     if g('loss') is not None: parts.append(f"loss {rec['loss']:.3f}")
     if g('mtp_loss') is not None: parts.append(f"mtp {rec['mtp_loss']:.3f}")
+    if g('index_loss') is not None: parts.append(f"index {rec['index_loss']:.4f}")
     if g('lr') is not None: parts.append(f"lr {rec['lr']:.1e}")
     if g('grad_norm') is not None: parts.append(f"gnorm {rec['grad_norm']:.2f}")
     if g('tokens_per_s'): parts.append(f"{fmt_num(rec['tokens_per_s'], 1)} tok/s")
@@ -271,7 +272,7 @@ def _render(self:Monitor):
         t = Table.grid(padding=(0, 2))
         t.add_column(style='bold cyan', no_wrap=True); t.add_column(justify='right', style='bold', no_wrap=True)
         t.add_column(style='green', no_wrap=True); t.add_column(style='dim', no_wrap=True)
-        extra = ' · '.join(f'{n} {L[k]:.3f}' for n, k in (('ce', 'ce'), ('mtp', 'mtp_loss')) if k in L)
+        extra = ' · '.join(f'{n} {L[k]:.3f}' for n, k in (('ce', 'ce'), ('mtp', 'mtp_loss'), ('index', 'index_loss')) if k in L)
         t.add_row('loss', v('loss', '{:.4f}'), spark('loss'), extra)
         best = f'best {self.best_val[0]:.4f} @ {self.best_val[1]}' if self.best_val else ''
         t.add_row('val loss', v('val_loss', '{:.4f}'), spark('val_loss'), ' · '.join(x for x in (v('val_bpb', 'bpb {:.3f}') if 'val_bpb' in L else '', best) if x))
@@ -342,6 +343,8 @@ def plot_metrics(out_dir:str, # a run folder (or its metrics.jsonl)
             ax.plot([r['step'] for r in ce], sm([r['ce'] for r in ce]), color='C2', lw=1, label='train CE')
         mtp = [r for r in tr if num(r, 'mtp_loss')]
         if mtp: ax.plot([r['step'] for r in mtp], sm([r['mtp_loss'] for r in mtp]), color='C4', lw=1, label='MTP loss')
+        idx = [r for r in tr if num(r, 'index_loss')]   # DeepSeek-V3.2's indexer KL (notebook 19)
+        if idx: ax.plot([r['step'] for r in idx], sm([r['index_loss'] for r in idx]), color='C5', lw=1, label='indexer KL')
     if ev:
         ax.plot([r['step'] for r in ev], [r['val_loss'] for r in ev], 'o-', color='C1', ms=4, lw=1.5, label='val loss')
         b = min(ev, key=lambda r: r['val_loss'])

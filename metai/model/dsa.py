@@ -6,7 +6,7 @@ over the selected keys only, the indexer's key cache, and the KL objective that 
 # %% auto #0
 __all__ = ['Indexer', 'visible', 'select_topk', 'selection_mask', 'attention_target', 'indexer_kl', 'index_recall']
 
-# %% ../../nbs/19_sparse_attention.ipynb #5248a9f3
+# %% ../../nbs/19_sparse_attention.ipynb #f0d7fd08
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from ..config import ModelConfig
 from .rope import apply_rope
 
-# %% ../../nbs/19_sparse_attention.ipynb #4cd1a93f
+# %% ../../nbs/19_sparse_attention.ipynb #bd62d7bc
 class Indexer(nn.Module):
     "DeepSeek-V3.2's lightning indexer: scores every key for each query; a query keeps its `index_topk` best keys."
     def __init__(self, cfg:ModelConfig, # uses dim, q_lora_rank, qk_rope_head_dim and the index_* fields
@@ -69,7 +69,7 @@ class Indexer(nn.Module):
         I = I.masked_fill(~visible(x.size(1), S, attn_mask, x.device), float('-inf'))      # a query scores only what it may see
         return (select_topk(I.detach(), self.topk) if S > self.topk else None), I
 
-# %% ../../nbs/19_sparse_attention.ipynb #3753c6c8
+# %% ../../nbs/19_sparse_attention.ipynb #2f67da9d
 def visible(T:int, # queries, the last T of the S positions
             S:int, # keys
             attn_mask:Tensor|None=None, # optional (B, T, S) bool, True = may attend
@@ -92,7 +92,7 @@ def selection_mask(idx:Tensor, # (B, T, k) from `select_topk`
     "The kept keys as a boolean mask over all `S` keys (what SDPA takes)."
     return torch.zeros(*idx.shape[:-1], S, dtype=torch.bool, device=idx.device).scatter(-1, idx, ok)
 
-# %% ../../nbs/19_sparse_attention.ipynb #0a7f4238
+# %% ../../nbs/19_sparse_attention.ipynb #9bad2af8
 @torch.no_grad()
 def attention_target(q:Tensor, # (B, T, H, d) MLA's queries [nope | rope]
                      k:Tensor, # (B, S, H, d) its keys
@@ -123,7 +123,7 @@ def index_recall(p:Tensor, # (B, T, S) the target attention
     idx, ok = select_topk(scores, k)
     return (p.gather(-1, idx) * ok).sum(-1).mean().item()
 
-# %% ../../nbs/19_sparse_attention.ipynb #afa16615
+# %% ../../nbs/19_sparse_attention.ipynb #83dd085e
 @patch
 def loss(self:Indexer, scores:Tensor, # (B, T, S) from `forward(..., with_scores=True)`
                   q:Tensor, k:Tensor, # (B, T, H, d), (B, S, H, d) MLA's expanded queries and keys

@@ -466,6 +466,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'metai.model.dsa.indexer_kl': ('sparse_attention.html#indexer_kl', 'metai/model/dsa.py'),
                                  'metai.model.dsa.select_topk': ('sparse_attention.html#select_topk', 'metai/model/dsa.py'),
                                  'metai.model.dsa.selection_mask': ('sparse_attention.html#selection_mask', 'metai/model/dsa.py'),
+                                 'metai.model.dsa.set_dense_warmup': ('sparse_attention.html#set_dense_warmup', 'metai/model/dsa.py'),
                                  'metai.model.dsa.visible': ('sparse_attention.html#visible', 'metai/model/dsa.py')},
             'metai.model.hf': { 'metai.model.hf._Checkpoint': ('hf.html#_checkpoint', 'metai/model/hf.py'),
                                 'metai.model.hf._Checkpoint.__contains__': ('hf.html#_checkpoint.__contains__', 'metai/model/hf.py'),

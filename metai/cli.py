@@ -571,10 +571,10 @@ def cmd_export_hf(model_dir:str=None, # a metai model folder (a training output 
     tok = _copy_tokenizer(model_dir, out)
     print(f"{out}: {hf_model_type(model.cfg)} checkpoint" + (', tokenizer.model copied' if tok else ', no tokenizer.model in ' + model_dir))
 
-def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama or DeepseekV3, safetensors)
+def cmd_import_hf(hf_dir:str=None, # a transformers checkpoint folder (Llama, DeepseekV3 or DeepseekV32, safetensors)
                   out:str=None # the metai model folder to write
                  ):
-    "Import a transformers checkpoint (Llama, DeepseekV3) into a metai model folder."
+    "Import a transformers checkpoint (Llama, DeepseekV3, DeepseekV32) into a metai model folder."
     from safetensors.torch import save_model
     from metai.core import atomic_path
     from metai.model.hf import from_hf

@@ -288,3 +288,37 @@ def test_cuda_fused_cross_entropy():
         finally: T.FUSED_CE = False
         losses.append(l.item()); grads.append(m.embed.weight.grad.float())
     assert abs(losses[0] - losses[1]) < 1e-3 and (grads[0] - grads[1]).abs().max() < 1e-3 * grads[0].abs().max() + 1e-7, losses
+
+# --- DeepSeek-V3.2's indexer loss (notebook 19) -------------------------------------------------------------------
+
+def _dsa_model(**kw):
+    c = ModelConfig.preset('ds-tiny', vocab_size=256, n_layers=2, index_n_heads=6, index_head_dim=16, index_topk=4,
+                           max_seq_len=32, mtp_depth=1, **kw)
+    torch.manual_seed(0)
+    return Transformer(c).train()
+
+def test_index_loss_only_from_blocks_that_ran():
+    "A training forward without the MTP modules (or too short for them) backpropagates, with the main layers' loss alone."
+    m = _dsa_model()
+    tok = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))
+    _, loss, aux = m(tok[:, :-1], tok[:, 1:]); loss.backward()   # the MTP block ran: its indexer's loss is in
+    assert m.mtp[0].block.attn.index_loss is not None
+    for kw, T in ((dict(use_mtp=False), 12), ({}, 1)):            # then calls where it does not run
+        m.zero_grad()
+        _, loss, aux = m(tok[:, :T], tok[:, 1:T + 1], **kw)
+        loss.backward()                                           # no stale loss from the earlier graph
+        want = sum(l.attn.index_loss for l in m.layers) / len(m.layers)
+        torch.testing.assert_close(aux['index_loss'], want.detach())
+    with torch.no_grad(): assert m.eval()(tok)[2]['index_loss'] is None
+
+def test_index_loss_keeps_no_score_tensor_for_backward():
+    "The indexer's (B, T, H_I, S) scores are recomputed in the backward (a checkpoint), not saved by the forward."
+    m = _dsa_model(mtp_loss_weight=0.3)
+    tok = torch.randint(0, 256, (2, 25), generator=torch.Generator().manual_seed(1))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        _, loss, aux = m(tok[:, :-1], tok[:, 1:])
+    assert aux['index_loss'] > 0 and shapes
+    assert not [s for s in shapes if len(s) == 4 and s[-2:] == (6, 24)], 'a (B, T, 6, S) tensor was saved'
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if '.indexer.' in n)

@@ -199,7 +199,7 @@ class GraphDecoder:
                 ):
         dev = model.embed.weight.device
         self.model, self.cache, self.n, self.sampling, self.kernels = model, cache, n, sampling, kernels
-        self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b  # what the graph reads
+        self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b + getattr(cache, 'c', [])  # what the graph reads
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)            # (B, 1) input token
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)                        # (1,) its position
         self.out = torch.zeros(batch_size, n, dtype=torch.long, device=dev)            # (B, n) sampled tokens

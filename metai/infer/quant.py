@@ -263,7 +263,7 @@ def quant_plan(model:nn.Module, # the fp model
         elif isinstance(m, nn.Linear):
             if name == 'head' and not include_head: continue
             if method == 'nf4' and name.endswith('wkv_b'): skipped[name] = "MLA's absorbed decode reads wkv_b.weight"
-            elif name.endswith('indexer.weights_proj'): skipped[name] = "the DSA indexer's head weights stay in high precision, as DeepSeek keeps them"
+            elif name.endswith('indexer.weights_proj'): skipped[name] = "the DSA indexer's head weights stay in the model's dtype (DeepSeek keeps them in bf16)"
             elif m.in_features % group_size: skipped[name] = f'in_features={m.in_features} not divisible by {group_size}'
             else: linear.append(name)
     return dict(linear=linear, experts=experts, skipped=skipped)

@@ -154,7 +154,8 @@ def _speculate(target, draft, prompt_ids, max_new_tokens, gamma, temperature, to
     f_draft, f_target, f_mtp = forward_step, forward_hidden, mtp_step
     if compile:
         f_draft, f_target, f_mtp = (_compiled(f, device) for f in (forward_step, forward_hidden, mtp_step))
-        for t in cache.a + cache.b + ([] if mtp else draft_cache.a + draft_cache.b): torch._dynamo.mark_static_address(t)
+        for t in cache.a + cache.b + getattr(cache, 'c', []) + ([] if mtp else draft_cache.a + draft_cache.b + getattr(draft_cache, 'c', [])):
+            torch._dynamo.mark_static_address(t)  # the DSA indexer's keys (`c`, notebook 19) too
     def run(f, eager, W):  # compiled for the short windows of the steady state; a long prefill window runs eagerly
         return f if W <= gamma + 2 else eager
 
@@ -390,8 +391,8 @@ class _SpecRounds:
     def __init__(self, target, draft, cache, draft_cache, gamma:int, sampling:tuple, W:int, graphs:bool, hidden:Tensor|None=None):
         dev = target.embed.weight.device
         self.args, self.gamma, self.sampling = (target, draft, cache, draft_cache), gamma, sampling
-        self.keep = (list(target.parameters()) + cache.a + cache.b +
-                     ([] if draft is None else list(draft.parameters()) + draft_cache.a + draft_cache.b))
+        self.keep = (list(target.parameters()) + cache.a + cache.b + getattr(cache, 'c', []) +
+                     ([] if draft is None else list(draft.parameters()) + draft_cache.a + draft_cache.b + getattr(draft_cache, 'c', [])))
         self.seq = torch.zeros(1, W, dtype=torch.long, device=dev)            # (1, W) tokens by position
         self.p = torch.zeros(1, dtype=torch.long, device=dev)                 # (1,) the newest token's position
         self.p0 = torch.zeros(1, dtype=torch.long, device=dev)                # (1,) MTP: the last round's start

@@ -158,9 +158,9 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved, start_pos).squeeze(2)  # one head shared by all
         if cache is not None: kv, k_pe = cache.update(self.layer_id, start_pos, kv, k_pe)     # (B, S, r), (B, S, dr)
         S = kv.size(1)
-        sel, scores, self.index_loss = None, None, None
+        sel, self.index_loss = None, None
         if self.indexer is not None:  # DSA: (idx, ok) (B, T, k) the keys each query keeps, or None when it keeps all it sees
-            sel, scores = self.indexer(x, qr, cos, sin, start_pos, cache, attn_mask, with_scores=self.training and torch.is_grad_enabled())
+            sel = self.indexer(x, qr, cos, sin, start_pos, cache, attn_mask)
             if sel is not None: attn_mask = selection_mask(*sel, S)                          # (B, T, S), within attn_mask
         mask, is_causal = sdpa_mask(T, S, attn_mask, x.device)
         mode = self.mode or ('naive' if cache is None else 'absorbed')
@@ -168,8 +168,8 @@ class MLA(nn.Module):
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)         # (B, S, H, dn), (B, S, H, dv)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)           # (B, S, H, dn + dr)
             q = torch.cat([q_nope, q_pe], dim=-1)                                             # (B, T, H, dn + dr)
-            if scores is not None:  # training the indexer: match the heads' summed attention (notebook 19)
-                self.index_loss = self.indexer.loss(scores, q, k, mask if mask is not None else causal_mask(T, S, x.device), self.softmax_scale)
+            if self.indexer is not None and self.training and torch.is_grad_enabled() and cache is None:  # notebook 19
+                self.index_loss = self.indexer.loss(x, qr, cos, sin, q, k, causal_mask(T, S, x.device) if mask is None else mask, self.softmax_scale)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                                is_causal=is_causal, scale=self.softmax_scale)  # (B, H, T, dv)
             y = y.transpose(1, 2)                                                             # (B, T, H, dv)

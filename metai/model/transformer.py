@@ -131,10 +131,11 @@ class Transformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f'tokens: positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={self.cfg.max_seq_len}')
         x = self.embed(tokens)  # (B, T, dim)
-        moe_aux, loads = [], []
+        moe_aux, loads, idx = [], [], []
         for layer in self.layers:
             x, a = layer(x, self.freqs_cos, self.freqs_sin, start_pos, cache)
             if a is not None: moe_aux.append(a['aux_loss']); loads.append(a['load'])
+            if getattr(layer.attn, 'index_loss', None) is not None: idx.append(layer.attn.index_loss)  # DSA (notebook 19)
         h = self.norm(x)        # (B, T, dim): h^0, what the head and the first MTP depth read
         logits = self.head(h)   # (B, T, V)
         ce = _ce(logits, targets) if targets is not None else None
@@ -146,6 +147,7 @@ class Transformer(nn.Module):
             if use_mtp and n > 0:
                 lk, hk, a = self.mtp_forward(k, hk[:, :n], tokens[:, k+1:], start_pos, cache)
                 if a is not None: moe_aux.append(a['aux_loss']); loads.append(a['load'])
+                if getattr(m.block.attn, 'index_loss', None) is not None: idx.append(m.block.attn.index_loss)
                 if targets is not None:      # self-distillation: the main head's choice at i+k+1 is what verifies this draft
                     lt = _ce(lk, targets[:, k+1:])
                     if self.cfg.mtp_distill > 0: lt = lt + self.cfg.mtp_distill * mean_kl(logits[:, k+1:], lk, targets[:, k+1:])
@@ -156,9 +158,8 @@ class Transformer(nn.Module):
 
         moe_loss = sum(moe_aux) if moe_aux else h.new_zeros((), dtype=torch.float32)
         mtp_loss = sum(mtp_ce) / len(mtp_ce) if mtp_ce else None
-        # DeepSeek-V3.2: each indexer's KL to its layer's attention, set by MLA while training (notebook 19); its inputs are
-        # detached, so it trains the indexers only and leaves the language-model gradient as it was
-        idx = [b.attn.index_loss for b in [*self.layers, *(m.block for m in self.mtp)] if getattr(b.attn, 'index_loss', None) is not None]
+        # DeepSeek-V3.2: each indexer's KL to its layer's attention, set by MLA while training (notebook 19), from the blocks
+        # that ran in this call; its inputs are detached, so it trains the indexers only and leaves the rest as it was
         index_loss = sum(idx) / len(idx) if idx else None
         loss = None
         if targets is not None:   # an identically-zero term is left out: inductor would drop the loss's grad (notebook 07)

@@ -272,7 +272,7 @@ def _render(self:Monitor):
         t = Table.grid(padding=(0, 2))
         t.add_column(style='bold cyan', no_wrap=True); t.add_column(justify='right', style='bold', no_wrap=True)
         t.add_column(style='green', no_wrap=True); t.add_column(style='dim', no_wrap=True)
-        extra = ' · '.join(f'{n} {L[k]:.3f}' for n, k in (('ce', 'ce'), ('mtp', 'mtp_loss'), ('index', 'index_loss')) if k in L)
+        extra = ' · '.join(f'{n} {L[k]:.{d}f}' for n, k, d in (('ce', 'ce', 3), ('mtp', 'mtp_loss', 3), ('index', 'index_loss', 4)) if k in L)
         t.add_row('loss', v('loss', '{:.4f}'), spark('loss'), extra)
         best = f'best {self.best_val[0]:.4f} @ {self.best_val[1]}' if self.best_val else ''
         t.add_row('val loss', v('val_loss', '{:.4f}'), spark('val_loss'), ' · '.join(x for x in (v('val_bpb', 'bpb {:.3f}') if 'val_bpb' in L else '', best) if x))

@@ -388,6 +388,8 @@ def main():
         switched = {k: True for k, on in (('SAMPLE_KERNEL', a.sample_kernel), ('ATTN_MERGE', a.attn_merge), ('PRODUCT_TILES', a.product_tiles)) if on}
         runs = [('metai_compiled', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, profile=a.profile, trace=trace)) if compile else None,
                 ('gpt_fast', lambda: bench_gpt_fast(*gf, model, prompt, a.new_tokens, a.runs, compile, device)) if gf else None,
+                ('metai_compiled_switched', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, **switched))
+                if compile and len(switched) > 1 else None,  # all the switches together, before each alone: a run cut short keeps it
                 ('metai_compiled_streamed', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, streamed=True))
                 if compile and a.streamed else None,
                 *[(f'metai_compiled_chunk{c}', lambda c=c: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, chunk=c))
@@ -401,8 +403,6 @@ def main():
                 if compile and a.attn_merge else None,
                 ('metai_compiled_product_tiles', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, PRODUCT_TILES=True))
                 if compile and a.product_tiles else None,
-                ('metai_compiled_switched', lambda: bench_switched(model, prompt, a.new_tokens, a.runs, device, **switched))
-                if compile and len(switched) > 1 else None,
                 ('metai_compiled_unfused', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, kernels=False))
                 if compile and not a.no_unfused else None,
                 ('metai_compiled_frozen', lambda: bench_metai(model, prompt, a.new_tokens, True, a.runs, device, freeze=True))

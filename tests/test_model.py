@@ -287,7 +287,11 @@ def test_cuda_fused_cross_entropy():
             l.backward()
         finally: T.FUSED_CE = False
         losses.append(l.item()); grads.append(m.embed.weight.grad.float())
-    assert abs(losses[0] - losses[1]) < 1e-3 and (grads[0] - grads[1]).abs().max() < 1e-3 * grads[0].abs().max() + 1e-7, losses
+    # the gradients are bf16 products of bf16 logit gradients, which both paths round to bf16 from fp32 in their own
+    # order: one bf16 step is 0.4% of a value. The first H100 run (bench/results/cuda_test_fused_ce_h100_run1.log) had
+    # equal losses and the embedding's gradient within 0.49% of its largest entry; 1e-3 of it was below bf16's step.
+    rel = ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item()
+    assert abs(losses[0] - losses[1]) < 1e-3 and rel < 1e-2, (losses, rel)
 
 # --- DeepSeek-V3.2's indexer loss (notebook 19) -------------------------------------------------------------------
 

@@ -126,6 +126,24 @@ def test_quantized_deepseek_model_equals_fake_quantized():
     with torch.no_grad():
         torch.testing.assert_close(exact(qm)(tokens)[0], fake_quantized(ref, qm)(tokens)[0], atol=1e-5, rtol=1e-4)
 
+def test_quantized_sparse_attention_model(tmp_path):
+    """DeepSeek-V3.2 (an indexer per layer, 4 of 12 keys kept): the indexers' projections go to 4 bits and their head
+    weights stay as they are; the int4 model equals its fake-quantized twin and round-trips through quantize_dir."""
+    cfg = ds_tiny(index_n_heads=4, index_head_dim=32, index_topk=4)
+    torch.manual_seed(0)
+    ref = Transformer(cfg).eval()
+    qm = quantize_model(copy.deepcopy(ref), group_size=32)
+    qc = qm.quant_config
+    assert {'layers.0.attn.indexer.wq_b', 'layers.1.attn.indexer.wk', 'mtp.0.block.attn.indexer.wq_b'} <= set(qc['linear'])
+    assert 'layers.0.attn.indexer.weights_proj' in qc['skipped'] and type(qm.layers[0].attn.indexer.weights_proj) is nn.Linear
+    tokens = torch.randint(0, 8192, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(exact(qm)(tokens)[0], fake_quantized(ref, qm)(tokens)[0], atol=1e-5, rtol=1e-4)
+    src, dst = str(tmp_path / 'fp'), str(tmp_path / 'q')
+    write_ckpt(src, cfg)
+    quantize_dir(src, dst, group_size=32)
+    with torch.no_grad(): assert torch.equal(load_quantized(dst)(tokens)[0], quantize_model(load_fp_model(src), 32)(tokens)[0])
+
 def test_byte_report():
     qm = quantize_model(Transformer(micro()), 64)
     r = qm.quant_config['report']

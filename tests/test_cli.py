@@ -446,6 +446,8 @@ def test_train_sparse_attention_then_generate_and_export(tmp_path, tiny_run):
     x = torch.tensor([ids])
     with torch.no_grad(): diff = (hf(input_ids=x).logits - model(x)[0]).abs().max().item()
     assert diff < 1e-4, diff
+    rc, via_hf, err = metai('generate', '--model-dir', d/'hf', *base[3:])      # generate reads the transformers folder too
+    assert rc == 0 and via_hf == plain, (err, via_hf, plain)
 
 def test_speculation_flag_errors(tiny_run):
     for extra in (('--draft-model-dir', tiny_run, '--mtp-speculate'), ('--mtp-speculate', '--speculate-k', 99),

@@ -5,6 +5,7 @@
 #   OUT=/tmp/bench GPT_FAST_DIR=~/gpt-fast NANOGPT_DIR=~/nanoGPT DATA_DIR=output_micro/data bash scripts/bench_all.sh [STEP ...]
 #
 # STEPs (default: all, in this order): cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative graph-launch model train fp8.
+# Also decode-1b: the 1B decode measurement alone (one device call).
 # The baselines are public code checked out beside metai (gpt-fast for decode-dense, nanoGPT for train); a step
 # whose baseline folder is not given runs without it. DATA_DIR is a `metai prepare-data` folder (with corpus/zh.txt
 # and corpus/en.txt), needed by speculative (it trains a target/draft pair on it) and by train's quality check.
@@ -27,6 +28,11 @@ for step in $STEPS; do
     decode-dense)  # 125M and 1B Llama shapes: metai (8 steps / CUDA graph, 1 step / graph, frozen) vs gpt-fast and transformers
       timeout "$(limit $step 540)" python3 scripts/bench_decode.py --out "$OUT/decode_$CARD.json" --models llama-125m,llama-1b \
         --no-eager --streamed --sample-kernel --attn-merge --product-tiles ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_dense.log" ;;
+    decode-1b)     # issue 5's measurement alone (not in the default list; decode-dense covers it): the 1B shape, metai compiled,
+                   # gpt-fast, all decode switches together, then each alone; on an H100 the switched row ends about 420 s in
+      timeout "$(limit $step 580)" python3 scripts/bench_decode.py --out "$OUT/decode_1b_$CARD.json" --models llama-1b \
+        --no-eager --no-hf --no-freeze --no-chunk1 --no-unfused --sample-kernel --attn-merge --product-tiles --mla-contexts '' \
+        ${GPT_FAST_DIR:+--gpt-fast-dir "$GPT_FAST_DIR"} 2>&1 | quiet | tee "$OUT/decode_1b.log" ;;
     kernels)       # the decode kernels alone, cold, against what they replace (products vs cuBLAS, attention vs its reference, draws)
       timeout "$(limit $step 200)" python3 scripts/bench_kernels.py --out "$OUT/kernels_$CARD.json" 2>&1 | quiet | tail -8 | tee "$OUT/kernels.log" ;;
     gemv-tiles)    # every gemv (then gemv_int4) tile for each 1B product inside the 16-layer chain (CUDA graph, PDL): checks _LONG_TILE and
@@ -91,7 +97,7 @@ for step in $STEPS; do
       timeout "$(limit $step 120)" python3 scripts/bench_graph_launch.py --out "$OUT/graph_launch_$CARD.json" 2>&1 | quiet | tee "$OUT/graph_launch.log" ;;
     fp8)           # would FP8 products pay for gpt2's linear shapes? bf16 vs per-tensor fp8 with its casts, per shape and per step
       timeout "$(limit $step 150)" python3 scripts/bench_fp8.py --out "$OUT/fp8_$CARD.json" 2>&1 | quiet | tee "$OUT/fp8.log" ;;
-    *) echo "unknown step: $step (cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative graph-launch model train fp8)"; exit 2 ;;
+    *) echo "unknown step: $step (cuda-tests decode-dense kernels gemv-tiles quant decode-moe decode-mla speculative graph-launch model train fp8; also decode-1b)"; exit 2 ;;
   esac
 done
 echo "== done ($(date -u +%H:%M:%S)): $OUT"

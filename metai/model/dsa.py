@@ -66,6 +66,7 @@ class Indexer(nn.Module):
                 attn_mask:Tensor|None=None # optional (B, T, S) bool, True = may attend (static-shape decoding)
                ) -> tuple[Tensor, Tensor]|None: # (idx, ok) (B, T, k): the keys each query keeps; None: all it may see
         "The keys each query keeps, or None when `index_topk` covers every key (dense attention, exactly)."
+        if cache is None and (x.size(1) <= self.topk or self.dense): return None   # no keys to cache, none to score
         k = self.keys(x, cos, sin, start_pos, cache)                                       # (B, S, D), written to the cache
         S = k.size(1)
         if S <= self.topk or self.dense: return None

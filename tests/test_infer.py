@@ -277,6 +277,29 @@ def test_cuda_graph_decode_equals_eager(name):
     assert generate(m, prompts, 30, temperature=0, compile=True, eos_id=stop) == \
            [r[:r.index(stop)] if stop in r else r for r in generate(m, prompts, 30, temperature=0)]
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'MLA DSA'])
+def test_cuda_graph_prefill_equals_prefill(name):
+    "The prefill replayed from a CUDA graph gives the plain prefill's logits and cache entries, for any length and start in its bucket."
+    from metai.infer.generate import fast_prefill, _PREFILL_GRAPHS
+    cfg, mode = CASES[name]
+    m = build(cfg, mode).cuda()
+    rng = random.Random(5)
+    seq = torch.tensor([[rng.randrange(cfg.vocab_size) for _ in range(40)] for _ in range(2)], device='cuda')
+    c_ref, c_fast = make_cache(m, 2, 64, mtp=False), make_cache(m, 2, 64, mtp=False)
+    n0 = len(_PREFILL_GRAPHS)
+    for start, end in ((0, 9), (9, 20), (20, 36)):  # buckets 16, 16 (the same graph, another length and start), 16
+        want = prefill(m, seq[:, start:end], c_ref, start)
+        got = fast_prefill(m, seq[:, start:end], c_fast, start, compile=True)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        for a, b in zip(c_ref.a + c_ref.b + getattr(c_ref, 'c', []), c_fast.a + c_fast.b + getattr(c_fast, 'c', [])):
+            torch.testing.assert_close(b[:, :end], a[:, :end], atol=2e-5, rtol=2e-5)
+    assert len(_PREFILL_GRAPHS) == n0 + 1          # one graph served the three calls
+    got = fast_prefill(m, seq[:, 36:40], c_fast, 36, compile=True)  # 36 + 16 > 64: the plain prefill, no graph
+    torch.testing.assert_close(got, prefill(m, seq[:, 36:40], c_ref, 36), atol=2e-5, rtol=2e-5)
+    assert len(_PREFILL_GRAPHS) == n0 + 1
+
 def route_margins(gate, x):
     """(N,) for each token, the smallest gap between a choice the router made and one it did not (kept against dropped
     group, then chosen against unchosen expert): the room bf16 rounding of `x` has before the routing changes."""

@@ -6,10 +6,10 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 
 # %% auto #0
 __all__ = ['PREFILL_BUCKETS', 'CHAT_CONTEXT', 'logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample',
-           'prefill', 'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'fast_prefill',
-           'compiled_decode_one_token', 'decode_n_tokens', 'GraphDecoder', 'capture_graph', 'graph_decoder', 'lru_get',
-           'clear_graphs', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'rng_state', 'set_rng_state', 'generate',
-           'chat_context', 'ChatSession', 'load_model_dir', 'encode_prompt']
+           'prefill', 'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'compiled_decode_one_token',
+           'decode_n_tokens', 'GraphDecoder', 'capture_graph', 'graph_decoder', 'graph_key', 'lru_get', 'clear_graphs',
+           'GraphPrefill', 'graph_prefill', 'fast_prefill', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'rng_state',
+           'set_rng_state', 'generate', 'chat_context', 'ChatSession', 'load_model_dir', 'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, math, codecs, numbers, contextlib
@@ -125,19 +125,6 @@ def compiled_forward_step(device:torch.device):
         _PREFILL[device.type] = torch.compile(forward_step, fullgraph=True, dynamic=False)
     return _PREFILL[device.type]
 
-def fast_prefill(model, # a metai `Transformer`
-                 tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`)
-                 cache:KVCache, # static cache
-                 start_pos:int=0, # absolute position of tokens[:, 0]
-                 compile:bool=False # on CUDA: the padded, compiled prefill when the prompt and the cache allow it
-                ) -> Tensor: # (B, V) logits of the position after the prompt
-    "The prefill `generate` runs: padded to a bucket and compiled on CUDA with `compile`, else `prefill`."
-    T = tokens.size(1)
-    Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
-    if not (compile and tokens.device.type == 'cuda' and Tb and start_pos + Tb <= cache.max_seq_len):
-        return prefill(model, tokens, cache, start_pos)
-    with _compile_settings(tokens.device), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # never frozen
-        return prefill_padded(model, tokens, cache, start_pos, compiled_forward_step(tokens.device))
 
 # %% ../../nbs/10_generate.ipynb #be92b355
 _COMPILED = {}
@@ -237,7 +224,8 @@ def capture_graph(device:torch.device, # the GPU
                   warm, # () -> None: compiles and tunes the compiled functions `record` calls (runs for real)
                   record, # () -> None: the work to capture
                   state:list, # tensors `warm` changes that must hold their values again before the capture
-                  freeze:bool=False # compile settings for `warm` (see `_compile_settings`)
+                  freeze:bool=False, # compile settings for `warm` (see `_compile_settings`)
+                  pool=None # a memory pool shared with other graphs (`torch.cuda.graph_pool_handle()`), or the graph's own
                  ) -> torch.cuda.CUDAGraph:
     "Warm up on a side stream (under `fork_rng`: no RNG draw of the caller's), put `state` back, then capture `record` in a CUDA graph."
     sdpa = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # inductor writes the attention (as gpt-fast)
@@ -247,7 +235,7 @@ def capture_graph(device:torch.device, # the GPU
     torch.cuda.current_stream(device).wait_stream(s)
     for t, v in zip(state, saved): t.copy_(v)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), sdpa(): record()
+    with torch.cuda.graph(g, pool=pool), sdpa(): record()
     return g                                                # only a complete capture is ever replayed
 
 _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> GraphDecoder; a few recent ones
@@ -255,10 +243,14 @@ _GRAPHS = {}  # (model, cache, B, n, sampling, freeze, weight addresses) -> Grap
 def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, freeze:bool=False, use_seen:bool=False,
                   kernels:bool=True) -> GraphDecoder:
     "The `GraphDecoder` for this model, cache and setting: reused while the model's tensors and the cache are the same ones."
-    key = (id(model), id(cache), batch_size, n, sampling, freeze, use_seen, kernels, kernel_switches(),  # graphs bake the switches in
-           tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
-           tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
+    key = graph_key(model, cache) + (batch_size, n, sampling, freeze, use_seen, kernels)
     return lru_get(_GRAPHS, key, lambda: GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen, kernels), 8)
+
+def graph_key(model, cache:KVCache) -> tuple:
+    "What a graph of this model and cache bakes in: their identities, the weights' addresses, the kernel switches and MLA modes."
+    return (id(model), id(cache), kernel_switches(),
+            tuple(getattr(m, 'mode', None) for m in model.modules() if hasattr(m, 'kv_lora_rank')),  # MLA execution modes
+            tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers())))
 
 def lru_get(registry:dict, key, make, size:int):
     "`registry[key]`, made by `make()` if missing; keeps the `size` most recently used (dropping one frees its graph memory)."
@@ -269,8 +261,64 @@ def lru_get(registry:dict, key, make, size:int):
     return registry[key]
 
 def clear_graphs():
-    "Drop every captured decode graph (and the model, cache and memory each one holds); call before `torch._dynamo.reset()`."
-    _GRAPHS.clear()
+    "Drop every captured decode and prefill graph (and the model, cache and memory each one holds); call before `torch._dynamo.reset()`."
+    _GRAPHS.clear(); _PREFILL_GRAPHS.clear(); _POOLS.clear()
+
+# %% ../../nbs/10_generate.ipynb #31fc5924
+class GraphPrefill:
+    "`prefill_padded` of one bucket length captured in one CUDA graph: a prompt's forward pass is one launch."
+    def __init__(self, model, # a metai `Transformer` on CUDA
+                 cache:KVCache, # the static cache the graph writes (kept alive by the graph)
+                 batch_size:int, # rows of the prompt
+                 Tb:int, # the bucket length (a `PREFILL_BUCKETS` entry)
+                 pool=None # memory pool shared with the other prefill graphs of this cache
+                ):
+        dev = model.embed.weight.device
+        self.model, self.cache, self.pool = model, cache, pool
+        self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b + getattr(cache, 'c', [])  # what the graph reads
+        self.x = torch.zeros(batch_size, Tb, dtype=torch.long, device=dev)    # (B, Tb) the prompt, padded with token 0
+        self.pos = torch.arange(Tb, device=dev)                                # (Tb,) its positions
+        self.at = torch.zeros(1, dtype=torch.long, device=dev)                 # (1,) index of the last real token
+        self.step, self.graph = compiled_forward_step(dev), None
+
+    def _body(self): return self.step(self.model, self.x, self.pos, self.cache, at=self.at)[:, 0]  # (B, V)
+
+    def __call__(self, tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`), T <= Tb
+                 start_pos:int=0 # absolute position of tokens[:, 0]
+                ) -> Tensor: # (B, V) logits of the position after the prompt (a copy)
+        T, Tb = tokens.size(1), self.x.size(1)
+        with torch.cuda.device(self.x.device):
+            self.x[:, :T].copy_(tokens); self.x[:, T:].zero_()
+            torch.arange(start_pos, start_pos + Tb, out=self.pos); self.at.fill_(T - 1)
+            if self.graph is None:
+                def record(): self.logits = self._body()                     # (B, V) in the graph's memory
+                self.graph = capture_graph(self.x.device, self._body, record, [], pool=self.pool)  # warm-up: the same slots
+            self.graph.replay()
+            return self.logits.clone()
+
+_PREFILL_GRAPHS, _POOLS = {}, {}  # (graph_key, B, Tb) -> GraphPrefill; graph_key -> its memory pool
+
+def graph_prefill(model, cache:KVCache, batch_size:int, Tb:int) -> GraphPrefill:
+    "The `GraphPrefill` for this model, cache, batch size and bucket: reused while the model's tensors and the cache are the same ones."
+    key = graph_key(model, cache)
+    pool = lru_get(_POOLS, key, torch.cuda.graph_pool_handle, 8)
+    return lru_get(_PREFILL_GRAPHS, key + (batch_size, Tb), lambda: GraphPrefill(model, cache, batch_size, Tb, pool), 8)
+
+def fast_prefill(model, # a metai `Transformer`
+                 tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`)
+                 cache:KVCache, # static cache
+                 start_pos:int=0, # absolute position of tokens[:, 0]
+                 compile:bool=False, # on CUDA: the padded, compiled prefill when the prompt and the cache allow it
+                 graph:bool=True # with `compile`: replay it from a CUDA graph (`GraphPrefill`)
+                ) -> Tensor: # (B, V) logits of the position after the prompt
+    "The prefill `generate` runs: padded to a bucket, compiled and replayed from a CUDA graph on CUDA with `compile`, else `prefill`."
+    T = tokens.size(1)
+    Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
+    if not (compile and tokens.device.type == 'cuda' and Tb and start_pos + Tb <= cache.max_seq_len):
+        return prefill(model, tokens, cache, start_pos)
+    if graph: return graph_prefill(model, cache, tokens.size(0), Tb)(tokens, start_pos)
+    with _compile_settings(tokens.device), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # never frozen
+        return prefill_padded(model, tokens, cache, start_pos, compiled_forward_step(tokens.device))
 
 # %% ../../nbs/10_generate.ipynb #d27bc194
 codecs.register_error('metai.byte_replace', lambda e: ('\ufffd' * (e.end - e.start), e.end))  # one U+FFFD per bad byte

@@ -195,6 +195,16 @@ def unigram_entropy(data_dir:str) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def cudnn(build):
+    "`build` whose step runs with SDPA restricted to cuDNN's attention (the kernel is chosen when the compiled step is traced)."
+    def wrapped():
+        m, step, opt = build()
+        def run(x, y):
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION): return step(x, y)
+        return m, run, opt
+    return wrapped
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cuda', help="'cuda' or 'cpu'")
@@ -212,6 +222,7 @@ def main(argv=None):
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--fused-ce', action='store_true', help="also time metai gpt2 and small with the loss in `cross_entropy_rows` (two Triton kernels, notebook 07's FUSED_CE)")
+    p.add_argument('--cudnn-attention', action='store_true', help="also time metai gpt2 (plain and fused CE) and nanoGPT with SDPA restricted to cuDNN's attention (FlashAttention-2 is SDPA's default)")
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
@@ -274,6 +285,10 @@ def main(argv=None):
     if args.fused_ce:  # the same steps with the loss in two Triton kernels instead of inductor's
         items += [('metai gpt2 (fused CE)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_ce=True)),
                   ('metai small (fused CE)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_ce=True))]
+    if args.cudnn_attention:  # SDPA picks its kernel when the step is traced: cuDNN's Hopper attention instead of FlashAttention-2
+        items += [('metai gpt2 (cuDNN attention)', cudnn(build_metai('gpt2')), items[1][2], dict(impl='metai', model='gpt2', sdpa='cudnn')),
+                  ('metai gpt2 (fused CE, cuDNN attention)', cudnn(build_metai('gpt2')), items[1][2], dict(impl='metai', model='gpt2', fused_ce=True, sdpa='cudnn')),
+                  ('nanoGPT gpt2-124M (cuDNN attention)', cudnn(build_nanogpt), items[0][2], dict(impl='nanoGPT', model='gpt2', sdpa='cudnn'))]
     if args.only: items = [it for it in items if it[0] in args.only.split(',')]
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
@@ -287,6 +302,8 @@ def main(argv=None):
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
         if 'metai gpt2 (fused CE)' in by:
             res['ratios']['metai_gpt2_fused_ce_vs_nanogpt'] = round(by['metai gpt2 (fused CE)']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
+        for a in ('metai gpt2 (cuDNN attention)', 'metai gpt2 (fused CE, cuDNN attention)', 'nanoGPT gpt2-124M (cuDNN attention)'):
+            if a in by: res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):
                 if a in by and b in by: res['ratios'][f'{a} vs {b}'] = round(by[a]['tokens_per_s'] / by[b]['tokens_per_s'], 3)

@@ -8,7 +8,7 @@ from metai.model.transformer import Transformer
 from metai.data.tokenizer import train_tokenizer, apply_chat_template
 from metai.infer.cache import KVCache, MLACache, make_cache, forward_step, cache_bytes, set_mla_mode
 from metai.infer.generate import (logits_to_probs, sample, generate, TextStreamer, Detokenizer, cut_at_stop, ChatSession,
-                                  load_model_dir, encode_prompt, decode_one_token, prefill)
+                                  load_model_dir, encode_prompt, decode_one_token, prefill, fast_prefill)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,6 +249,19 @@ def test_padded_prefill_equals_prefill(name):
     assert torch.equal(*outs)
     with pytest.raises(ValueError, match='a padded prefill needs'): prefill_padded(m, x, make_cache(m, 2, 14, mtp=False))
 
+def test_generate_runs_without_autograd():
+    "`generate` called with autograd on (the default outside this file's fixture): no graph is built and the cache stays a plain buffer."
+    m = build(tiny())
+    assert all(p.requires_grad for p in m.parameters())
+    cache = make_cache(m, 1, 32, mtp=False)
+    with torch.enable_grad():
+        out = generate(m, [1, 2, 3], 5, temperature=0, cache=cache)
+        assert torch.is_grad_enabled()                    # the caller's mode is back
+        assert not any(t.requires_grad for t in cache.a + cache.b)
+        logits = fast_prefill(m, torch.tensor([[1, 2, 3]]), make_cache(m, 1, 32, mtp=False))
+        assert not logits.requires_grad
+    with torch.no_grad(): assert generate(m, [1, 2, 3], 5, temperature=0) == out
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'MLA DSA'])
@@ -282,7 +295,7 @@ def test_cuda_graph_decode_equals_eager(name):
 @pytest.mark.parametrize('name', ['GQA', 'MLA absorbed', 'MLA DSA'])
 def test_cuda_graph_prefill_equals_prefill(name):
     "The prefill replayed from a CUDA graph gives the plain prefill's logits and cache entries, for any length and start in its bucket."
-    from metai.infer.generate import fast_prefill, _PREFILL_GRAPHS
+    from metai.infer.generate import _PREFILL_GRAPHS
     cfg, mode = CASES[name]
     m = build(cfg, mode).cuda()
     rng = random.Random(5)
@@ -291,7 +304,9 @@ def test_cuda_graph_prefill_equals_prefill(name):
     n0 = len(_PREFILL_GRAPHS)
     for start, end in ((0, 9), (9, 20), (20, 36)):  # buckets 16, 16 (the same graph, another length and start), 16
         want = prefill(m, seq[:, start:end], c_ref, start)
-        got = fast_prefill(m, seq[:, start:end], c_fast, start, compile=True)
+        with torch.enable_grad():  # as a caller outside no_grad: the capture must not see a cache turned into an autograd tensor
+            got = fast_prefill(m, seq[:, start:end], c_fast, start, compile=True)
+        assert not got.requires_grad and not any(t.requires_grad for t in c_fast.a + c_fast.b)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
         for a, b in zip(c_ref.a + c_ref.b + getattr(c_ref, 'c', []), c_fast.a + c_fast.b + getattr(c_fast, 'c', [])):
             torch.testing.assert_close(b[:, :end], a[:, :end], atol=2e-5, rtol=2e-5)

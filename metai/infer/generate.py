@@ -304,6 +304,7 @@ def graph_prefill(model, cache:KVCache, batch_size:int, Tb:int) -> GraphPrefill:
     pool = lru_get(_POOLS, key, torch.cuda.graph_pool_handle, 8)
     return lru_get(_PREFILL_GRAPHS, key + (batch_size, Tb), lambda: GraphPrefill(model, cache, batch_size, Tb, pool), 8)
 
+@torch.no_grad()  # a cache filled under autograd would require grad, and the graph's guards would change under it
 def fast_prefill(model, # a metai `Transformer`
                  tokens:Tensor, # (B, T) the prompt (or its part after `start_pos`)
                  cache:KVCache, # static cache
@@ -435,6 +436,7 @@ def set_rng_state(device:torch.device, state:Tensor):
     if device.type == 'cuda': torch.cuda.set_rng_state(state, device)
     else: torch.set_rng_state(state)
 
+@torch.no_grad()  # inference: no autograd graph (and a compiled step traced for inference, not training)
 def generate(model, # a metai `Transformer` (eval mode)
              prompt_ids, # one prompt (list of ids) or a batch of prompts of different lengths (list of lists)
              max_new_tokens:int=256, # new tokens per prompt, at most (fewer at a stop or at the end of the context)

@@ -275,6 +275,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'metai.infer.generate.fast_prefill': ('generate.html#fast_prefill', 'metai/infer/generate.py'),
                                       'metai.infer.generate.generate': ('generate.html#generate', 'metai/infer/generate.py'),
                                       'metai.infer.generate.graph_decoder': ('generate.html#graph_decoder', 'metai/infer/generate.py'),
+                                      'metai.infer.generate.graph_inputs': ('generate.html#graph_inputs', 'metai/infer/generate.py'),
                                       'metai.infer.generate.graph_key': ('generate.html#graph_key', 'metai/infer/generate.py'),
                                       'metai.infer.generate.graph_prefill': ('generate.html#graph_prefill', 'metai/infer/generate.py'),
                                       'metai.infer.generate.load_model_dir': ('generate.html#load_model_dir', 'metai/infer/generate.py'),

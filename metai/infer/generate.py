@@ -7,9 +7,10 @@ strings, the compiled CUDA-graph decode step, a multi-turn `ChatSession`, and lo
 # %% auto #0
 __all__ = ['PREFILL_BUCKETS', 'CHAT_CONTEXT', 'logits_to_probs', 'apply_repetition_penalty', 'multinomial_no_sync', 'sample',
            'prefill', 'decode_one_token', 'prefill_padded', 'compiled_forward_step', 'compiled_decode_one_token',
-           'decode_n_tokens', 'GraphDecoder', 'capture_graph', 'graph_decoder', 'graph_key', 'lru_get', 'clear_graphs',
-           'GraphPrefill', 'graph_prefill', 'fast_prefill', 'Detokenizer', 'TextStreamer', 'cut_at_stop', 'rng_state',
-           'set_rng_state', 'generate', 'chat_context', 'ChatSession', 'load_model_dir', 'encode_prompt']
+           'decode_n_tokens', 'GraphDecoder', 'capture_graph', 'graph_decoder', 'graph_inputs', 'graph_key', 'lru_get',
+           'clear_graphs', 'GraphPrefill', 'graph_prefill', 'fast_prefill', 'Detokenizer', 'TextStreamer',
+           'cut_at_stop', 'rng_state', 'set_rng_state', 'generate', 'chat_context', 'ChatSession', 'load_model_dir',
+           'encode_prompt']
 
 # %% ../../nbs/10_generate.ipynb #443a5f93
 import os, sys, json, math, codecs, numbers, contextlib
@@ -125,7 +126,6 @@ def compiled_forward_step(device:torch.device):
         _PREFILL[device.type] = torch.compile(forward_step, fullgraph=True, dynamic=False)
     return _PREFILL[device.type]
 
-
 # %% ../../nbs/10_generate.ipynb #be92b355
 _COMPILED = {}
 
@@ -186,7 +186,7 @@ class GraphDecoder:
                 ):
         dev = model.embed.weight.device
         self.model, self.cache, self.n, self.sampling, self.kernels = model, cache, n, sampling, kernels
-        self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b + getattr(cache, 'c', [])  # what the graph reads
+        self.keep = graph_inputs(model, cache)  # what the graph reads
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)            # (B, 1) input token
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)                        # (1,) its position
         self.out = torch.zeros(batch_size, n, dtype=torch.long, device=dev)            # (B, n) sampled tokens
@@ -246,6 +246,10 @@ def graph_decoder(model, cache:KVCache, batch_size:int, n:int, sampling:tuple, f
     key = graph_key(model, cache) + (batch_size, n, sampling, freeze, use_seen, kernels)
     return lru_get(_GRAPHS, key, lambda: GraphDecoder(model, cache, batch_size, n, sampling, freeze, use_seen, kernels), 8)
 
+def graph_inputs(model, cache:KVCache) -> list:
+    "The tensors a graph of this model and cache reads at fixed addresses: weights, buffers and the cache's buffers."
+    return list(model.parameters()) + list(model.buffers()) + cache.a + cache.b + getattr(cache, 'c', [])
+
 def graph_key(model, cache:KVCache) -> tuple:
     "What a graph of this model and cache bakes in: their identities, the weights' addresses, the kernel switches and MLA modes."
     return (id(model), id(cache), kernel_switches(),
@@ -275,7 +279,7 @@ class GraphPrefill:
                 ):
         dev = model.embed.weight.device
         self.model, self.cache, self.pool = model, cache, pool
-        self.keep = list(model.parameters()) + list(model.buffers()) + cache.a + cache.b + getattr(cache, 'c', [])  # what the graph reads
+        self.keep = graph_inputs(model, cache)  # what the graph reads
         self.x = torch.zeros(batch_size, Tb, dtype=torch.long, device=dev)    # (B, Tb) the prompt, padded with token 0
         self.pos = torch.arange(Tb, device=dev)                                # (Tb,) its positions
         self.at = torch.zeros(1, dtype=torch.long, device=dev)                 # (1,) index of the last real token

@@ -53,8 +53,8 @@ def batch(cfg:ModelConfig, B:int, T:int, device, seed:int=0):
 
 
 def metai_loss(model):
-    "The loss of a metai model (compiled or not) called as `metai.train.loop` calls it: `_, loss, aux = model(x, y)`."
-    return lambda x, y: model(x, y)[1]
+    "The loss of a metai model (compiled or not) called as `metai.train.loop` calls it: `_, loss, aux = model(x, y, loss_only=True)`."
+    return lambda x, y: model(x, y, loss_only=True)[1]
 
 
 def fwd_bwd(loss_fn, params_owner, x, y, device):

@@ -123,7 +123,7 @@ def throughput(name:str, build, device, args, flops_fn, extra:dict, profile:bool
         t2 = time_fn(s2, device, 1, args.iters)
         r['loop_style_tokens_per_s'] = round(tokens / (t2['median_ms'] / 1e3))
     if profile:
-        try: r['profile'] = profile_fn(step, device, steps=2)
+        try: r['profile'] = profile_fn(step, device, steps=2, top=40)
         except Exception as e: r['profile_error'] = short_error(e)
     print(f"{name:28s} {r['tokens_per_s']:>11,} tok/s  {r['median_ms']:8.2f} ms/step  "
           f"MFU {r['mfu'] if r['mfu'] is not None else float('nan'):.3f}  peak {r['peak_mem_gb']} GB  batch {B}x{accum}  "
@@ -149,19 +149,35 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
     return tot / n
 
 
-def quality_run(kind:str, ng, args, device) -> dict:
-    "Train from scratch for `args.q_steps` steps on the prepared data; validation loss along the way."
+def parse_variants(spec:str) -> dict:
+    "'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}"
+    out = {}
+    for item in [v for v in spec.split(';') if v.strip()]:
+        name, _, kvs = item.partition(':')
+        if not name.strip() or not kvs: raise SystemExit(f'--gpt2-variants: {item!r} is not NAME:field=value,...')
+        over = {}
+        for kv in kvs.split(','):
+            k, _, v = kv.partition('=')
+            if k.strip() not in ModelConfig.__dataclass_fields__: raise SystemExit(f'--gpt2-variants: {k.strip()!r} is not a ModelConfig field')
+            over[k.strip()] = type(getattr(ModelConfig(), k.strip()))(v)
+        ModelConfig.preset('gpt2', **over).validate()
+        out[name.strip()] = over
+    return out
+
+
+def quality_run(kind:str, ng, args, device, over:dict=None) -> dict:
+    "Train from scratch for `args.q_steps` steps on the prepared data; validation loss along the way (`over`: gpt2 fields changed)."
     T, V = args.T, args.q_vocab
     torch.manual_seed(args.seed)
     if kind == 'nanogpt':
         model = ng.GPT(nanogpt_config(ng, V, args.tiny, T)).to(device)
         opt = model.configure_optimizers(args.q_wd, args.q_lr, (0.9, 0.95), device.type)
     else:
-        model = Transformer(metai_config('gpt2', args.tiny, vocab_size=V, max_seq_len=max(T, 64))).to(device)
+        model = Transformer(metai_config('gpt2', args.tiny, vocab_size=V, max_seq_len=max(T, 64), **(over or {}))).to(device)
         opt = configure_optimizer(model, args.q_lr, args.q_wd, (0.9, 0.95), device.type)
     model.train()
     fwd = torch.compile(model) if args.q_compile else model
-    loss_fn = (lambda x, y: fwd(x, y)[1])
+    loss_fn = (lambda x, y: fwd(x, y)[1]) if kind == 'nanogpt' else (lambda x, y: fwd(x, y, loss_only=True)[1])
     ds = LazyTextDataset(args.data_dir, T, split='train', seed=args.seed)  # a fresh reader: both models see the same batches
     val = LazyTextDataset(args.data_dir, T, split='val', seed=0)
     vx, vy = val.get_batch(len(val))  # every validation window, (Nv, T)
@@ -179,11 +195,11 @@ def quality_run(kind:str, ng, args, device) -> dict:
             curve.append(dict(step=it + 1, tokens=(it + 1) * args.q_batch * T, val_loss=val_loss(model, loss_fn, vx, vy, device)))
     sync(device)
     train_losses = torch.stack(losses).float().cpu().tolist()
-    r = dict(model=kind, params=sum(p.numel() for p in model.parameters()), steps=args.q_steps, batch=args.q_batch, seq_len=T,
+    r = dict(model=kind, overrides=over or {}, params=sum(p.numel() for p in model.parameters()), steps=args.q_steps, batch=args.q_batch, seq_len=T,
              tokens=args.q_steps * args.q_batch * T, seconds=round(time.perf_counter() - t0, 1), val_windows=len(vx),
              final_val_loss=curve[-1]['val_loss'], curve=curve,
              train_loss=[round(sum(train_losses[i:i + 10]) / len(train_losses[i:i + 10]), 4) for i in range(0, len(train_losses), 10)])
-    print(f"quality {kind:8s} val loss {r['final_val_loss']:.4f} after {r['tokens']:,} tokens ({r['seconds']} s)", flush=True)
+    print(f"quality {kind:8s}{' ' + str(over) if over else ''} val loss {r['final_val_loss']:.4f} after {r['tokens']:,} tokens ({r['seconds']} s)", flush=True)
     return r
 
 
@@ -223,6 +239,7 @@ def main(argv=None):
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--fused-ce', action='store_true', help="also time metai gpt2 and small with the loss in `cross_entropy_rows` (two Triton kernels, notebook 07's FUSED_CE)")
     p.add_argument('--cudnn-attention', action='store_true', help="also time metai gpt2 (plain and fused CE) and nanoGPT with SDPA restricted to cuDNN's attention (FlashAttention-2 is SDPA's default)")
+    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6'")
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
@@ -239,12 +256,13 @@ def main(argv=None):
     ng = load_nanogpt(args.nanogpt_dir)
     if args.tiny: args.batch, args.seq_len, args.iters, args.warmup = 2, 64, 3, 2
     args.T = args.seq_len
+    args.variants = parse_variants(args.gpt2_variants)
     args.vocab_of = lambda m: m.config.vocab_size if hasattr(m, 'config') else m.cfg.vocab_size
     compile_ = (lambda m: m) if args.no_compile else torch.compile
     profile = not args.no_profile
     res = dict(benchmark='train', what='training step: fwd + bwd + clip + fused AdamW, bf16 autocast (fp32 weights)',
                peak_flops=PEAK_BF16, info=card_info(device),
-               settings={k: v for k, v in vars(args).items() if k != 'vocab_of'}, results=[], skipped=[], errors=[])
+               settings={k: v for k, v in vars(args).items() if k not in ('vocab_of', 'variants')}, results=[], skipped=[], errors=[])
     res['nanogpt_source'] = nanogpt_source(args.nanogpt_dir)
     print(f"card: {res['info']['card']}  torch {torch.__version__}  nanoGPT {res['nanogpt_source']}", flush=True)
 
@@ -260,14 +278,14 @@ def main(argv=None):
         opt = m.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
         c = compile_(m)
         return m, (lambda x, y: c(x, y)[1]), opt
-    def build_metai(name, mode='default'):
+    def build_metai(name, mode='default', over=None):
         def build():
             torch.manual_seed(0)
-            cfg = metai_config(name, args.tiny)
+            cfg = metai_config(name, args.tiny, **(over or {}))
             m = Transformer(cfg).to(device).train()
             opt = configure_optimizer(m, 6e-4, 0.1, (0.9, 0.95), device.type)
             c = m if args.no_compile else torch.compile(m, mode=compile_mode(mode))  # as metai.train.loop does: the whole model, called with targets
-            return m, (lambda x, y: c(x, y)[1]), opt
+            return m, (lambda x, y: c(x, y, loss_only=True)[1]), opt
         return build
     def build_nanogpt_mode(mode):
         def build():
@@ -289,7 +307,12 @@ def main(argv=None):
         items += [('metai gpt2 (cuDNN attention)', cudnn(build_metai('gpt2')), items[1][2], dict(impl='metai', model='gpt2', sdpa='cudnn')),
                   ('metai gpt2 (fused CE, cuDNN attention)', cudnn(build_metai('gpt2')), items[1][2], dict(impl='metai', model='gpt2', fused_ce=True, sdpa='cudnn')),
                   ('nanoGPT gpt2-124M (cuDNN attention)', cudnn(build_nanogpt), items[0][2], dict(impl='nanoGPT', model='gpt2', sdpa='cudnn'))]
-    if args.only: items = [it for it in items if it[0] in args.only.split(',')]
+    for vname, over in args.variants.items():  # the gpt2 preset with some fields changed (same batch, sequence, vocabulary)
+        suffix = ' (fused CE)' if args.fused_ce else ''
+        items += [(f'metai gpt2 [{vname}]{suffix}', build_metai('gpt2', over=over), items[1][2],
+                   dict(impl='metai', model='gpt2', variant=vname, overrides=over, fused_ce=args.fused_ce))]
+    if args.only:  # in the order given
+        want = args.only.split(','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         metai_transformer.FUSED_CE = bool(extra.get('fused_ce'))  # read when the step is traced: a change recompiles it
@@ -302,6 +325,8 @@ def main(argv=None):
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
         if 'metai gpt2 (fused CE)' in by:
             res['ratios']['metai_gpt2_fused_ce_vs_nanogpt'] = round(by['metai gpt2 (fused CE)']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
+        for a in [r['name'] for r in res['results'] if r.get('variant')]:
+            res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for a in ('metai gpt2 (cuDNN attention)', 'metai gpt2 (fused CE, cuDNN attention)', 'nanoGPT gpt2-124M (cuDNN attention)'):
             if a in by: res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
@@ -322,13 +347,14 @@ def main(argv=None):
         try: q['unigram_entropy'] = round(unigram_entropy(args.data_dir), 4)
         except Exception as e: q['unigram_entropy_error'] = short_error(e)
         res['quality'] = q
-        for kind in ('metai', 'nanogpt'):
-            if skip(f'quality {kind}', 45): continue
-            try: q['runs'][kind] = quality_run(kind, ng, args, device)
-            except Exception as e: res['errors'].append(f'quality {kind}: {short_error(e)}')
+        runs = [('metai', 'metai', None), ('nanogpt', 'nanogpt', None)] + [(f'metai [{v}]', 'metai', o) for v, o in args.variants.items()]
+        for key, kind, over in runs:
+            if skip(f'quality {key}', 45): continue
+            try: q['runs'][key] = quality_run(kind, ng, args, device, over)
+            except Exception as e: res['errors'].append(f'quality {key}: {short_error(e)}')
             free(device); save()
-        if len(q['runs']) == 2:
-            q['metai_minus_nanogpt'] = round(q['runs']['metai']['final_val_loss'] - q['runs']['nanogpt']['final_val_loss'], 4)
+        for key in [k for k in q['runs'] if k.startswith('metai') and 'nanogpt' in q['runs']]:
+            q[f'{key}_minus_nanogpt'.replace(' ', '_')] = round(q['runs'][key]['final_val_loss'] - q['runs']['nanogpt']['final_val_loss'], 4)
 
     res['elapsed_s'] = round(time.perf_counter() - budget.t0, 1)
     save()
@@ -337,7 +363,7 @@ def main(argv=None):
         print(f"{r['name']:28s} {r['tokens_per_s']:>11,} {r['mfu'] if r['mfu'] is not None else float('nan'):6.3f} {r['peak_mem_gb']!s:>8s}")
     for k, v in res.get('ratios', {}).items(): print(f'{k}: {v:.3f}x')
     if 'quality' in res:
-        for k, r in res['quality']['runs'].items(): print(f"val loss {k}: {r['final_val_loss']:.4f}")
+        for k, r in res['quality']['runs'].items(): print(f"val loss {k}: {r['final_val_loss']:.4f} ({r['params']:,} parameters)")
     for s in res['skipped'] + res['errors']: print('!', s)
     print(f"wrote {args.out} in {res['elapsed_s']} s")
 

@@ -122,7 +122,8 @@ class Transformer(nn.Module):
                 targets:Tensor|None=None, # (B, T) next-token ids (-100 = ignore); None: no loss
                 start_pos:int=0, # absolute position of tokens[:, 0] (decoding with a cache)
                 cache=None, # optional KV cache object, handed to every attention layer
-                use_mtp:bool|None=None # run the MTP modules; None = when mtp_enabled, targets given and no cache
+                use_mtp:bool|None=None, # run the MTP modules; None = when mtp_enabled, targets given and no cache
+                loss_only:bool=False # only the loss carries gradients: logits, MTP logits and hidden come back detached
                ) -> tuple[Tensor, Tensor|None, dict]:
         if tokens.dim() != 2: raise ValueError(f'tokens: expected shape (B, T), got {tuple(tokens.shape)}')
         B, T = tokens.shape
@@ -167,6 +168,8 @@ class Transformer(nn.Module):
             if moe_aux and self.cfg.aux_loss_alpha > 0: loss = loss + moe_loss
             if mtp_loss is not None: loss = loss + self.cfg.mtp_loss_weight * mtp_loss
             if index_loss is not None: loss = loss + index_loss
+        if loss_only:  # a compiled step then has no gradient of these outputs to take in (a zero tensor the size of the logits)
+            logits, h, mtp_logits = logits.detach(), h.detach(), [l.detach() for l in mtp_logits]
         aux = dict(ce=None if ce is None else ce.detach(), moe_aux_loss=moe_loss.detach(),
                    mtp_loss=None if mtp_loss is None else mtp_loss.detach(),
                    index_loss=None if index_loss is None else index_loss.detach(),

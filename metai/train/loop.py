@@ -424,7 +424,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 x, y = train_ds.get_batch(tc.batch_size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device):
-                    logits, loss, aux = fwd(x, y)
+                    logits, loss, aux = fwd(x, y, loss_only=teacher is None)  # the logits' gradient only for distillation
                     if teacher is not None:  # distillation: the teacher's distribution on the same tokens
                         with torch.no_grad(): t_logits = teacher(x)[0]  # eager: large products, and no compile to wait for
                         kl = distill_kl(logits, t_logits, tc.distill_temperature)

@@ -88,9 +88,9 @@ for step in $STEPS; do
     model)         # forward + backward: ds-mla against transformers DeepseekV3 (both also as CUDA graphs), gpt2, small
       timeout "$(limit $step 540)" python3 scripts/bench_model.py --device cuda --out "$OUT/model_$CARD.json" --extra-modes reduce-overhead --skip-eager \
         --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 | quiet | tail -20 | tee "$OUT/model.log" ;;
-    train)         # training step against nanoGPT's GPT-2 124M (metai also with the loss in two Triton kernels, and with cuDNN attention), and the quality check at equal tokens
+    train)         # training step against nanoGPT's GPT-2 124M (metai also with inductor's loss in place of its two Triton loss kernels), and the quality check at equal tokens
       [ -n "${NANOGPT_DIR:-}" ] || { echo "train: needs NANOGPT_DIR"; continue; }
-      timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" --fused-ce --cudnn-attention ${TRAIN_MODES:+--extra-modes "$TRAIN_MODES"} \
+      timeout "$(limit $step 540)" python3 scripts/bench_train.py --device cuda --nanogpt-dir "$NANOGPT_DIR" --inductor-ce ${TRAIN_MODES:+--extra-modes "$TRAIN_MODES"} \
         ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$OUT/train_$CARD.json" --time-budget "$(( $(limit $step 540) - 30 ))" 2>&1 \
         | quiet | tail -20 | tee "$OUT/train.log" ;;
     graph-launch)  # the host's time inside a CUDA graph launch by what the graph holds (Triton / aten kernels, cuBLAS, RNG, copies); under a minute

@@ -211,16 +211,6 @@ def unigram_entropy(data_dir:str) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def cudnn(build):
-    "`build` whose step runs with SDPA restricted to cuDNN's attention (the kernel is chosen when the compiled step is traced)."
-    def wrapped():
-        m, step, opt = build()
-        def run(x, y):
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION): return step(x, y)
-        return m, run, opt
-    return wrapped
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cuda', help="'cuda' or 'cpu'")
@@ -237,8 +227,7 @@ def main(argv=None):
     p.add_argument('--only', default='', help="comma list of row names to time (e.g. 'metai small,metai small (reduce-overhead)'); default all")
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
-    p.add_argument('--fused-ce', action='store_true', help="also time metai gpt2 and small with the loss in `cross_entropy_rows` (two Triton kernels, notebook 07's FUSED_CE)")
-    p.add_argument('--cudnn-attention', action='store_true', help="also time metai gpt2 (plain and fused CE) and nanoGPT with SDPA restricted to cuDNN's attention (FlashAttention-2 is SDPA's default)")
+    p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
     p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6'")
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
@@ -300,35 +289,28 @@ def main(argv=None):
         items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
                   (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
                   (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
-    if args.fused_ce:  # the same steps with the loss in two Triton kernels instead of inductor's
-        items += [('metai gpt2 (fused CE)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_ce=True)),
-                  ('metai small (fused CE)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_ce=True))]
-    if args.cudnn_attention:  # SDPA picks its kernel when the step is traced: cuDNN's Hopper attention instead of FlashAttention-2
-        items += [('metai gpt2 (cuDNN attention)', cudnn(build_metai('gpt2')), items[1][2], dict(impl='metai', model='gpt2', sdpa='cudnn')),
-                  ('metai gpt2 (fused CE, cuDNN attention)', cudnn(build_metai('gpt2')), items[1][2], dict(impl='metai', model='gpt2', fused_ce=True, sdpa='cudnn')),
-                  ('nanoGPT gpt2-124M (cuDNN attention)', cudnn(build_nanogpt), items[0][2], dict(impl='nanoGPT', model='gpt2', sdpa='cudnn'))]
+    if args.inductor_ce:  # the same steps with inductor's loss instead of the two Triton kernels of `cross_entropy_rows`
+        items += [('metai gpt2 (inductor CE)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_ce=False)),
+                  ('metai small (inductor CE)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_ce=False))]
     for vname, over in args.variants.items():  # the gpt2 preset with some fields changed (same batch, sequence, vocabulary)
-        suffix = ' (fused CE)' if args.fused_ce else ''
-        items += [(f'metai gpt2 [{vname}]{suffix}', build_metai('gpt2', over=over), items[1][2],
-                   dict(impl='metai', model='gpt2', variant=vname, overrides=over, fused_ce=args.fused_ce))]
+        items += [(f'metai gpt2 [{vname}]', build_metai('gpt2', over=over), items[1][2],
+                   dict(impl='metai', model='gpt2', variant=vname, overrides=over))]
     if args.only:  # in the order given
         want = args.only.split(','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
+    fused_default = metai_transformer.FUSED_CE  # the library's choice, which every row without its own setting runs
+    res['fused_ce_default'] = fused_default
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
-        metai_transformer.FUSED_CE = bool(extra.get('fused_ce'))  # read when the step is traced: a change recompiles it
+        metai_transformer.FUSED_CE = extra.get('fused_ce', fused_default)  # read when the step is traced: a change recompiles it
         try: res['results'].append(throughput(name, build, device, args, flops_fn, extra, profile))
         except Exception as e: res['errors'].append(f'{name}: {short_error(e)}')
-        finally: metai_transformer.FUSED_CE = False
+        finally: metai_transformer.FUSED_CE = fused_default
         free(device); save()
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
-        if 'metai gpt2 (fused CE)' in by:
-            res['ratios']['metai_gpt2_fused_ce_vs_nanogpt'] = round(by['metai gpt2 (fused CE)']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
-        for a in [r['name'] for r in res['results'] if r.get('variant')]:
+        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] == 'metai gpt2 (inductor CE)']:
             res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
-        for a in ('metai gpt2 (cuDNN attention)', 'metai gpt2 (fused CE, cuDNN attention)', 'nanoGPT gpt2-124M (cuDNN attention)'):
-            if a in by: res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):
                 if a in by and b in by: res['ratios'][f'{a} vs {b}'] = round(by[a]['tokens_per_s'] / by[b]['tokens_per_s'], 3)

@@ -278,14 +278,14 @@ def test_cuda_fused_cross_entropy():
     assert (loss - ref).abs().max() < 1e-3 and (lse - xr.detach().logsumexp(-1)).abs().max() < 1e-3
     assert (xa.grad.float() - xr.grad).abs().max() < 2e-3 * xr.grad.abs().max() + 1e-6
     c = ModelConfig.preset('gpt2', n_layers=2)
-    losses, grads = [], []
+    losses, grads, default = [], [], T.FUSED_CE
     for fused in (False, True):
         torch._dynamo.reset(); T.FUSED_CE = fused
         try:
             m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
             with autocast('cuda'): l = torch.compile(m)(xs, ys)[1]
             l.backward()
-        finally: T.FUSED_CE = False
+        finally: T.FUSED_CE = default
         losses.append(l.item()); grads.append(m.embed.weight.grad.float())
     # the gradients are bf16 products of bf16 logit gradients, which both paths round to bf16 from fp32 in their own
     # order: one bf16 step is 0.4% of a value. The first H100 run (bench/results/cuda_test_fused_ce_h100_run1.log) had

@@ -74,7 +74,7 @@ class MTPModule(nn.Module):
         return self.block(x, cos, sin, start_pos, cache)                     # h^k before the head norm, MoE aux
 
 # %% ../../nbs/07_model.ipynb #86ba6adf
-FUSED_CE = False  # `_ce` computes the loss with `cross_entropy_rows` (two Triton kernels, at the end of this notebook) on CUDA; not yet timed on a GPU
+FUSED_CE = True  # `_ce` computes the loss with `cross_entropy_rows` (two Triton kernels, at the end of this notebook) on CUDA
 
 def _fused_ce_ok(logits:Tensor) -> bool:
     "Whether `_ce` should take `cross_entropy_rows`: `FUSED_CE` on, Triton present, logits on CUDA (or the interpreter)."

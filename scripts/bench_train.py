@@ -159,7 +159,8 @@ def parse_variants(spec:str) -> dict:
         for kv in kvs.split(','):
             k, _, v = kv.partition('=')
             if k.strip() not in ModelConfig.__dataclass_fields__: raise SystemExit(f'--gpt2-variants: {k.strip()!r} is not a ModelConfig field')
-            over[k.strip()] = type(getattr(ModelConfig(), k.strip()))(v)
+            kind = type(getattr(ModelConfig(), k.strip()))
+            over[k.strip()] = v.strip().lower() in ('1', 'true', 'yes') if kind is bool else kind(v)  # bool('False') is True
         ModelConfig.preset('gpt2', **over).validate()
         out[name.strip()] = over
     return out

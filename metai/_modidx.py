@@ -569,6 +569,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'metai.model.transformer._ce_backward': ('model.html#_ce_backward', 'metai/model/transformer.py'),
                                          'metai.model.transformer._ce_setup': ('model.html#_ce_setup', 'metai/model/transformer.py'),
                                          'metai.model.transformer._fused_ce_ok': ('model.html#_fused_ce_ok', 'metai/model/transformer.py'),
+                                         'metai.model.transformer._stream_dtype': ( 'model.html#_stream_dtype',
+                                                                                    'metai/model/transformer.py'),
                                          'metai.model.transformer.check_weight_shapes': ( 'model.html#check_weight_shapes',
                                                                                           'metai/model/transformer.py'),
                                          'metai.model.transformer.cross_entropy_rows': ( 'model.html#cross_entropy_rows',

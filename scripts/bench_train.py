@@ -15,7 +15,7 @@ of metai and not in this repository. Pass the folder holding its `model.py` with
     python scripts/bench_train.py --device cuda --nanogpt-dir PATH --data-dir DIR --out bench/results/train_h100.json
     python scripts/bench_train.py --device cpu --tiny --nanogpt-dir PATH --data-dir DIR --out /tmp/train_cpu.json
 """
-import os, sys, math, time, argparse, itertools, importlib.util
+import os, sys, math, time, argparse, itertools, contextlib, importlib.util
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (PEAK_BF16, compile_mode, card_info, set_matmul_precision, time_fn, profile_fn, Budget, save_json, free,
                           peak_mem_gb, short_error, sync)
@@ -149,6 +149,16 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
     return tot / n
 
 
+@contextlib.contextmanager
+def library_flags(extra:dict):
+    "Set notebook 07's switches for one row (`fused_ce`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
+    saved = metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL   # read when a step is traced: a change recompiles it
+    metai_transformer.FUSED_CE = extra.get('fused_ce', saved[0])
+    metai_transformer.BF16_RESIDUAL = extra.get('bf16_residual', saved[1])
+    try: yield
+    finally: metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL = saved
+
+
 def parse_variants(spec:str) -> dict:
     "'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}"
     out = {}
@@ -229,6 +239,7 @@ def main(argv=None):
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
+    p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
     p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6'")
     p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
@@ -290,6 +301,12 @@ def main(argv=None):
         items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
                   (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
                   (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
+    if args.fp32_residual:  # the same steps with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)
+        items += [('metai gpt2 (fp32 residual)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', bf16_residual=False)),
+                  ('metai small (fp32 residual)', build_metai('small'), items[2][2], dict(impl='metai', model='small', bf16_residual=False))]
+        for mode in [m for m in args.extra_modes.split(',') if m]:
+            items += [(f'metai small ({mode}, fp32 residual)', build_metai('small', mode), items[2][2],
+                       dict(impl='metai', model='small', compile_mode=mode, bf16_residual=False))]
     if args.inductor_ce:  # the same steps with inductor's loss instead of the two Triton kernels of `cross_entropy_rows`
         items += [('metai gpt2 (inductor CE)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_ce=False)),
                   ('metai small (inductor CE)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_ce=False))]
@@ -298,19 +315,17 @@ def main(argv=None):
                    dict(impl='metai', model='gpt2', variant=vname, overrides=over))]
     if args.only:  # in the order given
         want = args.only.split(','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
-    fused_default = metai_transformer.FUSED_CE  # the library's choice, which every row without its own setting runs
-    res['fused_ce_default'] = fused_default
+    res['fused_ce_default'], res['bf16_residual_default'] = metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
-        metai_transformer.FUSED_CE = extra.get('fused_ce', fused_default)  # read when the step is traced: a change recompiles it
-        try: res['results'].append(throughput(name, build, device, args, flops_fn, extra, profile))
+        try:
+            with library_flags(extra): res['results'].append(throughput(name, build, device, args, flops_fn, extra, profile))
         except Exception as e: res['errors'].append(f'{name}: {short_error(e)}')
-        finally: metai_transformer.FUSED_CE = fused_default
         free(device); save()
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
-        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] == 'metai gpt2 (inductor CE)']:
+        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] in ('metai gpt2 (inductor CE)', 'metai gpt2 (fp32 residual)')]:
             res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):
@@ -330,10 +345,12 @@ def main(argv=None):
         try: q['unigram_entropy'] = round(unigram_entropy(args.data_dir), 4)
         except Exception as e: q['unigram_entropy_error'] = short_error(e)
         res['quality'] = q
-        runs = [('metai', 'metai', None), ('nanogpt', 'nanogpt', None)] + [(f'metai [{v}]', 'metai', o) for v, o in args.variants.items()]
-        for key, kind, over in runs:
+        runs = [('metai', 'metai', None, {}), ('nanogpt', 'nanogpt', None, {})] + [(f'metai [{v}]', 'metai', o, {}) for v, o in args.variants.items()]
+        if args.fp32_residual: runs.append(('metai (fp32 residual)', 'metai', None, dict(bf16_residual=False)))
+        for key, kind, over, flags in runs:
             if skip(f'quality {key}', 45): continue
-            try: q['runs'][key] = quality_run(kind, ng, args, device, over)
+            try:
+                with library_flags(flags): q['runs'][key] = quality_run(kind, ng, args, device, over)
             except Exception as e: res['errors'].append(f'quality {key}: {short_error(e)}')
             free(device); save()
         for key in [k for k in q['runs'] if k.startswith('metai') and 'nanogpt' in q['runs']]:

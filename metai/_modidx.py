@@ -595,6 +595,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'metai.train.loop.check_config_matches': ('train.html#check_config_matches', 'metai/train/loop.py'),
                                   'metai.train.loop.check_distill_matches': ('train.html#check_distill_matches', 'metai/train/loop.py'),
                                   'metai.train.loop.check_teacher_dir': ('train.html#check_teacher_dir', 'metai/train/loop.py'),
+                                  'metai.train.loop.clip_step': ('train.html#clip_step', 'metai/train/loop.py'),
                                   'metai.train.loop.compile_model': ('train.html#compile_model', 'metai/train/loop.py'),
                                   'metai.train.loop.configure_optimizer': ('train.html#configure_optimizer', 'metai/train/loop.py'),
                                   'metai.train.loop.distill_kl': ('train.html#distill_kl', 'metai/train/loop.py'),

@@ -4,7 +4,8 @@ a quality check at equal tokens (metai `gpt2` vs nanoGPT on the same tokenized d
 
 A training step is what `metai.train.loop` does each step: bf16 autocast forward with the loss through
 `torch.compile(model)`, backward (with gradient accumulation when asked), global gradient-norm clipping at 1.0 and
-a fused AdamW step from `metai.train.loop.configure_optimizer`; nanoGPT's step is its train.py's (compiled model,
+a fused AdamW step from `metai.train.loop.configure_optimizer`, taken by the loop's `clip_step` (the clipping inside
+the fused update, skipped on a non-finite loss or norm); nanoGPT's step is its train.py's (compiled model,
 its own `configure_optimizers`, fused AdamW, the same clipping). Inputs are random tokens already on the GPU, so
 data loading is left out of both. MFU = `cfg.flops_per_token(T, training=True)` * tokens/s / 989 TFLOP/s; for
 nanoGPT its own `estimate_mfu` formula (6N + 12*L*H*Q*T), which counts the same FLOPs within 0.1%.
@@ -25,7 +26,7 @@ from metai.core import get_device, autocast, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 import metai.model.transformer as metai_transformer
-from metai.train.loop import configure_optimizer, CUDA_GRAPH_MODES
+from metai.train.loop import configure_optimizer, clip_step, CUDA_GRAPH_MODES
 from metai.data.datasets import LazyTextDataset, read_meta
 
 TINY = dict(dim=64, n_layers=2, ffn_dim=128, max_seq_len=64)
@@ -76,9 +77,10 @@ def random_batches(vocab:int, B:int, T:int, device, n:int=4, seed:int=0) -> list
     return out
 
 
-def make_train_step(loss_fn, model, opt, batches:list, accum:int, device, clip:float=1.0, loop_checks:bool=False):
-    "One optimizer step over `accum` micro-batches; `loop_checks` adds what metai.train.loop adds: the finite test on the device."
+def make_train_step(loss_fn, model, opt, batches:list, accum:int, device, clip:float=1.0, loop_step:bool=False):
+    "One optimizer step over `accum` micro-batches; `loop_step`: clip and step with metai.train.loop's `clip_step` (else clip_grad_norm_, step)."
     it = itertools.cycle(batches)
+    params = list(model.parameters())
     def step():
         loss_sum = 0.0
         for _ in range(accum):
@@ -86,9 +88,9 @@ def make_train_step(loss_fn, model, opt, batches:list, accum:int, device, clip:f
             with autocast(device): loss = loss_fn(x, y)
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach() / accum
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if loop_checks: opt.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))).float()  # a skipped update if not
-        opt.step(); opt.zero_grad(set_to_none=True)
+        if loop_step: clip_step(opt, params, clip, loss_sum)  # clipping inside the fused AdamW, the finite test on the device
+        else: torch.nn.utils.clip_grad_norm_(params, clip); opt.step()
+        opt.zero_grad(set_to_none=True)
     return step
 
 
@@ -103,7 +105,8 @@ def throughput(name:str, build, device, args, flops_fn, extra:dict, profile:bool
             if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
             model, loss_fn, opt = build()
             batches = random_batches(args.vocab_of(model), B, args.T, device)
-            step = make_train_step(loss_fn, model, opt, batches, accum, device)
+            step = make_train_step(loss_fn, model, opt, batches, accum, device,
+                                   loop_step=extra.get('impl') == 'metai' and not extra.get('separate_clip'))
             t = time_fn(step, device, args.warmup, args.iters)
             break
         except torch.OutOfMemoryError:
@@ -118,10 +121,6 @@ def throughput(name:str, build, device, args, flops_fn, extra:dict, profile:bool
              peak_mem_gb=peak_mem_gb(device), compile_and_first_step_s=t['first_call_s'], median_ms=round(t['median_ms'], 3),
              min_ms=round(t['min_ms'], 3), max_ms=round(t['max_ms'], 3), step_ms=t['ms'],
              params=sum(p.numel() for p in model.parameters()), **extra)
-    if args.loop_style and extra.get('impl') == 'metai':  # the same compiled graph, plus metai.train.loop's finite test
-        s2 = make_train_step(loss_fn, model, opt, batches, accum, device, loop_checks=True)
-        t2 = time_fn(s2, device, 1, args.iters)
-        r['loop_style_tokens_per_s'] = round(tokens / (t2['median_ms'] / 1e3))
     if profile:
         try: r['profile'] = profile_fn(step, device, steps=2, top=40)
         except Exception as e: r['profile_error'] = short_error(e)
@@ -235,13 +234,13 @@ def main(argv=None):
     p.add_argument('--seq-len', type=int, default=1024, help='tokens per sequence')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps (the first compiles)')
     p.add_argument('--iters', type=int, default=10, help='timed steps')
-    p.add_argument('--only', default='', help="comma list of row names to time (e.g. 'metai small,metai small (reduce-overhead)'); default all")
+    p.add_argument('--only', default='', help="comma list of row names to time (e.g. 'metai small,metai small (reduce-overhead)'; ';' between names that hold a comma); default all")
     p.add_argument('--extra-modes', default='', help="comma list of torch.compile modes to time metai (and nanoGPT) in too, e.g. reduce-overhead")
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
     p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
     p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6'")
-    p.add_argument('--no-loop-style', dest='loop_style', action='store_false', help="skip the variant with metai.train.loop's device-side finite test")
+    p.add_argument('--separate-clip', action='store_true', help="also time metai gpt2 and small clipping with clip_grad_norm_ before the step (not inside the fused AdamW)")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
     p.add_argument('--q-lr', type=float, default=6e-4, help="quality check: peak learning rate (nanoGPT's GPT-2 default)")
@@ -301,6 +300,9 @@ def main(argv=None):
         items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
                   (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
                   (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
+    if args.separate_clip:  # the same steps clipped by clip_grad_norm_ (a pass of its own) and without the finite test
+        items += [('metai gpt2 (separate clip)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', separate_clip=True)),
+                  ('metai small (separate clip)', build_metai('small'), items[2][2], dict(impl='metai', model='small', separate_clip=True))]
     if args.fp32_residual:  # the same steps with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)
         items += [('metai gpt2 (fp32 residual)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', bf16_residual=False)),
                   ('metai small (fp32 residual)', build_metai('small'), items[2][2], dict(impl='metai', model='small', bf16_residual=False))]
@@ -314,7 +316,7 @@ def main(argv=None):
         items += [(f'metai gpt2 [{vname}]', build_metai('gpt2', over=over), items[1][2],
                    dict(impl='metai', model='gpt2', variant=vname, overrides=over))]
     if args.only:  # in the order given
-        want = args.only.split(','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
+        want = args.only.split(';' if ';' in args.only else ','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
     res['fused_ce_default'], res['bf16_residual_default'] = metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
@@ -325,7 +327,7 @@ def main(argv=None):
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
-        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] in ('metai gpt2 (inductor CE)', 'metai gpt2 (fp32 residual)')]:
+        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] in ('metai gpt2 (inductor CE)', 'metai gpt2 (fp32 residual)', 'metai gpt2 (separate clip)')]:
             res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):

@@ -523,6 +523,42 @@ def test_cuda_reduce_overhead_steps_match(mode='reduce-overhead', device='cuda')
     torch._dynamo.reset()
     assert losses[-1] < losses[0] - 0.5, losses  # it trains
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_clip_step_matches_clip_grad_norm(device='cuda'):
+    """`clip_step` on CUDA (clipping folded into the fused AdamW's `grad_scale`) takes the step that `clip_grad_norm_`
+    then `step` takes, from the same weights, moments and gradients, where the clipping takes effect (moments built by
+    two earlier clipped steps); a NaN loss moves nothing."""
+    from metai.config import ModelConfig
+    from metai.model.transformer import Transformer
+    import copy
+    from metai.train.loop import configure_optimizer, clip_step
+    cfg = ModelConfig.preset('micro', vocab_size=512, max_seq_len=64, n_layers=2)
+    t = torch.randint(0, 512, (4, 65), generator=torch.Generator().manual_seed(0)).to(device)
+    torch.manual_seed(0)
+    models = [Transformer(cfg).to(device).train() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [configure_optimizer(m, 1e-3, 0.1, device_type=device) for m in models]
+    assert all(o.param_groups[0]['fused'] for o in opts)
+    def grads(m):
+        with torch.autocast(device, dtype=torch.bfloat16): loss = m(t[:, :-1], t[:, 1:], loss_only=True)[1]
+        loss.backward(); return loss.detach()
+    for _ in range(2):  # moments that are not a first step's
+        grads(models[0]); torch.nn.utils.clip_grad_norm_(models[0].parameters(), 0.1); opts[0].step(); opts[0].zero_grad()
+    models[1].load_state_dict(models[0].state_dict()); opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # a copy: the moments would be shared
+    loss = grads(models[0]); grads(models[1])
+    g0 = torch.cat([p.grad.flatten() for p in models[0].parameters()]); g1 = torch.cat([p.grad.flatten() for p in models[1].parameters()])
+    assert torch.equal(g0, g1)
+    na = torch.nn.utils.clip_grad_norm_(models[0].parameters(), 0.1).item(); opts[0].step()
+    nb, bad = clip_step(opts[1], list(models[1].parameters()), 0.1, loss)
+    assert na > 0.1 and not bad.item() and abs(nb.item() - na) <= 1e-5 * na, (na, nb.item())  # the clipping took effect
+    a, b = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in models)
+    assert (a - b).abs().max().item() <= 1e-6, (a - b).abs().max().item()
+    m, opt = models[1], opts[1]
+    opt.zero_grad(); grads(m)
+    _, bad = clip_step(opt, list(m.parameters()), 0.1, torch.tensor(float('nan'), device=device))
+    assert bad.item() and torch.equal(torch.cat([p.detach().flatten() for p in m.parameters()]), b)
+
 # --- non-finite losses: skipped on the device, reported, and a run of them stops training ----------------------------
 
 class Recorder:

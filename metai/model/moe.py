@@ -79,7 +79,7 @@ class Gate(nn.Module):
         if self.norm_topk_prob: weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
         flat = indices.flatten()  # (N*k,)
-        load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
+        load = (flat.unsqueeze(1) == torch.arange(E, device=x.device)).sum(0)  # (E,) long: one reduction, no atomics on E counters
         return weights, indices, self.balance_loss(scores, indices, load, B, T), load
 
     def balance_loss(self, scores:Tensor, indices:Tensor, load:Tensor, B:int, T:int) -> Tensor:

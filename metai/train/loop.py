@@ -5,7 +5,7 @@ bf16 autocast on CUDA, MoE bias balancing, MTP, periodic validation, atomic chec
 
 # %% auto #0
 __all__ = ['CKPT_FILES', 'DISTILL_FIELDS', 'PEAK_FLOPS', 'COMPILE_MODES', 'CUDA_GRAPH_MODES', 'TrainConfig',
-           'configure_optimizer', 'lr_at', 'save_checkpoint', 'latest_checkpoint', 'check_config_matches',
+           'configure_optimizer', 'clip_step', 'lr_at', 'save_checkpoint', 'latest_checkpoint', 'check_config_matches',
            'load_train_state', 'saved_train_config', 'check_batch_matches', 'eval_window_count', 'evaluate',
            'bytes_per_token', 'unigram_entropy', 'sample_text', 'distill_kl', 'check_teacher_dir', 'load_teacher',
            'check_distill_matches', 'check_batch_fits', 'is_out_of_memory', 'out_of_memory_error', 'check_compile_mode',
@@ -67,6 +67,23 @@ def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.
     no_decay = [p for n, p in params if p.dim() < 2]
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ('cuda', 'cpu'))
+
+# %% ../../nbs/13_train.ipynb #b83ade51
+def clip_step(opt:torch.optim.Optimizer, # from `configure_optimizer`
+              params:list, # the parameters whose .grad to clip (all of the model's)
+              grad_clip:float, # max global gradient norm; 0 = no clipping
+              loss:Tensor # () this step's loss: a non-finite one skips the update
+             ) -> tuple[Tensor, Tensor]: # () gradient norm before clipping, () bool: update skipped
+    "Clip the global gradient norm to `grad_clip` and take an optimizer step, unless the loss or the norm is not finite."
+    fused = bool(opt.param_groups[0].get('fused'))
+    if fused:  # the fused AdamW divides each gradient by `grad_scale` as it loads it: clipping without a pass of its own
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        opt.grad_scale = ((gnorm + 1e-6) / grad_clip).clamp(min=1.0) if grad_clip > 0 else None  # clip_grad_norm_'s 1e-6
+    else: gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))  # () bool, decided on the device: no host sync
+    if fused: opt.found_inf = bad.float(); opt.step()      # the fused AdamW skips a flagged update entirely
+    elif not bad.item(): opt.step()
+    return gnorm, bad
 
 # %% ../../nbs/13_train.ipynb #45ed6508
 def lr_at(step:int, tc:TrainConfig) -> float:
@@ -411,7 +428,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
         save_checkpoint(tc.out_dir, model, cfg, tc, st, tc.keep_last)
 
     val_loss, t_last, start_step, t_start = None, time.perf_counter(), step, time.perf_counter()
-    fused = bool(opt.param_groups[0].get('fused'))
+    params = list(model.parameters())  # what `clip_step` clips
     bad_run = n_bad = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps: in a row, in all (on the device)
     bad_seen, bad_checked = 0, step
     try:
@@ -433,10 +450,7 @@ def train(cfg:ModelConfig, tc:TrainConfig, resume:bool=False, monitor=None, toke
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float() / tc.grad_accum; ce_sum += aux['ce'].float() / tc.grad_accum
                 if aux.get('load') is not None: load = aux['load'] if load is None else load + aux['load']
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf'))
-            bad_now = ~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))  # () bool, decided on the device: no host sync
-            if fused: opt.found_inf = bad_now.float(); opt.step()          # the fused AdamW skips a flagged update entirely
-            elif not bad_now.item(): opt.step()
+            gnorm, bad_now = clip_step(opt, params, tc.grad_clip, loss_sum)  # bad_now: () bool on the device, the update skipped
             opt.zero_grad(set_to_none=True)
             if load is not None and cfg.score_func == 'sigmoid' and cfg.bias_update_speed > 0: moe_update_bias(model, load * ~bad_now)
             bad_run = torch.where(bad_now, bad_run + 1, 0); n_bad = n_bad + bad_now

@@ -150,12 +150,13 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
 
 @contextlib.contextmanager
 def library_flags(extra:dict):
-    "Set notebook 07's switches for one row (`fused_ce`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
-    saved = metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL   # read when a step is traced: a change recompiles it
-    metai_transformer.FUSED_CE = extra.get('fused_ce', saved[0])
-    metai_transformer.BF16_RESIDUAL = extra.get('bf16_residual', saved[1])
+    "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
+    names = ('FUSED_CE', 'FUSED_HEAD_CE', 'BF16_RESIDUAL')   # read when a step is traced: a change recompiles it
+    saved = {n: getattr(metai_transformer, n) for n in names}
+    for n in names: setattr(metai_transformer, n, extra.get(n.lower(), saved[n]))
     try: yield
-    finally: metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL = saved
+    finally:
+        for n in names: setattr(metai_transformer, n, saved[n])
 
 
 def parse_variants(spec:str) -> dict:
@@ -240,6 +241,7 @@ def main(argv=None):
     p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
     p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
     p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6'")
+    p.add_argument('--head-apart', action='store_true', help="also time metai gpt2 and small with the head's product and the loss apart (notebook 07's FUSED_HEAD_CE off)")
     p.add_argument('--separate-clip', action='store_true', help="also time metai gpt2 and small clipping with clip_grad_norm_ before the step (not inside the fused AdamW)")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
@@ -300,6 +302,12 @@ def main(argv=None):
         items += [(f'metai gpt2 ({mode})', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode)),
                   (f'metai small ({mode})', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode)),
                   (f'nanoGPT gpt2-124M ({mode})', build_nanogpt_mode(mode), items[0][2], dict(impl='nanoGPT', model='gpt2', compile_mode=mode))]
+    if args.head_apart:  # the same steps with the head's product and the loss apart (`cross_entropy_rows`), logits kept for the backward
+        items += [('metai gpt2 (head apart)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_head_ce=False)),
+                  ('metai small (head apart)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_head_ce=False))]
+        for mode in [m for m in args.extra_modes.split(',') if m]:
+            items += [(f'metai small ({mode}, head apart)', build_metai('small', mode), items[2][2],
+                       dict(impl='metai', model='small', compile_mode=mode, fused_head_ce=False))]
     if args.separate_clip:  # the same steps clipped by clip_grad_norm_ (a pass of its own) and without the finite test
         items += [('metai gpt2 (separate clip)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', separate_clip=True)),
                   ('metai small (separate clip)', build_metai('small'), items[2][2], dict(impl='metai', model='small', separate_clip=True))]
@@ -317,7 +325,7 @@ def main(argv=None):
                    dict(impl='metai', model='gpt2', variant=vname, overrides=over))]
     if args.only:  # in the order given
         want = args.only.split(';' if ';' in args.only else ','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
-    res['fused_ce_default'], res['bf16_residual_default'] = metai_transformer.FUSED_CE, metai_transformer.BF16_RESIDUAL
+    res['defaults'] = dict(FUSED_CE=metai_transformer.FUSED_CE, FUSED_HEAD_CE=metai_transformer.FUSED_HEAD_CE, BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL)
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         try:
@@ -327,7 +335,7 @@ def main(argv=None):
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
-        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] in ('metai gpt2 (inductor CE)', 'metai gpt2 (fp32 residual)', 'metai gpt2 (separate clip)')]:
+        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] in ('metai gpt2 (inductor CE)', 'metai gpt2 (fp32 residual)', 'metai gpt2 (separate clip)', 'metai gpt2 (head apart)')]:
             res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):

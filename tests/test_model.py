@@ -293,6 +293,39 @@ def test_cuda_fused_cross_entropy():
     rel = ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item()
     assert abs(losses[0] - losses[1]) < 1e-3 and rel < 1e-2, (losses, rel)
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_linear_cross_entropy():
+    """`linear_cross_entropy` on the GPU at gpt2's vocabulary (bf16, ignored rows, more rows than its grid has
+    programs): summed loss and the gradients of h and w as autograd's through `F.cross_entropy` in fp32; and a compiled
+    gpt2-shaped `loss_only` step (the fused head) gives the loss and gradients of the plain PyTorch loss."""
+    import metai.model.transformer as T
+    from metai.core import autocast
+    g = torch.Generator(device='cuda').manual_seed(0)
+    h = torch.randn(4096, 768, device='cuda', generator=g).to(torch.bfloat16)
+    w = (torch.randn(50304, 768, device='cuda', generator=g) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, 50304, (4096,), device='cuda', generator=g); t[::7] = -100
+    ha, wa = h.clone().requires_grad_(), w.clone().requires_grad_()
+    hr, wr = h.float().clone().requires_grad_(), w.float().clone().requires_grad_()
+    loss = T.linear_cross_entropy(ha, wa, t)[0]
+    ref = F.cross_entropy(hr @ wr.T, t, ignore_index=-100, reduction='sum')
+    (loss / 3510).backward(); (ref / 3510).backward()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item(), (loss.item(), ref.item())
+    assert rel(ha.grad, hr.grad) < 1e-2 and rel(wa.grad, wr.grad) < 1e-2, (rel(ha.grad, hr.grad), rel(wa.grad, wr.grad))
+    c = ModelConfig.preset('gpt2', n_layers=2)
+    losses, grads, default = [], [], T.FUSED_CE
+    for fused in (False, True):
+        torch._dynamo.reset(); T.FUSED_CE = fused
+        try:
+            m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
+            with autocast('cuda'): logits, l, _ = torch.compile(m)(xs, ys, loss_only=True)
+            assert logits is None
+            l.backward()
+        finally: T.FUSED_CE = default
+        losses.append(l.item()); grads.append(torch.cat([p.grad.float().flatten() for p in m.parameters()]))
+    assert abs(losses[0] - losses[1]) < 1e-3 and rel(grads[1], grads[0]) < 1e-2, (losses, rel(grads[1], grads[0]))
+
 # --- DeepSeek-V3.2's indexer loss (notebook 19) -------------------------------------------------------------------
 
 def _dsa_model(**kw):

@@ -573,7 +573,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'metai/model/transformer.py'),
                                          'metai.model.transformer._lce_setup': ('model.html#_lce_setup', 'metai/model/transformer.py'),
                                          'metai.model.transformer._linear_ce': ('model.html#_linear_ce', 'metai/model/transformer.py'),
-                                         'metai.model.transformer._n_programs': ('model.html#_n_programs', 'metai/model/transformer.py'),
                                          'metai.model.transformer._stream_dtype': ( 'model.html#_stream_dtype',
                                                                                     'metai/model/transformer.py'),
                                          'metai.model.transformer.check_weight_shapes': ( 'model.html#check_weight_shapes',

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The training loss's kernels alone, at the shapes of a `gpt2` and a `small` step (32,768 rows of 50,304 and 32,000
 bf16 logits): inductor's compiled `F.cross_entropy` forward + backward, `cross_entropy_rows` forward + backward (two
-Triton kernels), and `ce_grad_kernel` (the loss and the logits' gradient in one kernel, in place) for several grid
-sizes, which set how many rows are in flight and so whether its second read of a row comes from L2. The logits'
+Triton kernels), and `ce_grad_kernel` (the loss and the logits' gradient in one kernel, in place, one program per
+row) for several warp counts. The logits'
 traffic is printed beside each: 2 reads + 1 write for the first two, 1 read + 1 write (+ 1 read from L2 at best) for
 the last. The products of the head are left out (they are the same in every path).
 
@@ -23,8 +23,7 @@ def main(argv=None):
     p.add_argument('--tiny', action='store_true', help='small shapes (a check of the script)')
     p.add_argument('--rows', type=int, default=32768)
     p.add_argument('--vocabs', default='50304,32000')
-    p.add_argument('--programs', default='1,2,4,8,16', help="ce_grad_kernel grids: programs per SM ('rows' = one per row)")
-    p.add_argument('--warps', default='8,16', help='num_warps of ce_grad_kernel')
+    p.add_argument('--warps', default='8,16', help='num_warps of ce_grad_kernel (CE_WARPS is the library default)')
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--out', default='bench/results/ce_h100.json')
     args = p.parse_args(argv)
@@ -52,12 +51,9 @@ def main(argv=None):
             return torch.autograd.grad(loss.sum(), xl)
         row('cross_entropy_rows fwd+bwd', rows_fb, 3)
         buf, loss = x.clone(), torch.empty(N, device=dev, dtype=torch.float32)
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == 'cuda' else 1
         for warps in [int(w) for w in args.warps.split(',')]:
-            for P in args.programs.split(','):
-                grid = N if P == 'rows' else min(N, sms * int(P))
-                def k(): T.ce_grad_kernel[(grid,)](buf, t, loss, N, V, buf.stride(0), BLOCK=256 if T.INTERPRET else T.CE_BLOCK, num_warps=warps)
-                row(f'ce_grad_kernel grid {grid} ({P}/SM), {warps} warps', k, 2)
+            def k(): T.ce_grad_kernel[(N,)](buf, t, loss, V, buf.stride(0), BLOCK=256 if T.INTERPRET else T.CE_BLOCK, num_warps=warps)
+            row(f'ce_grad_kernel, {warps} warps', k, 2)
         buf = xl = None; free(dev)
     save_json(args.out, res)
     print(f'wrote {args.out}')

@@ -176,10 +176,11 @@ def parse_variants(spec:str) -> dict:
     return out
 
 
-def quality_run(kind:str, ng, args, device, over:dict=None) -> dict:
+def quality_run(kind:str, ng, args, device, over:dict=None, seed:int|None=None) -> dict:
     "Train from scratch for `args.q_steps` steps on the prepared data; validation loss along the way (`over`: gpt2 fields changed)."
     T, V = args.T, args.q_vocab
-    torch.manual_seed(args.seed)
+    seed = args.seed if seed is None else seed
+    torch.manual_seed(seed)
     if kind == 'nanogpt':
         model = ng.GPT(nanogpt_config(ng, V, args.tiny, T)).to(device)
         opt = model.configure_optimizers(args.q_wd, args.q_lr, (0.9, 0.95), device.type)
@@ -189,7 +190,7 @@ def quality_run(kind:str, ng, args, device, over:dict=None) -> dict:
     model.train()
     fwd = torch.compile(model) if args.q_compile else model
     loss_fn = (lambda x, y: fwd(x, y)[1]) if kind == 'nanogpt' else (lambda x, y: fwd(x, y, loss_only=True)[1])
-    ds = LazyTextDataset(args.data_dir, T, split='train', seed=args.seed)  # a fresh reader: both models see the same batches
+    ds = LazyTextDataset(args.data_dir, T, split='train', seed=seed)  # a fresh reader: both models see the same batches
     val = LazyTextDataset(args.data_dir, T, split='val', seed=0)
     vx, vy = val.get_batch(len(val))  # every validation window, (Nv, T)
     curve, losses, t0 = [], [], time.perf_counter()
@@ -206,7 +207,7 @@ def quality_run(kind:str, ng, args, device, over:dict=None) -> dict:
             curve.append(dict(step=it + 1, tokens=(it + 1) * args.q_batch * T, val_loss=val_loss(model, loss_fn, vx, vy, device)))
     sync(device)
     train_losses = torch.stack(losses).float().cpu().tolist()
-    r = dict(model=kind, overrides=over or {}, params=sum(p.numel() for p in model.parameters()), steps=args.q_steps, batch=args.q_batch, seq_len=T,
+    r = dict(model=kind, overrides=over or {}, seed=seed, params=sum(p.numel() for p in model.parameters()), steps=args.q_steps, batch=args.q_batch, seq_len=T,
              tokens=args.q_steps * args.q_batch * T, seconds=round(time.perf_counter() - t0, 1), val_windows=len(vx),
              final_val_loss=curve[-1]['val_loss'], curve=curve,
              train_loss=[round(sum(train_losses[i:i + 10]) / len(train_losses[i:i + 10]), 4) for i in range(0, len(train_losses), 10)])
@@ -250,6 +251,7 @@ def main(argv=None):
     p.add_argument('--q-eval-every', type=int, default=25, help='quality check: steps between validation passes')
     p.add_argument('--q-compile', action='store_true', help='quality check: compile both models (default eager: same losses, no compile time)')
     p.add_argument('--seed', type=int, default=0, help='seed of the initial weights and of the data order')
+    p.add_argument('--q-seeds', default='', help="quality check: comma list of seeds, every run repeated with each (run-to-run spread); default --seed")
     p.add_argument('--time-budget', type=float, default=1e9, help='seconds; items that would not fit are skipped')
     args = p.parse_args(argv)
     device = get_device(args.device)
@@ -357,10 +359,13 @@ def main(argv=None):
         res['quality'] = q
         runs = [('metai', 'metai', None, {}), ('nanogpt', 'nanogpt', None, {})] + [(f'metai [{v}]', 'metai', o, {}) for v, o in args.variants.items()]
         if args.fp32_residual: runs.append(('metai (fp32 residual)', 'metai', None, dict(bf16_residual=False)))
-        for key, kind, over, flags in runs:
+        if args.head_apart: runs.append(('metai (head apart)', 'metai', None, dict(fused_head_ce=False)))
+        seeds = [int(v) for v in args.q_seeds.split(',')] if args.q_seeds else [args.seed]
+        runs = [(key if s == seeds[0] else f'{key} (seed {s})', kind, over, flags, s) for s in seeds for key, kind, over, flags in runs]
+        for key, kind, over, flags, seed in runs:
             if skip(f'quality {key}', 45): continue
             try:
-                with library_flags(flags): q['runs'][key] = quality_run(kind, ng, args, device, over)
+                with library_flags(flags): q['runs'][key] = quality_run(kind, ng, args, device, over, seed)
             except Exception as e: res['errors'].append(f'quality {key}: {short_error(e)}')
             free(device); save()
         for key in [k for k in q['runs'] if k.startswith('metai') and 'nanogpt' in q['runs']]:

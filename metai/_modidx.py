@@ -568,6 +568,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'metai.model.transformer._ce': ('model.html#_ce', 'metai/model/transformer.py'),
                                          'metai.model.transformer._ce_backward': ('model.html#_ce_backward', 'metai/model/transformer.py'),
                                          'metai.model.transformer._ce_setup': ('model.html#_ce_setup', 'metai/model/transformer.py'),
+                                         'metai.model.transformer._compute_dtype': ( 'model.html#_compute_dtype',
+                                                                                     'metai/model/transformer.py'),
                                          'metai.model.transformer._fused_ce_ok': ('model.html#_fused_ce_ok', 'metai/model/transformer.py'),
                                          'metai.model.transformer._lce_backward': ( 'model.html#_lce_backward',
                                                                                     'metai/model/transformer.py'),

@@ -194,14 +194,16 @@ def quality_run(kind:str, ng, args, device, over:dict=None, seed:int|None=None) 
     val = LazyTextDataset(args.data_dir, T, split='val', seed=0)
     vx, vy = val.get_batch(len(val))  # every validation window, (Nv, T)
     curve, losses, t0 = [], [], time.perf_counter()
+    params = list(model.parameters())
     warmup = max(1, args.q_steps // 10)
     for it in range(args.q_steps):
         for g in opt.param_groups: g['lr'] = lr_at(it, warmup, args.q_steps, args.q_lr, args.q_lr / 10)
         x, y = ds.get_batch(args.q_batch, device)
         with autocast(device): loss = loss_fn(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); opt.zero_grad(set_to_none=True)
+        if kind == 'nanogpt': torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()  # its train.py
+        else: clip_step(opt, params, 1.0, loss.detach())  # metai.train.loop's
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         if (it + 1) % args.q_eval_every == 0 or it + 1 == args.q_steps:
             curve.append(dict(step=it + 1, tokens=(it + 1) * args.q_batch * T, val_loss=val_loss(model, loss_fn, vx, vy, device)))
@@ -368,8 +370,10 @@ def main(argv=None):
                 with library_flags(flags): q['runs'][key] = quality_run(kind, ng, args, device, over, seed)
             except Exception as e: res['errors'].append(f'quality {key}: {short_error(e)}')
             free(device); save()
-        for key in [k for k in q['runs'] if k.startswith('metai') and 'nanogpt' in q['runs']]:
-            q[f'{key}_minus_nanogpt'.replace(' ', '_')] = round(q['runs'][key]['final_val_loss'] - q['runs']['nanogpt']['final_val_loss'], 4)
+        for key in [k for k in q['runs'] if k.startswith('metai')]:  # against nanoGPT with the same seed
+            suffix = key[key.index(' (seed'):] if ' (seed' in key else ''
+            if f'nanogpt{suffix}' in q['runs']:
+                q[f'{key}_minus_nanogpt'.replace(' ', '_')] = round(q['runs'][key]['final_val_loss'] - q['runs'][f'nanogpt{suffix}']['final_val_loss'], 4)
 
     res['elapsed_s'] = round(time.perf_counter() - budget.t0, 1)
     save()

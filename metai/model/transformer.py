@@ -79,11 +79,14 @@ FUSED_CE = True  # `_ce` computes the loss with `cross_entropy_rows` (two Triton
 FUSED_HEAD_CE = True  # with `loss_only` on CUDA the main head and its loss run as one op, `linear_cross_entropy` (end of notebook)
 BF16_RESIDUAL = True  # under bf16 autocast the residual stream is bf16 too (Megatron-LM's default); False keeps it fp32 (nanoGPT)
 
+def _compute_dtype(x:Tensor) -> torch.dtype:
+    "The dtype products run in for `x`: the autocast dtype where autocast is on for its device, else `x`'s own."
+    dev = x.device.type   # the meta device has no autocast state to ask about
+    return torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
+
 def _stream_dtype(x:Tensor) -> torch.dtype:
     "The residual stream's dtype for embeddings `x`: bf16 under bf16 autocast when `BF16_RESIDUAL`, else `x`'s own."
-    dev = x.device.type
-    if BF16_RESIDUAL and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16: return torch.bfloat16
-    return x.dtype
+    return torch.bfloat16 if BF16_RESIDUAL and _compute_dtype(x) == torch.bfloat16 else x.dtype
 
 def _fused_ce_ok(logits:Tensor) -> bool:
     "Whether `_ce` should take `cross_entropy_rows`: `FUSED_CE` on, Triton present, logits on CUDA (or the interpreter)."
@@ -148,7 +151,8 @@ class Transformer(nn.Module):
             if a is not None: moe_aux.append(a['aux_loss']); loads.append(a['load'])
             if getattr(layer.attn, 'index_loss', None) is not None: idx.append(layer.attn.index_loss)  # DSA (notebook 19)
         h = self.norm(x)        # (B, T, dim): h^0, what the head and the first MTP depth read
-        if loss_only and targets is not None and _fused_ce_ok(h) and FUSED_HEAD_CE and not (self.mtp and self.cfg.mtp_distill > 0):
+        if (loss_only and targets is not None and FUSED_HEAD_CE and torch.is_grad_enabled() and _fused_ce_ok(h)
+                and _compute_dtype(h) in (torch.bfloat16, torch.float32) and not (self.mtp and self.cfg.mtp_distill > 0)):
             logits, ce = None, _linear_ce(h, self.head.weight, targets)  # head, loss and the head's gradients as one op
         else:
             logits = self.head(h)   # (B, T, V)
@@ -421,7 +425,6 @@ def _linear_ce(h:Tensor, # (B, T, D) final hidden states
                targets:Tensor # (B, T) class indices, -100 = ignore
               ) -> Tensor:
     "`_ce(h @ w.T, targets)` through `linear_cross_entropy`, in the autocast dtype when autocast is on."
-    dev = h.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    dt = _compute_dtype(h)
     n = (targets != -100).sum().clamp(min=1)
     return linear_cross_entropy(h.flatten(0, 1).to(dt), w.to(dt), targets.flatten())[0] / n

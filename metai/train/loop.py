@@ -70,18 +70,20 @@ def configure_optimizer(model:nn.Module, lr:float, weight_decay:float, betas=(0.
 
 # %% ../../nbs/13_train.ipynb #b83ade51
 def clip_step(opt:torch.optim.Optimizer, # from `configure_optimizer`
-              params:list, # the parameters whose .grad to clip (all of the model's)
+              params:list, # every parameter `opt` updates (its grad_scale divides them all)
               grad_clip:float, # max global gradient norm; 0 = no clipping
               loss:Tensor # () this step's loss: a non-finite one skips the update
              ) -> tuple[Tensor, Tensor]: # () gradient norm before clipping, () bool: update skipped
     "Clip the global gradient norm to `grad_clip` and take an optimizer step, unless the loss or the norm is not finite."
     fused = bool(opt.param_groups[0].get('fused'))
     if fused:  # the fused AdamW divides each gradient by `grad_scale` as it loads it: clipping without a pass of its own
-        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).float()  # fp32: what the kernel reads
         opt.grad_scale = ((gnorm + 1e-6) / grad_clip).clamp(min=1.0) if grad_clip > 0 else None  # clip_grad_norm_'s 1e-6
     else: gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
     bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))  # () bool, decided on the device: no host sync
-    if fused: opt.found_inf = bad.float(); opt.step()      # the fused AdamW skips a flagged update entirely
+    if fused:
+        opt.found_inf = bad.float(); opt.step()             # the fused AdamW skips a flagged update entirely
+        opt.grad_scale = opt.found_inf = None               # as GradScaler does: a later plain step() sees neither
     elif not bad.item(): opt.step()
     return gnorm, bad
 

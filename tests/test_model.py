@@ -260,13 +260,28 @@ def test_bench_fp8_script_checks_the_arithmetic(tmp_path):
         assert max(s['bf16_rel_err']) < 1e-2 and max(s['fp8_rel_err']) < 0.1, s  # e5m2 gradients: about 6%
         assert min(s['fp8_rel_err']) > 1e-3, s  # it really went through 8 bits
 
+def _compiled_gpt2_steps(loss_only:bool) -> list:
+    "(loss, model with its .grad) of one compiled 2-layer gpt2-shaped step in bf16 autocast, with FUSED_CE off, then on."
+    import metai.model.transformer as T
+    from metai.core import autocast
+    c, out, default = ModelConfig.preset('gpt2', n_layers=2), [], T.FUSED_CE
+    for fused in (False, True):
+        torch._dynamo.reset(); T.FUSED_CE = fused
+        try:
+            m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
+            with autocast('cuda'): logits, l, _ = torch.compile(m)(xs, ys, loss_only=loss_only)
+            assert (logits is None) == loss_only  # loss_only: the fused head never keeps them
+            l.backward()
+        finally: T.FUSED_CE = default
+        out.append((l.item(), m))
+    return out
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_fused_cross_entropy():
     """`cross_entropy_rows` on the GPU at gpt2's vocabulary (bf16 logits, ignored rows): losses and gradients as
     `F.cross_entropy`'s; and a compiled gpt2-shaped training step with `FUSED_CE` gives eager's loss and gradients."""
     import metai.model.transformer as T
-    from metai.core import autocast
     g = torch.Generator(device='cuda').manual_seed(0)
     x = (torch.randn(4096, 50304, device='cuda', generator=g) * 4).to(torch.bfloat16)
     t = torch.randint(0, 50304, (4096,), device='cuda', generator=g); t[::7] = -100
@@ -277,16 +292,8 @@ def test_cuda_fused_cross_entropy():
     (loss * w).sum().backward(); (ref * w).sum().backward()
     assert (loss - ref).abs().max() < 1e-3 and (lse - xr.detach().logsumexp(-1)).abs().max() < 1e-3
     assert (xa.grad.float() - xr.grad).abs().max() < 2e-3 * xr.grad.abs().max() + 1e-6
-    c = ModelConfig.preset('gpt2', n_layers=2)
-    losses, grads, default = [], [], T.FUSED_CE
-    for fused in (False, True):
-        torch._dynamo.reset(); T.FUSED_CE = fused
-        try:
-            m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
-            with autocast('cuda'): l = torch.compile(m)(xs, ys)[1]
-            l.backward()
-        finally: T.FUSED_CE = default
-        losses.append(l.item()); grads.append(m.embed.weight.grad.float())
+    (l0, m0), (l1, m1) = _compiled_gpt2_steps(loss_only=False)
+    losses, grads = [l0, l1], [m0.embed.weight.grad.float(), m1.embed.weight.grad.float()]
     # the gradients are bf16 products of bf16 logit gradients, which both paths round to bf16 from fp32 in their own
     # order: one bf16 step is 0.4% of a value. The first H100 run (bench/results/cuda_test_fused_ce_h100_run1.log) had
     # equal losses and the embedding's gradient within 0.49% of its largest entry; 1e-3 of it was below bf16's step.
@@ -300,7 +307,6 @@ def test_cuda_linear_cross_entropy():
     programs): summed loss and the gradients of h and w as autograd's through `F.cross_entropy` in fp32; and a compiled
     gpt2-shaped `loss_only` step (the fused head) gives the loss and gradients of the plain PyTorch loss."""
     import metai.model.transformer as T
-    from metai.core import autocast
     g = torch.Generator(device='cuda').manual_seed(0)
     h = torch.randn(4096, 768, device='cuda', generator=g).to(torch.bfloat16)
     w = (torch.randn(50304, 768, device='cuda', generator=g) * 0.1).to(torch.bfloat16)
@@ -313,17 +319,8 @@ def test_cuda_linear_cross_entropy():
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
     assert abs(loss.item() - ref.item()) < 1e-3 * ref.item(), (loss.item(), ref.item())
     assert rel(ha.grad, hr.grad) < 1e-2 and rel(wa.grad, wr.grad) < 1e-2, (rel(ha.grad, hr.grad), rel(wa.grad, wr.grad))
-    c = ModelConfig.preset('gpt2', n_layers=2)
-    losses, grads, default = [], [], T.FUSED_CE
-    for fused in (False, True):
-        torch._dynamo.reset(); T.FUSED_CE = fused
-        try:
-            m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
-            with autocast('cuda'): logits, l, _ = torch.compile(m)(xs, ys, loss_only=True)
-            assert logits is None
-            l.backward()
-        finally: T.FUSED_CE = default
-        losses.append(l.item()); grads.append(torch.cat([p.grad.float().flatten() for p in m.parameters()]))
+    (l0, m0), (l1, m1) = _compiled_gpt2_steps(loss_only=True)
+    losses, grads = [l0, l1], [torch.cat([p.grad.float().flatten() for p in m.parameters()]) for m in (m0, m1)]
     assert abs(losses[0] - losses[1]) < 1e-3 and rel(grads[1], grads[0]) < 1e-2, (losses, rel(grads[1], grads[0]))
 
 # --- DeepSeek-V3.2's indexer loss (notebook 19) -------------------------------------------------------------------

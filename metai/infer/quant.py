@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file
-from ..core import atomic_path, atomic_write_text, memory_shortfall
+from ..core import atomic_path, atomic_write_text, memory_shortfall, compute_dtype
 from ..config import ModelConfig
 from ..model.moe import MoE, moe_experts
 from ..model.transformer import Transformer, load_weights, load_transformer
@@ -207,7 +207,7 @@ class QuantMoE(nn.Module):
         "-> y (B, T, dim), {'aux_loss': scalar, 'load': (E,) long}: `MoE.forward` on the dequantized active experts."
         weights, indices, aux_loss, load = self.gate(x)                       # (N, k), (N, k), (), (E,)
         xf = x.reshape(-1, self.dim)                                          # (N, dim)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         if torch.compiler.is_compiling():  # static shapes (CUDA graphs): rebuild every expert
             active, local, counts = None, indices, load
         else:

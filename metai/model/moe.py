@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from ..config import ModelConfig, ConfigError
+from ..core import compute_dtype
 from .attention import fused_linear
 
 # %% ../../nbs/06_moe.ipynb #f827a544
@@ -201,7 +202,7 @@ def moe_experts(x:Tensor,        # (N, dim) tokens
     order = indices.flatten().to(key).argsort(stable=True)  # (N*k,) slot t*k+j of each sorted row
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))  # (N*k,) sorted row of each slot
     offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert
-    dt = torch.get_autocast_dtype(x.device.type) if x.device.type in ('cuda', 'cpu') and torch.is_autocast_enabled(x.device.type) else x.dtype
+    dt = compute_dtype(x)
     xs = gather_rows(x, order // k, inv, k).to(dt)  # (N*k, dim) token copies grouped by expert
     if fuse: h1, h3 = _gmm(xs, torch.cat([w1.to(dt), w3.to(dt)], dim=1).mT, offs).chunk(2, dim=-1)  # (N*k, hidden) each
     else: h1, h3 = _gmm(xs, w1.to(dt).mT, offs), _gmm(xs, w3.to(dt).mT, offs)

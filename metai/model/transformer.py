@@ -17,7 +17,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
-from ..core import fmt_num, memory_shortfall
+from ..core import fmt_num, memory_shortfall, compute_dtype
 from ..config import ModelConfig
 from .rope import precompute_freqs
 from .attention import RMSNorm, Attention, MLA
@@ -79,15 +79,6 @@ FUSED_CE = True  # `_ce` computes the loss with `cross_entropy_rows` (two Triton
 FUSED_HEAD_CE = True  # with `loss_only` on CUDA the main head and its loss run as one op, `linear_cross_entropy` (end of notebook)
 BF16_RESIDUAL = True  # under bf16 autocast the residual stream is bf16 too (Megatron-LM's default); False keeps it fp32 (nanoGPT)
 
-def _compute_dtype(x:Tensor) -> torch.dtype:
-    "The dtype products run in for `x`: the autocast dtype where autocast is on for its device, else `x`'s own."
-    dev = x.device.type   # the meta device has no autocast state to ask about
-    return torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
-
-def _stream_dtype(x:Tensor) -> torch.dtype:
-    "The residual stream's dtype for embeddings `x`: bf16 under bf16 autocast when `BF16_RESIDUAL`, else `x`'s own."
-    return torch.bfloat16 if BF16_RESIDUAL and _compute_dtype(x) == torch.bfloat16 else x.dtype
-
 def _fused_ce_ok(logits:Tensor) -> bool:
     "Whether `_ce` should take `cross_entropy_rows`: `FUSED_CE` on, Triton present, logits on CUDA (or the interpreter)."
     return FUSED_CE and triton is not None and (logits.is_cuda or INTERPRET) and logits.dtype in (torch.bfloat16, torch.float32)
@@ -144,7 +135,7 @@ class Transformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f'tokens: positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={self.cfg.max_seq_len}')
         x = self.embed(tokens)  # (B, T, dim)
-        x = x.to(_stream_dtype(x))  # bf16 under bf16 autocast (`BF16_RESIDUAL`): every add and norm moves half the bytes
+        if BF16_RESIDUAL and compute_dtype(x) == torch.bfloat16: x = x.to(torch.bfloat16)  # every add and norm moves half the bytes
         moe_aux, loads, idx = [], [], []
         for layer in self.layers:
             x, a = layer(x, self.freqs_cos, self.freqs_sin, start_pos, cache)
@@ -152,7 +143,7 @@ class Transformer(nn.Module):
             if getattr(layer.attn, 'index_loss', None) is not None: idx.append(layer.attn.index_loss)  # DSA (notebook 19)
         h = self.norm(x)        # (B, T, dim): h^0, what the head and the first MTP depth read
         if (loss_only and targets is not None and FUSED_HEAD_CE and torch.is_grad_enabled() and _fused_ce_ok(h)
-                and _compute_dtype(h) in (torch.bfloat16, torch.float32) and not (self.mtp and self.cfg.mtp_distill > 0)):
+                and compute_dtype(h) in (torch.bfloat16, torch.float32) and not (self.mtp and self.cfg.mtp_distill > 0)):
             logits, ce = None, _linear_ce(h, self.head.weight, targets)  # head, loss and the head's gradients as one op
         else:
             logits = self.head(h)   # (B, T, V)
@@ -295,10 +286,8 @@ CE_BLOCK, CE_WARPS = 4096, 8  # logits per loop step and warps of each row's pro
 
 if triton is not None:
     @triton.jit
-    def ce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, V, stride, BLOCK: tl.constexpr):
-        "Row `program_id(0)`: the log-sum-exp of its logits and its loss `lse - x[t]` (0 where t = -100), in fp32."
-        row = tl.program_id(0).to(tl.int64)
-        base = x_ptr + row * stride
+    def row_lse_loss(base, t, V, BLOCK: tl.constexpr):
+        "One row of logits at `base`, target `t`: its log-sum-exp, its loss `lse - x[t]` (0 where t = -100) and whether t is out of range."
         m, s = float('-inf'), 0.                                # the running max and sum of exp(x - max): one exp per logit
         for c in range(0, V, BLOCK):
             j = c + tl.arange(0, BLOCK)
@@ -308,11 +297,17 @@ if triton is not None:
             s = tl.where(none, 0., s * tl.exp(m - m_new) + tl.sum(tl.where(x == float('-inf'), 0., tl.exp(x - m_new)), 0))
             m = m_new
         lse = m + tl.log(s)
-        t = tl.load(t_ptr + row)
         bad = (t != -100) & ((t < 0) | (t >= V))                # a class out of range: NaN, which the loop's finite test catches
         xt = tl.load(base + tl.minimum(tl.maximum(t, 0), V - 1)).to(tl.float32)
+        return lse, tl.where(bad, float('nan'), tl.where(t == -100, 0., lse - xt)), bad
+
+    @triton.jit
+    def ce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, V, stride, BLOCK: tl.constexpr):
+        "Row `program_id(0)`: the log-sum-exp of its logits and its loss `lse - x[t]` (0 where t = -100), in fp32."
+        row = tl.program_id(0).to(tl.int64)
+        lse, loss, bad = row_lse_loss(x_ptr + row * stride, tl.load(t_ptr + row), V, BLOCK)
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, tl.where(bad, float('nan'), tl.where(t == -100, 0., lse - xt)))
+        tl.store(loss_ptr + row, loss)
 
     @triton.jit
     def ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, dx_ptr, V, stride, dstride, BLOCK: tl.constexpr):
@@ -374,20 +369,9 @@ if triton is not None:
     def ce_grad_kernel(x_ptr, t_ptr, loss_ptr, V, stride, BLOCK: tl.constexpr):
         "Row `program_id(0)`: its loss `lse - x[t]`, then `softmax(x) - onehot(t)` written over the row (0 where t = -100)."
         row = tl.program_id(0).to(tl.int64)
-        base = x_ptr + row * stride
-        m, s = float('-inf'), 0.                                # the online log-sum-exp, as in `ce_fwd_kernel`
-        for c in range(0, V, BLOCK):
-            j = c + tl.arange(0, BLOCK)
-            x = tl.load(base + j, mask=j < V, other=float('-inf')).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            none = m_new == float('-inf')
-            s = tl.where(none, 0., s * tl.exp(m - m_new) + tl.sum(tl.where(x == float('-inf'), 0., tl.exp(x - m_new)), 0))
-            m = m_new
-        lse = m + tl.log(s)
-        t = tl.load(t_ptr + row)
-        bad = (t != -100) & ((t < 0) | (t >= V))                # a class out of range: NaN loss and gradient
-        xt = tl.load(base + tl.minimum(tl.maximum(t, 0), V - 1)).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(bad, float('nan'), tl.where(t == -100, 0., lse - xt)))
+        base, t = x_ptr + row * stride, tl.load(t_ptr + row)
+        lse, loss, bad = row_lse_loss(base, t, V, BLOCK)        # the first read, as in `ce_fwd_kernel`
+        tl.store(loss_ptr + row, loss)
         g = tl.where(bad, float('nan'), tl.where(t == -100, 0., 1.))
         nblk = tl.cdiv(V, BLOCK)
         for b in range(0, nblk):                                # backwards: the blocks read last are likeliest in L2
@@ -425,6 +409,6 @@ def _linear_ce(h:Tensor, # (B, T, D) final hidden states
                targets:Tensor # (B, T) class indices, -100 = ignore
               ) -> Tensor:
     "`_ce(h @ w.T, targets)` through `linear_cross_entropy`, in the autocast dtype when autocast is on."
-    dt = _compute_dtype(h)
+    dt = compute_dtype(h)
     n = (targets != -100).sum().clamp(min=1)
     return linear_cross_entropy(h.flatten(0, 1).to(dt), w.to(dt), targets.flatten())[0] / n

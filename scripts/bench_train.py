@@ -150,8 +150,8 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
 
 @contextlib.contextmanager
 def library_flags(extra:dict):
-    "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
-    names = ('FUSED_CE', 'FUSED_HEAD_CE', 'BF16_RESIDUAL')   # read when a step is traced: a change recompiles it
+    "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `fp8_head`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
+    names = ('FUSED_CE', 'FUSED_HEAD_CE', 'FP8_HEAD', 'BF16_RESIDUAL')   # read when a step is traced: a change recompiles it
     saved = {n: getattr(metai_transformer, n) for n in names}
     for n in names: setattr(metai_transformer, n, extra.get(n.lower(), saved[n]))
     try: yield
@@ -159,8 +159,15 @@ def library_flags(extra:dict):
         for n in names: setattr(metai_transformer, n, saved[n])
 
 
+FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual')
+
+def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k != 'mode' and k not in FLAGS}
+
+
 def parse_variants(spec:str) -> dict:
-    "'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}"
+    """'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}.
+    Besides ModelConfig fields: `mode=...` compiles the row in that torch.compile mode (timing only: no quality run), and
+    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) hold for its row and quality run."""
     out = {}
     for item in [v for v in spec.split(';') if v.strip()]:
         name, _, kvs = item.partition(':')
@@ -168,10 +175,12 @@ def parse_variants(spec:str) -> dict:
         over = {}
         for kv in kvs.split(','):
             k, _, v = kv.partition('=')
-            if k.strip() not in ModelConfig.__dataclass_fields__: raise SystemExit(f'--gpt2-variants: {k.strip()!r} is not a ModelConfig field')
+            if k.strip() == 'mode': over['mode'] = v.strip(); continue  # the torch.compile mode of the row (timing only)
+            if k.strip() in FLAGS: over[k.strip()] = v.strip().lower() in ('1', 'true', 'yes'); continue
+            if k.strip() not in ModelConfig.__dataclass_fields__: raise SystemExit(f'--gpt2-variants: {k.strip()!r} is neither a ModelConfig field nor a switch ({", ".join(FLAGS)})')
             kind = type(getattr(ModelConfig(), k.strip()))
             over[k.strip()] = v.strip().lower() in ('1', 'true', 'yes') if kind is bool else kind(v)  # bool('False') is True
-        ModelConfig.preset('gpt2', **over).validate()
+        ModelConfig.preset('gpt2', **config_fields(over)).validate()
         out[name.strip()] = over
     return out
 
@@ -243,8 +252,9 @@ def main(argv=None):
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
     p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
-    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6'")
+    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6' (mode=reduce-overhead: time that row as CUDA graphs; no quality run)")
     p.add_argument('--head-apart', action='store_true', help="also time metai gpt2 and small with the head's product and the loss apart (notebook 07's FUSED_HEAD_CE off)")
+    p.add_argument('--fp8-head', action='store_true', help="also time (and train in the quality check) metai with the head's products in fp8 (notebook 07's FP8_HEAD on)")
     p.add_argument('--separate-clip', action='store_true', help="also time metai gpt2 and small clipping with clip_grad_norm_ before the step (not inside the fused AdamW)")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
@@ -312,6 +322,12 @@ def main(argv=None):
         for mode in [m for m in args.extra_modes.split(',') if m]:
             items += [(f'metai small ({mode}, head apart)', build_metai('small', mode), items[2][2],
                        dict(impl='metai', model='small', compile_mode=mode, fused_head_ce=False))]
+    if args.fp8_head:  # the same steps with the head's three products in fp8 (notebook 07's FP8_HEAD on)
+        items += [('metai gpt2 (fp8 head)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fp8_head=True)),
+                  ('metai small (fp8 head)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fp8_head=True))]
+        for mode in [m for m in args.extra_modes.split(',') if m]:
+            items += [(f'metai gpt2 ({mode}, fp8 head)', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode, fp8_head=True)),
+                      (f'metai small ({mode}, fp8 head)', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode, fp8_head=True))]
     if args.separate_clip:  # the same steps clipped by clip_grad_norm_ (a pass of its own) and without the finite test
         items += [('metai gpt2 (separate clip)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', separate_clip=True)),
                   ('metai small (separate clip)', build_metai('small'), items[2][2], dict(impl='metai', model='small', separate_clip=True))]
@@ -325,11 +341,14 @@ def main(argv=None):
         items += [('metai gpt2 (inductor CE)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fused_ce=False)),
                   ('metai small (inductor CE)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fused_ce=False))]
     for vname, over in args.variants.items():  # the gpt2 preset with some fields changed (same batch, sequence, vocabulary)
-        items += [(f'metai gpt2 [{vname}]', build_metai('gpt2', over=over), items[1][2],
-                   dict(impl='metai', model='gpt2', variant=vname, overrides=over))]
+        mode, fields = over.get('mode', 'default'), config_fields(over)
+        items += [(f'metai gpt2 [{vname}]', build_metai('gpt2', mode, over=fields), items[1][2],
+                   dict(impl='metai', model='gpt2', variant=vname, overrides=fields, **{k: over[k] for k in FLAGS if k in over},
+                        **({'compile_mode': mode} if mode != 'default' else {})))]
     if args.only:  # in the order given
         want = args.only.split(';' if ';' in args.only else ','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
-    res['defaults'] = dict(FUSED_CE=metai_transformer.FUSED_CE, FUSED_HEAD_CE=metai_transformer.FUSED_HEAD_CE, BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL)
+    res['defaults'] = dict(FUSED_CE=metai_transformer.FUSED_CE, FUSED_HEAD_CE=metai_transformer.FUSED_HEAD_CE, FP8_HEAD=metai_transformer.FP8_HEAD,
+                           BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL)
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         try:
@@ -339,7 +358,7 @@ def main(argv=None):
     by = {r['name']: r for r in res['results']}
     if 'metai gpt2' in by and 'nanoGPT gpt2-124M' in by:
         res['ratios'] = dict(metai_gpt2_vs_nanogpt=round(by['metai gpt2']['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3))
-        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'] in ('metai gpt2 (inductor CE)', 'metai gpt2 (fp32 residual)', 'metai gpt2 (separate clip)', 'metai gpt2 (head apart)')]:
+        for a in [r['name'] for r in res['results'] if r.get('variant') or r['name'].startswith('metai gpt2 (')]:  # every other gpt2 row
             res['ratios'][f'{a} vs nanoGPT gpt2-124M'] = round(by[a]['tokens_per_s'] / by['nanoGPT gpt2-124M']['tokens_per_s'], 3)
         for mode in [m for m in args.extra_modes.split(',') if m]:
             for a, b in ((f'metai gpt2 ({mode})', 'nanoGPT gpt2-124M'), (f'metai gpt2 ({mode})', f'nanoGPT gpt2-124M ({mode})')):
@@ -359,9 +378,11 @@ def main(argv=None):
         try: q['unigram_entropy'] = round(unigram_entropy(args.data_dir), 4)
         except Exception as e: q['unigram_entropy_error'] = short_error(e)
         res['quality'] = q
-        runs = [('metai', 'metai', None, {}), ('nanogpt', 'nanogpt', None, {})] + [(f'metai [{v}]', 'metai', o, {}) for v, o in args.variants.items()]
+        runs = [('metai', 'metai', None, {}), ('nanogpt', 'nanogpt', None, {})] + [(f'metai [{v}]', 'metai', config_fields(o), {k: o[k] for k in FLAGS if k in o})
+                                                                             for v, o in args.variants.items() if 'mode' not in o]
         if args.fp32_residual: runs.append(('metai (fp32 residual)', 'metai', None, dict(bf16_residual=False)))
         if args.head_apart: runs.append(('metai (head apart)', 'metai', None, dict(fused_head_ce=False)))
+        if args.fp8_head: runs.append(('metai (fp8 head)', 'metai', None, dict(fp8_head=True)))
         seeds = [int(v) for v in args.q_seeds.split(',')] if args.q_seeds else [args.seed]
         runs = [(key if s == seeds[0] else f'{key} (seed {s})', kind, over, flags, s) for s in seeds for key, kind, over, flags in runs]
         for key, kind, over, flags, seed in runs:

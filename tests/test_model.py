@@ -260,12 +260,12 @@ def test_bench_fp8_script_checks_the_arithmetic(tmp_path):
         assert max(s['bf16_rel_err']) < 1e-2 and max(s['fp8_rel_err']) < 0.1, s  # e5m2 gradients: about 6%
         assert min(s['fp8_rel_err']) > 1e-3, s  # it really went through 8 bits
 
-def _compiled_gpt2_steps(loss_only:bool) -> list:
+def _compiled_gpt2_steps(loss_only:bool, fused:tuple=(False, True)) -> list:
     "(loss, model with its .grad) of one compiled 2-layer gpt2-shaped step in bf16 autocast, with FUSED_CE off, then on."
     import metai.model.transformer as T
     from metai.core import autocast
     c, out, default = ModelConfig.preset('gpt2', n_layers=2), [], T.FUSED_CE
-    for fused in (False, True):
+    for fused in fused:
         torch._dynamo.reset(); T.FUSED_CE = fused
         try:
             m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
@@ -322,6 +322,45 @@ def test_cuda_linear_cross_entropy():
     (l0, m0), (l1, m1) = _compiled_gpt2_steps(loss_only=True)
     losses, grads = [l0, l1], [torch.cat([p.grad.float().flatten() for p in m.parameters()]) for m in (m0, m1)]
     assert abs(losses[0] - losses[1]) < 1e-3 and rel(grads[1], grads[0]) < 1e-2, (losses, rel(grads[1], grads[0]))
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason='needs fp8 products (sm89+)')
+def test_cuda_linear_cross_entropy_fp8():
+    """`linear_cross_entropy_fp8` on the GPU at gpt2's vocabulary and width: its e5m2 gradient is torch's rounding of
+    `(softmax - onehot) * FP8_GRAD_SCALE` from the same logits (both layouts), the summed loss within 1% of fp32's and
+    the gradients of h and w within fp8's error (per-tensor e4m3 keeps about 3 bits, e5m2 2: a few % of the norm);
+    and a compiled gpt2-shaped `loss_only` step with `FP8_HEAD` gives the bf16 step's loss and gradients within that."""
+    import triton
+    import metai.model.transformer as T
+    g = torch.Generator(device='cuda').manual_seed(0)
+    N, D, V = 4096, 768, 50304
+    h = torch.randn(N, D, device='cuda', generator=g).to(torch.bfloat16)
+    w = (torch.randn(V, D, device='cuda', generator=g) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), device='cuda', generator=g); t[::7] = -100
+    x = (torch.randn(N, V, device='cuda', generator=g) * 4).to(torch.bfloat16)
+    loss, lse = T.cross_entropy_rows(x, t)
+    d, dt = torch.empty(N, V, device='cuda', dtype=torch.float8_e5m2), torch.empty(V, N, device='cuda', dtype=torch.float8_e5m2)
+    T.ce_grad_fp8_kernel[(triton.cdiv(N, T.FP8_BM), triton.cdiv(V, T.FP8_BN))](x, t, lse, d, dt, N, V, T.FP8_GRAD_SCALE,
+                                                                                 BM=T.FP8_BM, BN=T.FP8_BN, num_warps=8)
+    keep = (t != -100).float()[:, None]
+    want = ((torch.softmax(x.float(), -1) - F.one_hot(t.clamp(min=0), V).float()) * keep * T.FP8_GRAD_SCALE).to(torch.float8_e5m2)
+    same = (d.float() == want.float()).float().mean().item()
+    assert same > 0.999 and torch.equal(dt.T.float(), d.float()), same   # exp's last bit may tip a rounding: rarely
+    ha, wa = h.clone().requires_grad_(), w.clone().requires_grad_()
+    hr, wr = h.float().clone().requires_grad_(), w.float().clone().requires_grad_()
+    loss = T.linear_cross_entropy_fp8(ha, wa, t)[0]
+    ref = F.cross_entropy(hr @ wr.T, t, ignore_index=-100, reduction='sum')
+    (loss / 3510).backward(); (ref / 3510).backward()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert abs(loss.item() - ref.item()) < 1e-2 * ref.item(), (loss.item(), ref.item())
+    assert rel(ha.grad, hr.grad) < 0.06 and rel(wa.grad, wr.grad) < 0.06, (rel(ha.grad, hr.grad), rel(wa.grad, wr.grad))
+    default = T.FP8_HEAD
+    try:
+        T.FP8_HEAD = True; (l1, m1), = _compiled_gpt2_steps(loss_only=True, fused=(True,))
+    finally: T.FP8_HEAD = default
+    (l0, m0), = _compiled_gpt2_steps(loss_only=True, fused=(True,))
+    g0, g1 = [torch.cat([p.grad.float().flatten() for p in m.parameters()]) for m in (m0, m1)]
+    assert abs(l0 - l1) < 1e-2 * l0 and rel(g1, g0) < 0.06, (l0, l1, rel(g1, g0))
 
 # --- DeepSeek-V3.2's indexer loss (notebook 19) -------------------------------------------------------------------
 

@@ -575,6 +575,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'metai/model/transformer.py'),
                                          'metai.model.transformer._lce_setup': ('model.html#_lce_setup', 'metai/model/transformer.py'),
                                          'metai.model.transformer._linear_ce': ('model.html#_linear_ce', 'metai/model/transformer.py'),
+                                         'metai.model.transformer._tiled': ('model.html#_tiled', 'metai/model/transformer.py'),
                                          'metai.model.transformer.check_weight_shapes': ( 'model.html#check_weight_shapes',
                                                                                           'metai/model/transformer.py'),
                                          'metai.model.transformer.cross_entropy_rows': ( 'model.html#cross_entropy_rows',

@@ -186,7 +186,7 @@ PRESETS = {
     'small': ModelConfig(vocab_size=32000, dim=576, n_layers=8, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                          n_routed_experts=8, n_activated_experts=2, moe_ffn_dim=896, score_func='softmax',
                          aux_loss_alpha=0.01, max_seq_len=2048, tie_embeddings=True, norm_eps=1e-5),
-    'gpt2': ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, ffn_dim=2048,
+    'gpt2': ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=6, ffn_dim=2048,
                         max_seq_len=1024, tie_embeddings=True, norm_eps=1e-5),
     'llama3-8b': ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                              rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False, norm_eps=1e-5),

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import card_info, time_fn, save_json, free
 import torch
 import torch.nn.functional as F
-import triton
 import metai.model.transformer as T
 
 
@@ -33,10 +32,9 @@ def head_rows(args, res, row, N:int, V:int, dev, g):
     row('  bf16 h @ w.T', lambda: h @ w.T, None, f1)
     row('  bf16 x @ w', lambda: x @ w, None, f1)
     row('  bf16 x.T @ h', lambda: x.T @ h, None, f1)
-    h8, sh = T.to_e4m3(h); w8, sw = T.to_e4m3(w)
-    row('  fp8 scaled copies of h and w', lambda: (T.to_e4m3(h), T.to_e4m3(w)), None)
-    wt, ht = w8.T.contiguous().T, h8.T.contiguous().T
-    row('  fp8 transposed copies of h8 and w8', lambda: (w8.T.contiguous(), h8.T.contiguous()), None)
+    h8, h8t, sh = T.to_e4m3(h); w8, w8t, sw = T.to_e4m3(w)
+    row('  fp8 scaled copies of h and w (both layouts)', lambda: (T.to_e4m3(h), T.to_e4m3(w)), None)
+    wt, ht = w8t.T, h8t.T
     d8 = (x.float() / 32).to(torch.float8_e5m2); dt8 = d8.T.contiguous(); sg = torch.ones((), device=dev)
     mm = torch._scaled_mm
     row('  fp8 h8 @ w8.T', lambda: mm(h8, w8.T, scale_a=sh, scale_b=sw, out_dtype=torch.bfloat16), None, f1)
@@ -47,8 +45,7 @@ def head_rows(args, res, row, N:int, V:int, dev, g):
     d, dt = torch.empty(N, V, device=dev, dtype=gdt), torch.empty(V, N, device=dev, dtype=gdt)
     def kern():
         T.ce_fwd_kernel[(N,)](x, t, loss, lse, V, x.stride(0), BLOCK=256 if T.INTERPRET else T.CE_BLOCK, num_warps=T.CE_WARPS)
-        T.ce_grad_fp8_kernel[(triton.cdiv(N, T.FP8_BM), triton.cdiv(V, T.FP8_BN))](x, t, lse, d, dt, N, V, T.FP8_GRAD_SCALE,
-                                                                                     BM=T.FP8_BM, BN=T.FP8_BN, num_warps=8)
+        T._tiled(T.ce_grad_fp8_kernel, N, V, x, t, lse, d, dt, N, V, T.FP8_GRAD_SCALE)
     row('  fp8 loss kernels (ce_fwd + ce_grad_fp8)', kern, 2)
     x = d = dt = d8 = dt8 = None; free(dev)
     l0, dh0, dw0 = T.linear_cross_entropy(h, w, t)

@@ -44,7 +44,7 @@ def test_preset_fields():
     assert (s.n_routed_experts, s.n_activated_experts, s.score_func, s.aux_loss_alpha, s.max_seq_len, s.vocab_size) == (8, 2, 'softmax', 0.01, 2048, 32000)
     assert abs(s.num_params() - 125e6) < 2e6 and s.active_params() < s.num_params() / 2
     g = ModelConfig.preset('gpt2')
-    assert (g.dim, g.n_layers, g.n_heads, g.vocab_size, g.max_seq_len, g.tie_embeddings) == (768, 12, 12, 50304, 1024, True)
+    assert (g.dim, g.n_layers, g.n_heads, g.vocab_size, g.max_seq_len, g.tie_embeddings) == (768, 12, 6, 50304, 1024, True)  # 6 heads of 128 (GPT-2: 12 of 64)
     assert abs(g.num_params() - 124e6) < 1e6
     l3 = ModelConfig.preset('llama3-8b')
     assert (l3.rope_theta, l3.max_seq_len, l3.norm_eps, l3.tie_embeddings, l3.rope_interleaved) == (500000, 8192, 1e-5, False, False)

@@ -5,8 +5,8 @@ the pieces of notebooks 04–06 assembled into one language model."""
 
 # %% auto #0
 __all__ = ['INTERPRET', 'FUSED_CE', 'FUSED_HEAD_CE', 'FP8_HEAD', 'BF16_RESIDUAL', 'CE_BLOCK', 'CE_WARPS', 'FP8_GRAD_SCALE',
-           'FP8_BM', 'FP8_BN', 'Block', 'MTPModule', 'mean_kl', 'Transformer', 'check_weight_shapes', 'load_weights',
-           'load_transformer', 'cross_entropy_rows', 'cross_entropy_rows_backward', 'linear_cross_entropy', 'to_e4m3',
+           'Block', 'MTPModule', 'mean_kl', 'Transformer', 'check_weight_shapes', 'load_weights', 'load_transformer',
+           'cross_entropy_rows', 'cross_entropy_rows_backward', 'linear_cross_entropy', 'to_e4m3',
            'linear_cross_entropy_fp8']
 
 # %% ../../nbs/07_model.ipynb #883e4733
@@ -78,7 +78,7 @@ class MTPModule(nn.Module):
 # %% ../../nbs/07_model.ipynb #86ba6adf
 FUSED_CE = True  # `_ce` computes the loss with `cross_entropy_rows` (two Triton kernels, at the end of this notebook) on CUDA
 FUSED_HEAD_CE = True  # with `loss_only` on CUDA the main head and its loss run as one op, `linear_cross_entropy` (end of notebook)
-FP8_HEAD = False  # with FUSED_HEAD_CE, the head's three products in fp8 (`linear_cross_entropy_fp8`, end of notebook)
+FP8_HEAD = True  # with FUSED_HEAD_CE on GPUs with fp8 products, the head's three products in fp8 (`linear_cross_entropy_fp8`, end of notebook)
 BF16_RESIDUAL = True  # under bf16 autocast the residual stream is bf16 too (Megatron-LM's default); False keeps it fp32 (nanoGPT)
 
 def _fused_ce_ok(logits:Tensor) -> bool:
@@ -418,7 +418,6 @@ def _linear_ce(h:Tensor, # (B, T, D) final hidden states
 
 # %% ../../nbs/07_model.ipynb #d79e91d4
 FP8_GRAD_SCALE = 2.0 ** 15  # |softmax - onehot| <= 1: its e5m2 copy (largest finite 57,344) is scaled by this constant
-FP8_BM, FP8_BN = 64, 128     # rows and classes of each tile of `ce_grad_fp8_kernel` (untuned)
 
 if triton is not None:
     @triton.jit
@@ -438,11 +437,40 @@ if triton is not None:
         tl.store(d_ptr + rows[:, None] * V + cols[None, :], d, mask=m)                                  # rows of the classes
         tl.store(dt_ptr + cols[:, None] * N + rows[None, :], tl.trans(d), mask=tl.trans(m))             # rows of the tokens
 
-def to_e4m3(a:Tensor # any shape, bf16 or fp32
-           ) -> tuple[Tensor, Tensor]: # a / s in float8_e4m3fn, s: () fp32 with max|a| / s = 448
-    "Per-tensor scaled fp8 copy: the largest magnitude lands on e4m3's largest finite value, 448."
+    @triton.jit
+    def fp8_cast_kernel(a_ptr, s_ptr, out_ptr, outt_ptr, N, V, BM: tl.constexpr, BN: tl.constexpr):
+        "Tile (BM, BN) of `a` (N, V): `a / s` in e4m3, written as (N, V) and transposed as (V, N)."
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+        m = (rows < N)[:, None] & (cols < V)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * V + cols[None, :], mask=m, other=0.).to(tl.float32) / tl.load(s_ptr)
+        if out_ptr.dtype.element_ty != tl.float32: a = a.to(out_ptr.dtype.element_ty, fp_downcast_rounding='rtne')
+        tl.store(out_ptr + rows[:, None] * V + cols[None, :], a, mask=m)
+        tl.store(outt_ptr + cols[:, None] * N + rows[None, :], tl.trans(a), mask=tl.trans(m))
+
+    # tile sizes: the first call at each shape times these and keeps the fastest (the interpreter takes the first)
+    FP8_TILES = [triton.Config(dict(BM=bm, BN=bn), num_warps=w) for bm, bn, w in ((64, 128, 8), (128, 128, 8), (128, 64, 4),
+                                                                                   (64, 64, 4), (256, 64, 8), (64, 256, 8))]
+    if not INTERPRET:
+        ce_grad_fp8_kernel = triton.autotune(FP8_TILES, key=['N', 'V'])(ce_grad_fp8_kernel)
+        fp8_cast_kernel = triton.autotune(FP8_TILES, key=['N', 'V'])(fp8_cast_kernel)
+
+def _tiled(kernel, N:int, V:int, *args):
+    "Launch one of the two tiled kernels above over an (N, V) array."
+    tiles = FP8_TILES[0].kwargs if INTERPRET else {}
+    kernel[lambda meta: (triton.cdiv(N, meta['BM']), triton.cdiv(V, meta['BN']))](*args, **tiles)
+
+def to_e4m3(a:Tensor # (N, V) bf16 or fp32
+           ) -> tuple[Tensor, Tensor, Tensor]: # a / s in float8_e4m3fn as (N, V) and as (V, N); s: () fp32, max|a| / s = 448
+    "Per-tensor scaled fp8 copies, row-major and transposed: the largest magnitude lands on e4m3's largest finite value."
+    a = a.contiguous()
     s = (torch.linalg.vector_norm(a, float('inf')).float() / 448.).clamp(min=1e-30)
-    return (a.float() / s).to(torch.float8_e4m3fn), s
+    N, V = a.shape
+    odt = torch.float32 if INTERPRET else torch.float8_e4m3fn   # the interpreter rounds to fp8 wrongly: torch rounds below
+    out, outt = a.new_empty((N, V), dtype=odt), a.new_empty((V, N), dtype=odt)
+    if a.numel(): _tiled(fp8_cast_kernel, N, V, a, s, out, outt, N, V)
+    if INTERPRET: out, outt = out.to(torch.float8_e4m3fn), outt.to(torch.float8_e4m3fn)
+    return out, outt, s
 
 @torch.library.custom_op('metai::linear_cross_entropy_fp8', mutates_args=())
 def linear_cross_entropy_fp8(h:Tensor, # (N, D) hidden states (bf16 or fp32); N, D and V multiples of 16
@@ -452,20 +480,19 @@ def linear_cross_entropy_fp8(h:Tensor, # (N, D) hidden states (bf16 or fp32); N,
     "`linear_cross_entropy` with its three products in fp8: e4m3 `h` and `w` (per-tensor scales), the gradient in e5m2."
     h, w, targets = h.contiguous(), w.contiguous(), targets.contiguous()
     N, V = h.shape[0], w.shape[0]
-    h8, sh = to_e4m3(h)                                   # (N, D)
-    w8, sw = to_e4m3(w)                                   # (V, D)
+    h8, h8t, sh = to_e4m3(h)                              # (N, D), (D, N)
+    w8, w8t, sw = to_e4m3(w)                              # (V, D), (D, V)
     x = torch._scaled_mm(h8, w8.T, scale_a=sh, scale_b=sw, out_dtype=torch.bfloat16)   # (N, V) logits
     loss, lse = h.new_empty(N, dtype=torch.float32), h.new_empty(N, dtype=torch.float32)
     ce_fwd_kernel[(N,)](x, targets, loss, lse, V, x.stride(0), BLOCK=256 if INTERPRET else CE_BLOCK, num_warps=CE_WARPS)
-    gdt = torch.float32 if INTERPRET else torch.float8_e5m2   # the interpreter rounds to fp8 wrongly: torch rounds below
+    gdt = torch.float32 if INTERPRET else torch.float8_e5m2
     d, dt = h.new_empty((N, V), dtype=gdt), h.new_empty((V, N), dtype=gdt)
-    ce_grad_fp8_kernel[(triton.cdiv(N, FP8_BM), triton.cdiv(V, FP8_BN))](x, targets, lse, d, dt, N, V, FP8_GRAD_SCALE,
-                                                                         BM=FP8_BM, BN=FP8_BN, num_warps=8)
+    _tiled(ce_grad_fp8_kernel, N, V, x, targets, lse, d, dt, N, V, FP8_GRAD_SCALE)
     del x
     if INTERPRET: d, dt = d.to(torch.float8_e5m2), dt.to(torch.float8_e5m2)
     sg = torch.full((), 1 / FP8_GRAD_SCALE, device=h.device)
-    dh = torch._scaled_mm(d, w8.T.contiguous().T, scale_a=sg, scale_b=sw, out_dtype=h.dtype)    # (N, D): (N, V) @ (V, D)
-    dw = torch._scaled_mm(dt, h8.T.contiguous().T, scale_a=sg, scale_b=sh, out_dtype=w.dtype)   # (V, D): (V, N) @ (N, D)
+    dh = torch._scaled_mm(d, w8t.T, scale_a=sg, scale_b=sw, out_dtype=h.dtype)    # (N, D): (N, V) @ (V, D)
+    dw = torch._scaled_mm(dt, h8t.T, scale_a=sg, scale_b=sh, out_dtype=w.dtype)   # (V, D): (V, N) @ (N, D)
     return loss.sum(), dh, dw
 
 @linear_cross_entropy_fp8.register_fake

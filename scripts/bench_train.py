@@ -254,7 +254,7 @@ def main(argv=None):
     p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
     p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6' (mode=reduce-overhead: time that row as CUDA graphs; no quality run)")
     p.add_argument('--head-apart', action='store_true', help="also time metai gpt2 and small with the head's product and the loss apart (notebook 07's FUSED_HEAD_CE off)")
-    p.add_argument('--fp8-head', action='store_true', help="also time (and train in the quality check) metai with the head's products in fp8 (notebook 07's FP8_HEAD on)")
+    p.add_argument('--bf16-head', action='store_true', help="also time (and train in the quality check) metai with the head's products in bf16 (notebook 07's FP8_HEAD off)")
     p.add_argument('--separate-clip', action='store_true', help="also time metai gpt2 and small clipping with clip_grad_norm_ before the step (not inside the fused AdamW)")
     p.add_argument('--q-steps', type=int, default=200, help='quality check: optimizer steps per model')
     p.add_argument('--q-batch', type=int, default=16, help='quality check: sequences per step')
@@ -322,12 +322,12 @@ def main(argv=None):
         for mode in [m for m in args.extra_modes.split(',') if m]:
             items += [(f'metai small ({mode}, head apart)', build_metai('small', mode), items[2][2],
                        dict(impl='metai', model='small', compile_mode=mode, fused_head_ce=False))]
-    if args.fp8_head:  # the same steps with the head's three products in fp8 (notebook 07's FP8_HEAD on)
-        items += [('metai gpt2 (fp8 head)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fp8_head=True)),
-                  ('metai small (fp8 head)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fp8_head=True))]
+    if args.bf16_head:  # the same steps with the head's three products in bf16 (notebook 07's FP8_HEAD off)
+        items += [('metai gpt2 (bf16 head)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', fp8_head=False)),
+                  ('metai small (bf16 head)', build_metai('small'), items[2][2], dict(impl='metai', model='small', fp8_head=False))]
         for mode in [m for m in args.extra_modes.split(',') if m]:
-            items += [(f'metai gpt2 ({mode}, fp8 head)', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode, fp8_head=True)),
-                      (f'metai small ({mode}, fp8 head)', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode, fp8_head=True))]
+            items += [(f'metai gpt2 ({mode}, bf16 head)', build_metai('gpt2', mode), items[1][2], dict(impl='metai', model='gpt2', compile_mode=mode, fp8_head=False)),
+                      (f'metai small ({mode}, bf16 head)', build_metai('small', mode), items[2][2], dict(impl='metai', model='small', compile_mode=mode, fp8_head=False))]
     if args.separate_clip:  # the same steps clipped by clip_grad_norm_ (a pass of its own) and without the finite test
         items += [('metai gpt2 (separate clip)', build_metai('gpt2'), items[1][2], dict(impl='metai', model='gpt2', separate_clip=True)),
                   ('metai small (separate clip)', build_metai('small'), items[2][2], dict(impl='metai', model='small', separate_clip=True))]
@@ -382,7 +382,7 @@ def main(argv=None):
                                                                              for v, o in args.variants.items() if 'mode' not in o]
         if args.fp32_residual: runs.append(('metai (fp32 residual)', 'metai', None, dict(bf16_residual=False)))
         if args.head_apart: runs.append(('metai (head apart)', 'metai', None, dict(fused_head_ce=False)))
-        if args.fp8_head: runs.append(('metai (fp8 head)', 'metai', None, dict(fp8_head=True)))
+        if args.bf16_head: runs.append(('metai (bf16 head)', 'metai', None, dict(fp8_head=False)))
         seeds = [int(v) for v in args.q_seeds.split(',')] if args.q_seeds else [args.seed]
         runs = [(key if s == seeds[0] else f'{key} (seed {s})', kind, over, flags, s) for s in seeds for key, kind, over, flags in runs]
         for key, kind, over, flags, seed in runs:

@@ -502,6 +502,6 @@ linear_cross_entropy_fp8.register_autograd(_lce_backward, setup_context=_lce_set
 
 def _fp8_ok(h:Tensor, w:Tensor) -> bool:
     "Whether `_linear_ce` may take the fp8 op: `FP8_HEAD` on, a GPU with fp8 products (sm89+; or the interpreter), sizes in 16s."
-    if not FP8_HEAD or any(n % 16 for n in (h.shape[0] * h.shape[1], h.shape[2], w.shape[0])): return False
+    if not FP8_HEAD or h.numel() == 0 or any(n % 16 for n in (h.shape[0] * h.shape[1], h.shape[2], w.shape[0])): return False
     return INTERPRET or (h.is_cuda and torch.cuda.get_device_capability(h.device) >= (8, 9))
 

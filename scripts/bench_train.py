@@ -388,7 +388,7 @@ def main(argv=None):
         for key, kind, over, flags, seed in runs:
             if skip(f'quality {key}', 45): continue
             try:
-                with library_flags(flags): q['runs'][key] = quality_run(kind, ng, args, device, over, seed)
+                with library_flags(flags): q['runs'][key] = dict(quality_run(kind, ng, args, device, over, seed), **({'switches': flags} if flags else {}))
             except Exception as e: res['errors'].append(f'quality {key}: {short_error(e)}')
             free(device); save()
         for key in [k for k in q['runs'] if k.startswith('metai')]:  # against nanoGPT with the same seed

@@ -260,19 +260,20 @@ def test_bench_fp8_script_checks_the_arithmetic(tmp_path):
         assert max(s['bf16_rel_err']) < 1e-2 and max(s['fp8_rel_err']) < 0.1, s  # e5m2 gradients: about 6%
         assert min(s['fp8_rel_err']) > 1e-3, s  # it really went through 8 bits
 
-def _compiled_gpt2_steps(loss_only:bool, fused:tuple=(False, True)) -> list:
-    "(loss, model with its .grad) of one compiled 2-layer gpt2-shaped step in bf16 autocast, with FUSED_CE off, then on."
+def _compiled_gpt2_steps(loss_only:bool, fused:tuple=(False, True), fp8:bool=False) -> list:
+    """(loss, model with its .grad) of one compiled 2-layer gpt2-shaped step in bf16 autocast, with FUSED_CE off, then on;
+    the head's products in fp8 only with `fp8` (FP8_HEAD, on by default in the library, is set for the call)."""
     import metai.model.transformer as T
     from metai.core import autocast
-    c, out, default = ModelConfig.preset('gpt2', n_layers=2), [], T.FUSED_CE
+    c, out, default, default_fp8 = ModelConfig.preset('gpt2', n_layers=2), [], T.FUSED_CE, T.FP8_HEAD
     for fused in fused:
-        torch._dynamo.reset(); T.FUSED_CE = fused
+        torch._dynamo.reset(); T.FUSED_CE, T.FP8_HEAD = fused, fp8
         try:
             m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
             with autocast('cuda'): logits, l, _ = torch.compile(m)(xs, ys, loss_only=loss_only)
             assert (logits is None) == loss_only  # loss_only: the fused head never keeps them
             l.backward()
-        finally: T.FUSED_CE = default
+        finally: T.FUSED_CE, T.FP8_HEAD = default, default_fp8
         out.append((l.item(), m))
     return out
 
@@ -344,6 +345,8 @@ def test_cuda_linear_cross_entropy_fp8():
     want = ((torch.softmax(x.float(), -1) - F.one_hot(t.clamp(min=0), V).float()) * keep * T.FP8_GRAD_SCALE).to(torch.float8_e5m2)
     same = (d.float() == want.float()).float().mean().item()
     assert same > 0.999 and torch.equal(dt.T.float(), d.float()), same   # exp's last bit may tip a rounding: rarely
+    kept = (t != -100).nonzero().squeeze(1)                               # the one-hot term: 1/V of the entries, so apart
+    assert (d.float()[kept, t[kept]] < 0).all() and (d.float()[t == -100] == 0).all()
     h8, h8t, sh = T.to_e4m3(h)                                            # the cast kernel: torch's rounding, both layouts
     want = (h.float() / sh).to(torch.float8_e4m3fn)
     assert torch.equal(h8.float(), want.float()) and torch.equal(h8t.T.float(), want.float())
@@ -356,11 +359,8 @@ def test_cuda_linear_cross_entropy_fp8():
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item(), (loss.item(), ref.item())
     assert rel(ha.grad, hr.grad) < 0.06 and rel(wa.grad, wr.grad) < 0.06, (rel(ha.grad, hr.grad), rel(wa.grad, wr.grad))
-    default = T.FP8_HEAD
-    try:
-        T.FP8_HEAD = True; (l1, m1), = _compiled_gpt2_steps(loss_only=True, fused=(True,))
-    finally: T.FP8_HEAD = default
-    (l0, m0), = _compiled_gpt2_steps(loss_only=True, fused=(True,))
+    (l1, m1), = _compiled_gpt2_steps(loss_only=True, fused=(True,), fp8=True)
+    (l0, m0), = _compiled_gpt2_steps(loss_only=True, fused=(True,), fp8=False)
     g0, g1 = [torch.cat([p.grad.float().flatten() for p in m.parameters()]) for m in (m0, m1)]
     assert abs(l0 - l1) < 1e-2 * l0 and rel(g1, g0) < 0.06, (l0, l1, rel(g1, g0))
 

@@ -413,7 +413,7 @@ def _linear_ce(h:Tensor, # (B, T, D) final hidden states
     "`_ce(h @ w.T, targets)` through `linear_cross_entropy`, in the autocast dtype when autocast is on."
     dt = compute_dtype(h)
     n = (targets != -100).sum().clamp(min=1)
-    op = linear_cross_entropy_fp8 if _fp8_ok(h, w) else linear_cross_entropy   # fp8: end of notebook
+    op = linear_cross_entropy_fp8 if dt == torch.bfloat16 and _fp8_ok(h, w) else linear_cross_entropy   # fp8: end of notebook
     return op(h.flatten(0, 1).to(dt), w.to(dt), targets.flatten())[0] / n
 
 # %% ../../nbs/07_model.ipynb #d79e91d4
@@ -480,6 +480,7 @@ def linear_cross_entropy_fp8(h:Tensor, # (N, D) hidden states (bf16 or fp32); N,
     "`linear_cross_entropy` with its three products in fp8: e4m3 `h` and `w` (per-tensor scales), the gradient in e5m2."
     h, w, targets = h.contiguous(), w.contiguous(), targets.contiguous()
     N, V = h.shape[0], w.shape[0]
+    if N == 0: return h.new_zeros((), dtype=torch.float32), torch.zeros_like(h), torch.zeros_like(w)
     h8, h8t, sh = to_e4m3(h)                              # (N, D), (D, N)
     w8, w8t, sw = to_e4m3(w)                              # (V, D), (D, V)
     x = torch._scaled_mm(h8, w8.T, scale_a=sh, scale_b=sw, out_dtype=torch.bfloat16)   # (N, V) logits
@@ -501,7 +502,7 @@ def _(h, w, targets): return h.new_empty((), dtype=torch.float32), h.new_empty(h
 linear_cross_entropy_fp8.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 def _fp8_ok(h:Tensor, w:Tensor) -> bool:
-    "Whether `_linear_ce` may take the fp8 op: `FP8_HEAD` on, a GPU with fp8 products (sm89+; or the interpreter), sizes in 16s."
+    "Whether `_linear_ce` may take the fp8 op: `FP8_HEAD` on, an NVIDIA GPU with fp8 products (sm89+; or the interpreter), sizes in 16s."
     if not FP8_HEAD or h.numel() == 0 or any(n % 16 for n in (h.shape[0] * h.shape[1], h.shape[2], w.shape[0])): return False
-    return INTERPRET or (h.is_cuda and torch.cuda.get_device_capability(h.device) >= (8, 9))
+    return INTERPRET or (h.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(h.device) >= (8, 9))
 

@@ -83,6 +83,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'metai.core.autocast': ('core.html#autocast', 'metai/core.py'),
                             'metai.core.autocast_dtype': ('core.html#autocast_dtype', 'metai/core.py'),
                             'metai.core.compute_dtype': ('core.html#compute_dtype', 'metai/core.py'),
+                            'metai.core.custom_op': ('core.html#custom_op', 'metai/core.py'),
                             'metai.core.device_memory': ('core.html#device_memory', 'metai/core.py'),
                             'metai.core.fmt_bytes': ('core.html#fmt_bytes', 'metai/core.py'),
                             'metai.core.fmt_num': ('core.html#fmt_num', 'metai/core.py'),

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['get_device', 'autocast_dtype', 'autocast', 'compute_dtype', 'seed_everything', 'sync', 'Timer', 'fmt_num',
-           'fmt_bytes', 'device_memory', 'memory_shortfall', 'atomic_path', 'atomic_write_text']
+           'fmt_bytes', 'device_memory', 'memory_shortfall', 'atomic_path', 'atomic_write_text', 'custom_op']
 
 # %% ../nbs/00_core.ipynb #d437b173
 import os, time, random, contextlib
@@ -108,3 +108,15 @@ def atomic_write_text(path, text:str):
     "Write `text` to `path` atomically (UTF-8)."
     with atomic_path(path) as tmp:
         with open(tmp, 'w', encoding='utf-8') as f: f.write(text)
+
+# %% ../nbs/00_core.ipynb #e1da614e
+_CUSTOM_OPS = {}  # 'metai::name' -> the op registered first in this process
+
+def custom_op(name:str, # 'namespace::name'
+              mutates_args=() # as for `torch.library.custom_op`
+             ):
+    "`torch.library.custom_op`, once per process: a later definition of `name` returns the op registered first."
+    def register(fn):
+        if name not in _CUSTOM_OPS: _CUSTOM_OPS[name] = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        return _CUSTOM_OPS[name]
+    return register

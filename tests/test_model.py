@@ -397,3 +397,15 @@ def test_index_loss_keeps_no_score_tensor_for_backward():
     assert not [s for s in shapes if len(s) == 4 and s[-2:] == (6, 24)], 'a (B, T, 6, S) tensor was saved'
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if '.indexer.' in n)
+
+def test_custom_op_defined_again_keeps_the_first():
+    """A notebook re-running an exported cell after the package module was imported (nbdev-test runs several notebooks
+    in one worker) must not re-register the operator: torch would drop the registration the module's op object uses."""
+    import metai.model.moe as M
+    from metai.core import custom_op
+    @custom_op('metai::grouped_mm', mutates_args=())
+    def again(x:torch.Tensor, w:torch.Tensor, offs:torch.Tensor) -> torch.Tensor: raise AssertionError('not this one')
+    assert again is M.grouped_mm
+    x, w = torch.randn(6, 4), torch.randn(2, 4, 3)
+    offs = torch.tensor([2, 6], dtype=torch.int32)
+    torch.testing.assert_close(M.grouped_mm(x, w, offs), torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from ..model.attention import Attention, fused_linear
+from ..core import custom_op
 from ..model.rope import apply_rope
 from .quant import dequantize_int4, unpack_int4
 try:
@@ -361,7 +362,7 @@ def _kernel_ok(x:Tensor, ws:list) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET) and x.dtype == torch.bfloat16 and 1 <= len(ws) <= 3
 
 # %% ../../nbs/09b_kernels.ipynb #53ae37f5
-@torch.library.custom_op('metai::gemv', mutates_args=())
+@custom_op('metai::gemv', mutates_args=())
 def gemv(x:Tensor, # (K,) one row (or (2K,) = [a; b] with `silu`), bf16 for the kernel
          ws:list[Tensor], # one to three bf16 weights (N_i, K) that read the same input
          norm:Tensor|None=None, # (K,) RMSNorm gain: the product reads RMSNorm(x)
@@ -410,7 +411,7 @@ def gemv_rows(x:Tensor, # (M, K) a few rows (or (M, 2K) with `silu`), bf16 for t
     f = rows_prologue if PROLOGUE_KERNEL and (norm is not None or silu) else prologue
     return rows_product(f(x, norm, eps, silu), ws, residual)
 
-@torch.library.custom_op('metai::rows_prologue', mutates_args=())
+@custom_op('metai::rows_prologue', mutates_args=())
 def rows_prologue(x:Tensor, # (M, K) rows (or (M, 2K) with `silu`), bf16 for the kernel
                   norm:Tensor|None=None, eps:float=1e-6, # RMSNorm gain (K,)
                   silu:bool=False # silu(a) * b of each row [a | b]
@@ -431,7 +432,7 @@ def rows_prologue(x:Tensor, # (M, K) rows (or (M, 2K) with `silu`), bf16 for the
 @rows_prologue.register_fake
 def _(x, norm=None, eps=1e-6, silu=False): return x.new_empty(x.shape[0], x.shape[-1] // 2 if silu else x.shape[-1])
 
-@torch.library.custom_op('metai::gemv_few', mutates_args=())
+@custom_op('metai::gemv_few', mutates_args=())
 def gemv_few(x:Tensor, # (M, K) M <= 4 rows (or (M, 2K) with `silu`), bf16 for the kernel
              ws:list[Tensor], # one to three bf16 weights (N_i, K) that read the same input
              norm:Tensor|None=None, eps:float=1e-6, # RMSNorm gain (K,), each row normalised
@@ -459,7 +460,7 @@ def gemv_few(x:Tensor, # (M, K) M <= 4 rows (or (M, 2K) with `silu`), bf16 for t
 @gemv_few.register_fake
 def _(x, ws, norm=None, eps=1e-6, residual=None, silu=False): return x.new_empty(x.shape[0], sum(w.shape[0] for w in ws))
 
-@torch.library.custom_op('metai::rows_product', mutates_args=())
+@custom_op('metai::rows_product', mutates_args=())
 def rows_product(x:Tensor, # (M, K) bf16, M <= 16
                  ws:list[Tensor], # one to three bf16 weights (N_i, K)
                  residual:Tensor|None=None, # (M, sum N_i) added to the result
@@ -487,7 +488,7 @@ def rows_product(x:Tensor, # (M, K) bf16, M <= 16
 @rows_product.register_fake
 def _(x, ws, residual=None, rms=False, eps=1e-6, glu=False): return x.new_empty(x.shape[0], ws[0].shape[0] if glu else sum(w.shape[0] for w in ws))
 
-@torch.library.custom_op('metai::gemv_int4', mutates_args=())
+@custom_op('metai::gemv_int4', mutates_args=())
 def gemv_int4(x:Tensor, # (K,) or (2K,) with `silu`
               qs:list[Tensor], # one to three int4 code matrices (N_i, K/2) uint8 (notebook 12's layout); the kernel needs K % 8 == 0
               scales:list[Tensor], zeros:list[Tensor], # (N_i, K/G) each
@@ -849,7 +850,7 @@ def _merge_counters(device, n:int) -> Tensor|None:
         c = _COUNTERS[device] = torch.zeros(1024, dtype=torch.int32, device=device)
     return c if n <= c.numel() else None
 
-@torch.library.custom_op('metai::decode_attention', mutates_args=('k_cache', 'v_cache'))
+@custom_op('metai::decode_attention', mutates_args=('k_cache', 'v_cache'))
 def decode_attention(qkv:Tensor, # (H*D + 2*KV*D,) one new token's q/k/v product; or (T, ...) for T <= 16 tokens
                      k_cache:Tensor, v_cache:Tensor, input_pos:Tensor, cos:Tensor, sin:Tensor,
                      n_heads:int, n_kv_heads:int, interleaved:bool, scale:float) -> Tensor:
@@ -968,7 +969,7 @@ def topk_sample_ok(logits:Tensor, top_k:int|None, top_p:float|None) -> bool:
             and logits.dim() == 2 and logits.stride(-1) == 1 and top_k is not None and 1 <= top_k <= min(1024, logits.shape[-1] - 1)
             and top_p is None)
 
-@torch.library.custom_op('metai::topk_sample', mutates_args=())
+@custom_op('metai::topk_sample', mutates_args=())
 def topk_sample(logits:Tensor, # (B, V) bf16, each row contiguous
                 seed:Tensor, # (B,) int64, one seed per row (`sample` draws it from torch's generator)
                 temperature:float, # > 0

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from ..config import ModelConfig, ConfigError
-from ..core import compute_dtype
+from ..core import compute_dtype, custom_op
 from .attention import fused_linear
 
 # %% ../../nbs/06_moe.ipynb #f827a544
@@ -119,7 +119,7 @@ def _grouped_mm_native(*ts:Tensor) -> bool:
     if not all(s == 1 or s * t.element_size() % 16 == 0 for t in ts for s in t.stride()): return False
     return torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 for t in ts)  # (no addresses while tracing)
 
-@torch.library.custom_op('metai::grouped_mm', mutates_args=())
+@custom_op('metai::grouped_mm', mutates_args=())
 def grouped_mm(x:Tensor,    # (M, K) rows sorted by group
                w:Tensor,    # (G, K, N) one matrix per group
                offs:Tensor  # (G,) end row of each group (cumulative counts)
@@ -135,7 +135,7 @@ def grouped_mm(x:Tensor,    # (M, K) rows sorted by group
 @grouped_mm.register_fake
 def _(x, w, offs): return x.new_empty(x.shape[0], w.shape[-1])
 
-@torch.library.custom_op('metai::grouped_mm_wgrad', mutates_args=())
+@custom_op('metai::grouped_mm_wgrad', mutates_args=())
 def grouped_mm_wgrad(x:Tensor, g:Tensor, offs:Tensor) -> Tensor:  # (M, K), (M, N), (G,) -> (G, K, N)
     "Weight gradient of `grouped_mm`: `x[group]^T @ g[group]` for every group."
     x, g = x.contiguous(), g.contiguous()

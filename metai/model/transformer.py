@@ -18,7 +18,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
-from ..core import fmt_num, memory_shortfall, compute_dtype
+from ..core import fmt_num, memory_shortfall, compute_dtype, custom_op
 from ..config import ModelConfig
 from .rope import precompute_freqs
 from .attention import RMSNorm, Attention, MLA
@@ -326,7 +326,7 @@ if triton is not None:
             d = tl.exp(x - lse) * gs - tl.where(j == t, g, 0.)
             tl.store(dx_ptr + row * dstride + j, d.to(dx_ptr.dtype.element_ty), mask=j < V)
 
-@torch.library.custom_op('metai::cross_entropy_rows', mutates_args=())
+@custom_op('metai::cross_entropy_rows', mutates_args=())
 def cross_entropy_rows(logits:Tensor, # (N, V) bf16 or fp32
                        targets:Tensor # (N,) int64 class indices, -100 = ignore
                       ) -> tuple[Tensor, Tensor]: # (N,) fp32 losses (0 where ignored), (N,) fp32 log-sum-exp
@@ -340,7 +340,7 @@ def cross_entropy_rows(logits:Tensor, # (N, V) bf16 or fp32
 @cross_entropy_rows.register_fake
 def _(logits, targets): return logits.new_empty(logits.shape[0], dtype=torch.float32), logits.new_empty(logits.shape[0], dtype=torch.float32)
 
-@torch.library.custom_op('metai::cross_entropy_rows_backward', mutates_args=())
+@custom_op('metai::cross_entropy_rows_backward', mutates_args=())
 def cross_entropy_rows_backward(logits:Tensor, targets:Tensor, lse:Tensor, # what the forward saw and saved
                                 grad:Tensor, grad_lse:Tensor # (N,) the gradients of the two outputs
                                ) -> Tensor: # (N, V) in the logits' dtype
@@ -382,7 +382,7 @@ if triton is not None:
             d = tl.exp(x - lse) * g - tl.where(j == t, g, 0.)
             tl.store(base + j, d.to(x_ptr.dtype.element_ty), mask=j < V)
 
-@torch.library.custom_op('metai::linear_cross_entropy', mutates_args=())
+@custom_op('metai::linear_cross_entropy', mutates_args=())
 def linear_cross_entropy(h:Tensor, # (N, D) hidden states (bf16 or fp32)
                          w:Tensor, # (V, D) the head's weight, h's dtype
                          targets:Tensor # (N,) int64 class indices, -100 = ignore
@@ -472,7 +472,7 @@ def to_e4m3(a:Tensor # (N, V) bf16 or fp32
     if INTERPRET: out, outt = out.to(torch.float8_e4m3fn), outt.to(torch.float8_e4m3fn)
     return out, outt, s
 
-@torch.library.custom_op('metai::linear_cross_entropy_fp8', mutates_args=())
+@custom_op('metai::linear_cross_entropy_fp8', mutates_args=())
 def linear_cross_entropy_fp8(h:Tensor, # (N, D) hidden states (bf16 or fp32); N, D and V multiples of 16
                              w:Tensor, # (V, D) the head's weight
                              targets:Tensor # (N,) int64 class indices, -100 = ignore

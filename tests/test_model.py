@@ -266,8 +266,8 @@ def _compiled_gpt2_steps(loss_only:bool, fused:tuple=(False, True), fp8:bool=Fal
     import metai.model.transformer as T
     from metai.core import autocast
     c, out, default, default_fp8 = ModelConfig.preset('gpt2', n_layers=2), [], T.FUSED_CE, T.FP8_HEAD
-    for fused in fused:
-        torch._dynamo.reset(); T.FUSED_CE, T.FP8_HEAD = fused, fp8
+    for fused_ce in fused:
+        torch._dynamo.reset(); T.FUSED_CE, T.FP8_HEAD = fused_ce, fp8
         try:
             m = model(c).cuda(); xs, ys = [v.cuda() for v in batch(c, B=4, T=256)]
             with autocast('cuda'): logits, l, _ = torch.compile(m)(xs, ys, loss_only=loss_only)

@@ -47,6 +47,10 @@ def head_rows(args, res, row, N:int, V:int, dev, g):
         T.ce_fwd_kernel[(N,)](x, t, loss, lse, V, x.stride(0), BLOCK=256 if T.INTERPRET else T.CE_BLOCK, num_warps=T.CE_WARPS)
         T._tiled(T.ce_grad_fp8_kernel, N, V, x, t, lse, d, dt, N, V, T.FP8_GRAD_SCALE)
     row('  fp8 loss kernels (ce_fwd + ce_grad_fp8)', kern, 3)   # two reads of the bf16 logits, two 1-byte writes
+    row('  ce_grad_fp8_kernel alone', lambda: T._tiled(T.ce_grad_fp8_kernel, N, V, x, t, lse, d, dt, N, V, T.FP8_GRAD_SCALE), 2)
+    for k in ('ce_grad_fp8_kernel', 'fp8_cast_kernel'):   # the tiles triton.autotune kept at these shapes
+        cache = getattr(getattr(T, k), 'cache', {})
+        res.setdefault('tiles', {})[f'{k} V={V} D={D}'] = {str(key): str(cfg) for key, cfg in cache.items()}
     x = d = dt = d8 = dt8 = None; free(dev)
     l0, dh0, dw0 = T.linear_cross_entropy(h, w, t)
     l1, dh1, dw1 = T.linear_cross_entropy_fp8(h, w, t)

@@ -26,6 +26,7 @@ from metai.core import get_device, autocast, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 import metai.model.transformer as metai_transformer
+import metai.model.attention as metai_attention
 from metai.train.loop import configure_optimizer, clip_step, CUDA_GRAPH_MODES
 from metai.data.datasets import LazyTextDataset, read_meta
 
@@ -151,15 +152,17 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
 @contextlib.contextmanager
 def library_flags(extra:dict):
     "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `fp8_head`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
-    names = ('FUSED_CE', 'FUSED_HEAD_CE', 'FP8_HEAD', 'BF16_RESIDUAL')   # read when a step is traced: a change recompiles it
-    saved = {n: getattr(metai_transformer, n) for n in names}
-    for n in names: setattr(metai_transformer, n, extra.get(n.lower(), saved[n]))
-    try: yield
+    mods = dict(FUSED_CE=metai_transformer, FUSED_HEAD_CE=metai_transformer, FP8_HEAD=metai_transformer, BF16_RESIDUAL=metai_transformer,
+                ROPE_QKV=metai_attention)   # read when a step is traced: a change recompiles it
+    saved = {n: getattr(m, n) for n, m in mods.items()}
+    for n, m in mods.items(): setattr(m, n, extra.get(n.lower(), saved[n]))
+    try:
+        with torch._inductor.config.patch(coordinate_descent_tuning=True) if extra.get('cdt') else contextlib.nullcontext(): yield  # cdt: inductor tunes each kernel's tiles
     finally:
-        for n in names: setattr(metai_transformer, n, saved[n])
+        for n, m in mods.items(): setattr(m, n, saved[n])
 
 
-FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual')
+FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual', 'rope_qkv', 'cdt')   # notebooks 07 and 05's switches; cdt: inductor's coordinate-descent tuning
 
 def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k != 'mode' and k not in FLAGS}
 
@@ -167,7 +170,8 @@ def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k
 def parse_variants(spec:str) -> dict:
     """'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}.
     Besides ModelConfig fields: `mode=...` compiles the row in that torch.compile mode (timing only: no quality run), and
-    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) hold for its row and quality run."""
+    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) and `cdt=1` (inductor's
+    coordinate-descent tuning of its kernels) hold for its row and quality run."""
     out = {}
     for item in [v for v in spec.split(';') if v.strip()]:
         name, _, kvs = item.partition(':')
@@ -348,7 +352,7 @@ def main(argv=None):
     if args.only:  # in the order given
         want = args.only.split(';' if ';' in args.only else ','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
     res['defaults'] = dict(FUSED_CE=metai_transformer.FUSED_CE, FUSED_HEAD_CE=metai_transformer.FUSED_HEAD_CE, FP8_HEAD=metai_transformer.FP8_HEAD,
-                           BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL)
+                           BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL, ROPE_QKV=metai_attention.ROPE_QKV)
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         try:

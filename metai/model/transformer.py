@@ -423,34 +423,40 @@ if triton is not None:
     @triton.jit
     def ce_grad_fp8_kernel(x_ptr, t_ptr, lse_ptr, d_ptr, dt_ptr, N, V, scale, BM: tl.constexpr, BN: tl.constexpr):
         "Tile (BM rows, BN classes): `(softmax(x) - onehot(t)) * scale`, written twice, as (N, V) and transposed as (V, N)."
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+        r0, c0 = tl.program_id(0) * BM, tl.program_id(1) * BN        # the tile's corner; offsets inside a tile fit in int32
+        r, c = tl.arange(0, BM), tl.arange(0, BN)
+        rows, cols = r0 + r, c0 + c
         rm, cm = rows < N, cols < V
         t = tl.load(t_ptr + rows, mask=rm, other=-100)
         lse = tl.load(lse_ptr + rows, mask=rm, other=0.)
         g = tl.where(t == -100, 0., 1.)
         g = tl.where((t != -100) & ((t < 0) | (t >= V)), float('nan'), g)   # a class out of range: NaN, as `ce_grad_kernel`
         m = rm[:, None] & cm[None, :]
-        x = tl.load(x_ptr + rows[:, None] * V + cols[None, :], mask=m, other=0.).to(tl.float32)        # (BM, BN)
+        nv = r0.to(tl.int64) * V + c0                                   # the corner in the (N, V) arrays
+        vn = c0.to(tl.int64) * N + r0                                   # and in the (V, N) one
+        x = tl.load(x_ptr + nv + (r[:, None] * V + c[None, :]), mask=m, other=0.).to(tl.float32)        # (BM, BN)
         d = (tl.exp(x - lse[:, None]) * g[:, None] - tl.where(cols[None, :] == t[:, None], g[:, None], 0.)) * scale
         if d_ptr.dtype.element_ty != tl.float32: d = d.to(d_ptr.dtype.element_ty, fp_downcast_rounding='rtne')
-        tl.store(d_ptr + rows[:, None] * V + cols[None, :], d, mask=m)                                  # rows of the classes
-        tl.store(dt_ptr + cols[:, None] * N + rows[None, :], tl.trans(d), mask=tl.trans(m))             # rows of the tokens
+        tl.store(d_ptr + nv + (r[:, None] * V + c[None, :]), d, mask=m)                                  # rows of the classes
+        tl.store(dt_ptr + vn + (c[:, None] * N + r[None, :]), tl.trans(d), mask=tl.trans(m))             # rows of the tokens
 
     @triton.jit
     def fp8_cast_kernel(a_ptr, s_ptr, out_ptr, outt_ptr, N, V, BM: tl.constexpr, BN: tl.constexpr):
         "Tile (BM, BN) of `a` (N, V): `a / s` in e4m3, written as (N, V) and transposed as (V, N)."
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-        m = (rows < N)[:, None] & (cols < V)[None, :]
-        a = tl.load(a_ptr + rows[:, None] * V + cols[None, :], mask=m, other=0.).to(tl.float32) / tl.load(s_ptr)
+        r0, c0 = tl.program_id(0) * BM, tl.program_id(1) * BN
+        r, c = tl.arange(0, BM), tl.arange(0, BN)
+        m = (r0 + r < N)[:, None] & (c0 + c < V)[None, :]
+        nv, vn = r0.to(tl.int64) * V + c0, c0.to(tl.int64) * N + r0
+        a = tl.load(a_ptr + nv + (r[:, None] * V + c[None, :]), mask=m, other=0.).to(tl.float32) / tl.load(s_ptr)
         if out_ptr.dtype.element_ty != tl.float32: a = a.to(out_ptr.dtype.element_ty, fp_downcast_rounding='rtne')
-        tl.store(out_ptr + rows[:, None] * V + cols[None, :], a, mask=m)
-        tl.store(outt_ptr + cols[:, None] * N + rows[None, :], tl.trans(a), mask=tl.trans(m))
+        tl.store(out_ptr + nv + (r[:, None] * V + c[None, :]), a, mask=m)
+        tl.store(outt_ptr + vn + (c[:, None] * N + r[None, :]), tl.trans(a), mask=tl.trans(m))
 
     # tile sizes: the first call at each shape times these and keeps the fastest (the interpreter takes the first)
     FP8_TILES = [triton.Config(dict(BM=bm, BN=bn), num_warps=w) for bm, bn, w in ((64, 128, 8), (128, 128, 8), (128, 64, 4),
-                                                                                   (64, 64, 4), (256, 64, 8), (64, 256, 8))]
+                                                                                   (64, 64, 4), (256, 64, 8), (64, 256, 8),
+                                                                                   (128, 128, 4), (128, 256, 8), (256, 128, 8),
+                                                                                   (128, 256, 16), (256, 128, 16))]
     if not INTERPRET:
         ce_grad_fp8_kernel = triton.autotune(FP8_TILES, key=['N', 'V'])(ce_grad_fp8_kernel)
         fp8_cast_kernel = triton.autotune(FP8_TILES, key=['N', 'V'])(fp8_cast_kernel)
@@ -503,6 +509,7 @@ linear_cross_entropy_fp8.register_autograd(_lce_backward, setup_context=_lce_set
 
 def _fp8_ok(h:Tensor, w:Tensor) -> bool:
     "Whether `_linear_ce` may take the fp8 op: `FP8_HEAD` on, an NVIDIA GPU with fp8 products (sm89+; or the interpreter), sizes in 16s."
-    if not FP8_HEAD or h.numel() == 0 or any(n % 16 for n in (h.shape[0] * h.shape[1], h.shape[2], w.shape[0])): return False
+    N, D, V = h.shape[0] * h.shape[1], h.shape[2], w.shape[0]
+    if not FP8_HEAD or h.numel() == 0 or any(n % 16 for n in (N, D, V)) or max(N, V) >= 2**23: return False   # 2**23: a tile's offsets in int32
     return INTERPRET or (h.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(h.device) >= (8, 9))
 

@@ -454,8 +454,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'metai/model/attention.py'),
                                        'metai.model.attention.Attention.attend': ( 'attention.html#attention.attend',
                                                                                    'metai/model/attention.py'),
-                                       'metai.model.attention.Attention.attend_joint': ( 'attention.html#attention.attend_joint',
-                                                                                         'metai/model/attention.py'),
                                        'metai.model.attention.Attention.forward': ( 'attention.html#attention.forward',
                                                                                     'metai/model/attention.py'),
                                        'metai.model.attention.MLA': ('attention.html#mla', 'metai/model/attention.py'),

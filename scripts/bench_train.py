@@ -152,17 +152,31 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
 @contextlib.contextmanager
 def library_flags(extra:dict):
     "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `fp8_head`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
-    mods = dict(FUSED_CE=metai_transformer, FUSED_HEAD_CE=metai_transformer, FP8_HEAD=metai_transformer, BF16_RESIDUAL=metai_transformer,
-                ROPE_QKV=metai_attention)   # read when a step is traced: a change recompiles it
+    mods = dict(FUSED_CE=metai_transformer, FUSED_HEAD_CE=metai_transformer, FP8_HEAD=metai_transformer,
+                BF16_RESIDUAL=metai_transformer)   # read when a step is traced: a change recompiles it
     saved = {n: getattr(m, n) for n, m in mods.items()}
     for n, m in mods.items(): setattr(m, n, extra.get(n.lower(), saved[n]))
+    rope = metai_attention.apply_rope
+    if extra.get('cat_rope'): metai_attention.apply_rope = cat_rope
     try:
         with torch._inductor.config.patch(coordinate_descent_tuning=True) if extra.get('cdt') else contextlib.nullcontext(): yield  # cdt: inductor tunes each kernel's tiles
     finally:
         for n, m in mods.items(): setattr(m, n, saved[n])
+        metai_attention.apply_rope = rope
 
 
-FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual', 'rope_qkv', 'cdt')   # notebooks 07 and 05's switches; cdt: inductor's coordinate-descent tuning
+def cat_rope(x, cos, sin, interleaved=False, start_pos=0, positions=None):
+    "RoPE written with slices and a cat (`cat_rope=1`): the same numbers as notebook 04's `apply_rope`, the form it replaced."
+    T = x.size(1)
+    cos, sin = (cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]) if positions is None else (cos[positions], sin[positions])
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    xf = x.float()
+    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return (torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)).type_as(x)
+
+
+FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual', 'cdt', 'cat_rope')   # notebook 07's switches; cdt: inductor's coordinate-descent tuning; cat_rope: RoPE as slices and a cat
 
 def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k != 'mode' and k not in FLAGS}
 
@@ -170,8 +184,8 @@ def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k
 def parse_variants(spec:str) -> dict:
     """'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}.
     Besides ModelConfig fields: `mode=...` compiles the row in that torch.compile mode (timing only: no quality run), and
-    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) and `cdt=1` (inductor's
-    coordinate-descent tuning of its kernels) hold for its row and quality run."""
+    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) `cdt=1` (inductor's
+    coordinate-descent tuning of its kernels) and `cat_rope=1` (notebook 04's RoPE as slices and a cat, its former form) hold for its row and quality run."""
     out = {}
     for item in [v for v in spec.split(';') if v.strip()]:
         name, _, kvs = item.partition(':')
@@ -352,7 +366,7 @@ def main(argv=None):
     if args.only:  # in the order given
         want = args.only.split(';' if ';' in args.only else ','); items = sorted([it for it in items if it[0] in want], key=lambda it: want.index(it[0]))
     res['defaults'] = dict(FUSED_CE=metai_transformer.FUSED_CE, FUSED_HEAD_CE=metai_transformer.FUSED_HEAD_CE, FP8_HEAD=metai_transformer.FP8_HEAD,
-                           BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL, ROPE_QKV=metai_attention.ROPE_QKV)
+                           BF16_RESIDUAL=metai_transformer.BF16_RESIDUAL)
     for name, build, flops_fn, extra in items:
         if skip(name, 75): continue
         try:

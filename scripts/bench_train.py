@@ -26,7 +26,6 @@ from metai.core import get_device, autocast, seed_everything
 from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 import metai.model.transformer as metai_transformer
-import metai.model.attention as metai_attention
 from metai.train.loop import configure_optimizer, clip_step, CUDA_GRAPH_MODES
 from metai.data.datasets import LazyTextDataset, read_meta
 
@@ -156,27 +155,13 @@ def library_flags(extra:dict):
                 BF16_RESIDUAL=metai_transformer)   # read when a step is traced: a change recompiles it
     saved = {n: getattr(m, n) for n, m in mods.items()}
     for n, m in mods.items(): setattr(m, n, extra.get(n.lower(), saved[n]))
-    rope = metai_attention.apply_rope
-    if extra.get('cat_rope'): metai_attention.apply_rope = cat_rope
     try:
         with torch._inductor.config.patch(coordinate_descent_tuning=True) if extra.get('cdt') else contextlib.nullcontext(): yield  # cdt: inductor tunes each kernel's tiles
     finally:
         for n, m in mods.items(): setattr(m, n, saved[n])
-        metai_attention.apply_rope = rope
 
 
-def cat_rope(x, cos, sin, interleaved=False, start_pos=0, positions=None):
-    "RoPE written with slices and a cat (`cat_rope=1`): the same numbers as notebook 04's `apply_rope`, the form it replaced."
-    T = x.size(1)
-    cos, sin = (cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]) if positions is None else (cos[positions], sin[positions])
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    xf = x.float()
-    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
-    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    return (torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)).type_as(x)
-
-
-FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual', 'cdt', 'cat_rope')   # notebook 07's switches; cdt: inductor's coordinate-descent tuning; cat_rope: RoPE as slices and a cat
+FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual', 'cdt')   # notebook 07's switches; cdt: inductor's coordinate-descent tuning
 
 def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k != 'mode' and k not in FLAGS}
 
@@ -184,8 +169,8 @@ def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k
 def parse_variants(spec:str) -> dict:
     """'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}.
     Besides ModelConfig fields: `mode=...` compiles the row in that torch.compile mode (timing only: no quality run), and
-    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) `cdt=1` (inductor's
-    coordinate-descent tuning of its kernels) and `cat_rope=1` (notebook 04's RoPE as slices and a cat, its former form) hold for its row and quality run."""
+    notebook 07's switches by their lower-case names (`fp8_head=1`, `fused_head_ce=0`, ...) and `cdt=1` (inductor's
+    coordinate-descent tuning of its kernels) hold for its row and quality run."""
     out = {}
     for item in [v for v in spec.split(';') if v.strip()]:
         name, _, kvs = item.partition(':')

@@ -104,9 +104,9 @@ def apply_rope(x:Tensor, # (B, T, H, D) queries or keys (H = 1 for MLA's shared 
         cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]  # (T, D/2)
     else: cos, sin = cos[positions], sin[positions]  # (T, D/2) or (B, T, D/2)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads: (T, 1, D/2) or (B, T, 1, D/2)
-    # each pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + swap(x) * (-sin, sin): one elementwise
-    # expression (a flip, no slices joined by a cat), so a compiled backward writes its gradient in one pass
-    if interleaved: xp, c, s = x.float().unflatten(-1, (-1, 2)), cos[..., None], torch.stack((-sin, sin), -1)     # (.., D/2, 2)
-    else:           xp, c, s = x.float().unflatten(-1, (2, -1)), cos[..., None, :], torch.stack((-sin, sin), -2)  # (.., 2, D/2)
-    out = xp * c + xp.flip(-1 if interleaved else -2) * s
-    return out.flatten(-2).type_as(x)
+    xf = x.float()
+    if interleaved: x1, x2 = xf[..., 0::2], xf[..., 1::2]  # (B, T, H, D/2) each
+    else:           x1, x2 = xf.chunk(2, dim=-1)
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return out.type_as(x)

@@ -428,14 +428,16 @@ if triton is not None:
         rows, cols = r0 + r, c0 + c
         rm, cm = rows < N, cols < V
         t = tl.load(t_ptr + rows, mask=rm, other=-100)
-        lse = tl.load(lse_ptr + rows, mask=rm, other=0.)
-        g = tl.where(t == -100, 0., 1.)
+        lse2 = tl.load(lse_ptr + rows, mask=rm, other=0.) * 1.4426950408889634   # log-sum-exp in base 2
+        g = tl.where(t == -100, 0., scale)                                  # the row's weight, times the scale
         g = tl.where((t != -100) & ((t < 0) | (t >= V)), float('nan'), g)   # a class out of range: NaN, as `ce_grad_kernel`
+        t = t.to(tl.int32)                                                  # compared with every column: 32 bits are enough
         m = rm[:, None] & cm[None, :]
         nv = r0.to(tl.int64) * V + c0                                   # the corner in the (N, V) arrays
         vn = c0.to(tl.int64) * N + r0                                   # and in the (V, N) one
         x = tl.load(x_ptr + nv + (r[:, None] * V + c[None, :]), mask=m, other=0.).to(tl.float32)        # (BM, BN)
-        d = (tl.exp(x - lse[:, None]) * g[:, None] - tl.where(cols[None, :] == t[:, None], g[:, None], 0.)) * scale
+        p = tl.exp2(x * 1.4426950408889634 - lse2[:, None])                 # softmax, exp(x - lse): one fma and one exp2
+        d = p * g[:, None] - tl.where(cols[None, :] == t[:, None], g[:, None], 0.)   # per element: few instructions
         if d_ptr.dtype.element_ty != tl.float32: d = d.to(d_ptr.dtype.element_ty, fp_downcast_rounding='rtne')
         tl.store(d_ptr + nv + (r[:, None] * V + c[None, :]), d, mask=m)                                  # rows of the classes
         tl.store(dt_ptr + vn + (c[:, None] * N + r[None, :]), tl.trans(d), mask=tl.trans(m))             # rows of the tokens

@@ -52,7 +52,8 @@ def grad_parts(x_ptr, t_ptr, lse_ptr, d_ptr, dt_ptr, N, V, scale, BM: tl.constex
         else:    tl.store(dt_ptr + vn + (c[:, None] * N + r[None, :]), dt8)
 
 
-VARIANTS = {  # name: switches (the library kernel's behaviour is 'all')
+VARIANTS = {  # name: switches
+    # 'all': the library kernel's work with its former arithmetic (a 64-bit compare, exp, the scale applied last)
     'all': dict(STORE_D=True, STORE_DT=True, MASK=True, RTNE=True, MATH=True, TRANS_FP32=False),
     'no masks': dict(STORE_D=True, STORE_DT=True, MASK=False, RTNE=True, MATH=True, TRANS_FP32=False),
     'default rounding': dict(STORE_D=True, STORE_DT=True, MASK=True, RTNE=False, MATH=True, TRANS_FP32=False),
@@ -98,10 +99,10 @@ def main(argv=None):
             fn = lambda: grad_parts[grid](x, t, lse, d, dt, N, V, T.FP8_GRAD_SCALE, BM=bm, BN=bn, num_warps=w, **sw)
             try: row(f'{name} [{bm}x{bn}, {w} warps]', fn, traffic, variant=name, tile=[bm, bn, w])
             except Exception as e: res['results'].append(dict(name=f'{name} [{bm}x{bn}]', error=str(e)[:200]))
-            if name == 'all' and (bm, bn, w) == TILES[0]:   # the switches reproduce the library kernel
-                res['all_matches_library'] = bool(torch.equal(d.float(), ref_d))
+            if name == 'all' and (bm, bn, w) == TILES[0]:   # the former arithmetic against the library's: same roundings?
+                res['all_equal_fraction'] = (d.float() == ref_d).float().mean().item()
     save_json(args.out, res)
-    print('all == library:', res.get('all_matches_library'), f'\nwrote {args.out}')
+    print('entries equal to the library kernel\'s:', res.get('all_equal_fraction'), f'\nwrote {args.out}')
 
 
 if __name__ == '__main__':

@@ -255,7 +255,7 @@ def main(argv=None):
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
     p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
-    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6' (mode=reduce-overhead: time that row as CUDA graphs; no quality run)")
+    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6' (mode=reduce-overhead: time that row as CUDA graphs, no quality run; fp8_head=0 and notebook 07's other switches; cdt=1: inductor's coordinate-descent tuning)")
     p.add_argument('--head-apart', action='store_true', help="also time metai gpt2 and small with the head's product and the loss apart (notebook 07's FUSED_HEAD_CE off)")
     p.add_argument('--bf16-head', action='store_true', help="also time (and train in the quality check) metai with the head's products in bf16 (notebook 07's FP8_HEAD off)")
     p.add_argument('--separate-clip', action='store_true', help="also time metai gpt2 and small clipping with clip_grad_norm_ before the step (not inside the fused AdamW)")

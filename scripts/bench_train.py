@@ -150,15 +150,15 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
 
 @contextlib.contextmanager
 def library_flags(extra:dict):
-    "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `fp8_head`, `bf16_residual` in `extra`; the library's defaults otherwise), then restore them."
-    mods = dict(FUSED_CE=metai_transformer, FUSED_HEAD_CE=metai_transformer, FP8_HEAD=metai_transformer,
-                BF16_RESIDUAL=metai_transformer)   # read when a step is traced: a change recompiles it
-    saved = {n: getattr(m, n) for n, m in mods.items()}
-    for n, m in mods.items(): setattr(m, n, extra.get(n.lower(), saved[n]))
+    "Set notebook 07's switches for one row (`fused_ce`, `fused_head_ce`, `fp8_head`, `bf16_residual` in `extra`; the library's defaults otherwise) and `cdt`, then restore them."
+    names = ('FUSED_CE', 'FUSED_HEAD_CE', 'FP8_HEAD', 'BF16_RESIDUAL')   # read when a step is traced: a change recompiles it
+    saved = {n: getattr(metai_transformer, n) for n in names}
+    for n in names: setattr(metai_transformer, n, extra.get(n.lower(), saved[n]))
+    tune = torch._inductor.config.patch(coordinate_descent_tuning=True) if extra.get('cdt') else contextlib.nullcontext()
     try:
-        with torch._inductor.config.patch(coordinate_descent_tuning=True) if extra.get('cdt') else contextlib.nullcontext(): yield  # cdt: inductor tunes each kernel's tiles
+        with tune: yield   # cdt: inductor tunes each of its kernels' tiles at compile time
     finally:
-        for n, m in mods.items(): setattr(m, n, saved[n])
+        for n in names: setattr(metai_transformer, n, saved[n])
 
 
 FLAGS = ('fused_ce', 'fused_head_ce', 'fp8_head', 'bf16_residual', 'cdt')   # notebook 07's switches; cdt: inductor's coordinate-descent tuning

@@ -287,3 +287,30 @@ def test_cuda_bf16_grouped_mm_and_compile():
     with torch.autocast('cuda', dtype=torch.bfloat16):
         yc, _ = compiled(x)
     torch.testing.assert_close(yc.float(), y.float(), atol=2e-2, rtol=2e-2)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_swiglu_kernels():
+    "`swiglu`'s two kernels against fp32 PyTorch rounded once, then a compiled bf16 `FFN` and `MoE` step with and without them."
+    import metai.model.moe as M
+    g = torch.Generator(device='cuda').manual_seed(0)
+    h = (torch.randn(4096, 2 * 2048, device='cuda', generator=g) * 3).to(torch.bfloat16).requires_grad_()
+    gy = torch.randn(4096, 2048, device='cuda', generator=g).to(torch.bfloat16)
+    y = M.swiglu(h); y.backward(gy)
+    hr = h.detach().float().requires_grad_(); a, b = hr.chunk(2, -1)
+    yr = F.silu(a) * b; yr.backward(gy.float())
+    same = lambda x, r: (x == r.to(torch.bfloat16)).float().mean().item()   # the share equal to fp32 rounded once
+    assert same(y, yr) > 0.99 and same(h.grad, hr.grad) > 0.99, (same(y, yr), same(h.grad, hr.grad))
+    for m, x in ((FFN(256, 512), torch.randn(4, 128, 256)), (randomize(MoE(ds_cfg(dim=256, moe_ffn_dim=128)), std=0.05), torch.randn(4, 128, 256))):
+        m, x = m.cuda().train(), x.cuda()
+        grads = []
+        for on in (False, True):
+            M.FUSED_SWIGLU = on
+            try:
+                torch._dynamo.reset()
+                with torch.autocast('cuda', dtype=torch.bfloat16): y = torch.compile(m, fullgraph=True)(x)
+                y = y[0] if isinstance(y, tuple) else y
+                grads.append(torch.autograd.grad(y.float().square().sum(), list(m.parameters())))
+            finally: M.FUSED_SWIGLU = True
+        for a, b in zip(*grads): assert (a - b).norm().item() < 1e-2 * b.norm().item()
+    torch._dynamo.reset()

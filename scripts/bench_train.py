@@ -27,6 +27,7 @@ from metai.config import ModelConfig
 from metai.model.transformer import Transformer
 import metai.model.transformer as metai_transformer
 import metai.model.moe as metai_moe
+import metai.model.attention as metai_attention
 from metai.train.loop import configure_optimizer, clip_step, CUDA_GRAPH_MODES
 from metai.data.datasets import LazyTextDataset, read_meta
 
@@ -151,7 +152,7 @@ def val_loss(model, loss_fn, val_x, val_y, device, chunk:int=8) -> float:
 
 @contextlib.contextmanager
 def library_flags(extra:dict):
-    "Set notebook 06's and 07's switches for one row (`fused_swiglu`, `fused_ce`, ... in `extra`; the library's defaults otherwise) and `cdt`, then restore them."
+    "Set notebook 05's, 06's and 07's switches for one row (`fused_swiglu`, `fused_ce`, ... in `extra`; the library's defaults otherwise) and `cdt`, then restore them."
     saved = {(m, n): getattr(m, n) for m, n in SWITCHES}   # read when a step is traced: a change recompiles it
     for (m, n), v in saved.items(): setattr(m, n, extra.get(n.lower(), v))
     tune = torch._inductor.config.patch(coordinate_descent_tuning=True) if extra.get('cdt') else contextlib.nullcontext()
@@ -161,8 +162,8 @@ def library_flags(extra:dict):
         for (m, n), v in saved.items(): setattr(m, n, v)
 
 
-SWITCHES = [(metai_moe, 'FUSED_SWIGLU')] + [(metai_transformer, n) for n in ('FUSED_CE', 'FUSED_HEAD_CE', 'FP8_HEAD', 'BF16_RESIDUAL')]
-FLAGS = tuple(n.lower() for _, n in SWITCHES) + ('cdt',)   # notebook 06's and 07's switches; cdt: inductor's coordinate-descent tuning
+SWITCHES = [(metai_attention, 'FUSED_QKV_ROPE'), (metai_moe, 'FUSED_SWIGLU')] + [(metai_transformer, n) for n in ('FUSED_CE', 'FUSED_HEAD_CE', 'FP8_HEAD', 'BF16_RESIDUAL')]
+FLAGS = tuple(n.lower() for _, n in SWITCHES) + ('cdt',)   # notebook 05's, 06's and 07's switches; cdt: inductor's coordinate-descent tuning
 
 def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k != 'mode' and k not in FLAGS}
 
@@ -170,7 +171,7 @@ def config_fields(over:dict) -> dict: return {k: v for k, v in over.items() if k
 def parse_variants(spec:str) -> dict:
     """'h128:n_heads=6;gqa:n_heads=6,n_kv_heads=2' -> {'h128': {'n_heads': 6}, 'gqa': {'n_heads': 6, 'n_kv_heads': 2}}.
     Besides ModelConfig fields: `mode=...` compiles the row in that torch.compile mode (timing only: no quality run), and
-    notebook 06's and 07's switches by their lower-case names (`fused_swiglu=0`, `fp8_head=1`, ...) and `cdt=1` (inductor's
+    notebook 05's, 06's and 07's switches by their lower-case names (`fused_qkv_rope=0`, `fused_swiglu=0`, `fp8_head=1`, ...) and `cdt=1` (inductor's
     coordinate-descent tuning of its kernels) hold for its row and quality run."""
     out = {}
     for item in [v for v in spec.split(';') if v.strip()]:
@@ -256,7 +257,7 @@ def main(argv=None):
     p.add_argument('--no-profile', action='store_true', help='skip the torch.profiler breakdown')
     p.add_argument('--inductor-ce', action='store_true', help="also time metai gpt2 and small with inductor's loss instead of `cross_entropy_rows` (notebook 07's FUSED_CE off)")
     p.add_argument('--fp32-residual', action='store_true', help="also time (and train in the quality check) metai with the residual stream in fp32 under autocast (notebook 07's BF16_RESIDUAL off)")
-    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6' (mode=reduce-overhead: time that row as CUDA graphs, no quality run; fused_swiglu=0, fp8_head=0 and notebook 06's and 07's other switches; cdt=1: inductor's coordinate-descent tuning)")
+    p.add_argument('--gpt2-variants', default='', help="rows (and quality runs) of the gpt2 preset with fields changed: 'NAME:field=value,...;...', e.g. 'h128:n_heads=6' (mode=reduce-overhead: time that row as CUDA graphs, no quality run; fused_qkv_rope=0, fused_swiglu=0, fp8_head=0 and notebook 05's, 06's and 07's other switches; cdt=1: inductor's coordinate-descent tuning)")
     p.add_argument('--head-apart', action='store_true', help="also time metai gpt2 and small with the head's product and the loss apart (notebook 07's FUSED_HEAD_CE off)")
     p.add_argument('--bf16-head', action='store_true', help="also time (and train in the quality check) metai with the head's products in bf16 (notebook 07's FP8_HEAD off)")
     p.add_argument('--separate-clip', action='store_true', help="also time metai gpt2 and small clipping with clip_grad_norm_ before the step (not inside the fused AdamW)")

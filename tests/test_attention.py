@@ -120,3 +120,39 @@ def test_rope_table_too_short():
     cos, sin = rope_tables(8, 4)
     with pytest.raises(ValueError, match='RoPE table has 4 rows'):
         apply_rope(torch.randn(1, 2, 1, 8), cos, sin, start_pos=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_rope_qkv():
+    "`rope_qkv_backward` against fp32 autograd rounded once, on SDPA's own gradients; a compiled bf16 layer with and without it."
+    import metai.model.attention as A
+    from metai.model.rope import apply_rope
+    B, T, H, KV, D = 4, 1024, 6, 2, 128
+    cfg = ModelConfig(dim=768, n_heads=H, n_kv_heads=KV, head_dim=D, max_seq_len=T)
+    cos, sin = [t.cuda() for t in precompute_freqs(cfg)]
+    g = torch.Generator(device='cuda').manual_seed(0)
+    with torch.enable_grad():
+        qkv = torch.randn(B, T, (H + 2 * KV) * D, device='cuda', generator=g).to(torch.bfloat16).requires_grad_()
+        q, k, v = A.rope_qkv(qkv, cos, sin, H, KV, D)
+        y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        dq, dk, dv = torch.autograd.grad(y, (q, k, v), torch.randn(y.shape, device='cuda', generator=g).to(y.dtype), retain_graph=True)
+        (dqkv,) = torch.autograd.grad((q, k, v), qkv, (dq, dk, dv))
+        ref = qkv.detach().float().requires_grad_()
+        q0, k0, v0 = ref.split([H * D, KV * D, KV * D], -1)
+        outs = (apply_rope(q0.view(B, T, H, D), cos, sin), apply_rope(k0.view(B, T, KV, D), cos, sin), v0.view(B, T, KV, D))
+        (dref,) = torch.autograd.grad(outs, ref, (dq.float(), dk.float(), dv.float()))
+    same = (dqkv == dref.to(torch.bfloat16)).float().mean().item()   # the share equal to fp32 rounded once
+    assert same > 0.99, same
+    m, x = A.Attention(cfg).cuda(), torch.randn(2, 256, 768, device='cuda')
+    grads = []
+    for on in (False, True):
+        A.FUSED_QKV_ROPE = on
+        try:
+            torch._dynamo.reset()
+            with torch.enable_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+                y = torch.compile(m, fullgraph=True)(x, cos, sin)
+                grads.append(torch.autograd.grad(y.float().square().sum(), list(m.parameters())))
+        finally: A.FUSED_QKV_ROPE = True
+    for a, b in zip(*grads): assert (a - b).norm().item() < 1e-2 * b.norm().item()
+    torch._dynamo.reset()

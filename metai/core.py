@@ -31,12 +31,14 @@ def autocast(device:torch.device):
     if device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-AUTOCAST_DEVICES = frozenset(d for d in ('cpu', 'cuda', 'xpu', 'mps', 'hpu') if torch.amp.is_autocast_available(d))  # asked once, at import
+AUTOCAST_DEVICES = frozenset(d for d in ('cpu', 'cuda', 'xpu', 'mps', 'hpu', 'xla', 'mtia', 'maia', 'ipu', 'privateuseone')
+                             if torch.amp.is_autocast_available(d))  # asked once, at import
 
 def compute_dtype(x:torch.Tensor) -> torch.dtype:
     "The dtype products on `x` run in right now: the autocast dtype where autocast is on for its device, else `x`'s own."
-    dev = x.device.type   # devices without autocast (meta) have no state to ask about; a set lookup, which torch.compile traces
-    return torch.get_autocast_dtype(dev) if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) else x.dtype
+    dev = x.device.type   # a set lookup, which torch.compile traces; other devices are asked (meta has no autocast state)
+    has = dev in AUTOCAST_DEVICES or (dev != 'meta' and torch.amp.is_autocast_available(dev))
+    return torch.get_autocast_dtype(dev) if has and torch.is_autocast_enabled(dev) else x.dtype
 
 # %% ../nbs/00_core.ipynb #3cc1d8e5
 def seed_everything(seed:int=0, # the seed for python, numpy and torch

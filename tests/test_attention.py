@@ -145,7 +145,7 @@ def test_cuda_rope_qkv():
     same = (dqkv == dref.to(torch.bfloat16)).float().mean().item()   # the share equal to fp32 rounded once
     assert same > 0.99, same
     m, x = A.Attention(cfg).cuda(), torch.randn(2, 256, 768, device='cuda')
-    grads = []
+    grads, prev = [], A.FUSED_QKV_ROPE
     for on in (False, True):
         A.FUSED_QKV_ROPE = on
         try:
@@ -153,6 +153,6 @@ def test_cuda_rope_qkv():
             with torch.enable_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
                 y = torch.compile(m, fullgraph=True)(x, cos, sin)
                 grads.append(torch.autograd.grad(y.float().square().sum(), list(m.parameters())))
-        finally: A.FUSED_QKV_ROPE = True
+        finally: A.FUSED_QKV_ROPE = prev
     for a, b in zip(*grads): assert (a - b).norm().item() < 1e-2 * b.norm().item()
     torch._dynamo.reset()

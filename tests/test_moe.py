@@ -303,7 +303,7 @@ def test_cuda_swiglu_kernels():
     assert same(y, yr) > 0.99 and same(h.grad, hr.grad) > 0.99, (same(y, yr), same(h.grad, hr.grad))
     for m, x in ((FFN(256, 512), torch.randn(4, 128, 256)), (randomize(MoE(ds_cfg(dim=256, moe_ffn_dim=128)), std=0.05), torch.randn(4, 128, 256))):
         m, x = m.cuda().train(), x.cuda()
-        grads = []
+        grads, prev = [], M.FUSED_SWIGLU
         for on in (False, True):
             M.FUSED_SWIGLU = on
             try:
@@ -311,6 +311,6 @@ def test_cuda_swiglu_kernels():
                 with torch.autocast('cuda', dtype=torch.bfloat16): y = torch.compile(m, fullgraph=True)(x)
                 y = y[0] if isinstance(y, tuple) else y
                 grads.append(torch.autograd.grad(y.float().square().sum(), [p for p in m.parameters() if p.requires_grad]))   # not the router's bias
-            finally: M.FUSED_SWIGLU = True
+            finally: M.FUSED_SWIGLU = prev
         for a, b in zip(*grads): assert (a - b).norm().item() < 1e-2 * b.norm().item()
     torch._dynamo.reset()

@@ -80,9 +80,10 @@ if triton is not None:
     @triton.jit
     def rope_bwd_kernel(g_ptr, out_ptr, cos_ptr, sin_ptr, T, gs_b, gs_t, gs_h, os_t, col0,
                         ROTATE: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
-        "Tokens of block `program_id(0)`, sequence `program_id(1)`, head `program_id(2)` of `g`: rotated back (ROTATE) or copied to columns `col0 + head·D` of `out`."
-        b, h = tl.program_id(1).to(tl.int64), tl.program_id(2)
-        t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]    # (BT, 1) positions
+        "Block `program_id(0)` of BT tokens of every sequence in turn, head `program_id(1)` of `g`: rotated back (ROTATE) or copied to columns `col0 + head·D` of `out`."
+        nt = tl.cdiv(T, BT)
+        b, h = (tl.program_id(0) // nt).to(tl.int64), tl.program_id(1).to(tl.int64)   # 64-bit offsets: long sequences
+        t = (tl.program_id(0) % nt) * BT + tl.arange(0, BT)[:, None].to(tl.int64)     # (BT, 1) positions
         j = tl.arange(0, D // 2)[None, :]                          # (1, D/2) pair index
         m = t < T
         src = g_ptr + b * gs_b + h * gs_h + t * gs_t + j           # g: (B, T, heads, D), unit stride along D
@@ -108,7 +109,7 @@ def rope_qkv_backward(dq:Tensor, # (B, T, H, D) gradient of the rotated queries,
     out = dq.new_empty(B, T, (H + 2 * KV) * D)
     for g, col0, rotate in ((dq, 0, True), (dk, H * D, True), (dv, (H + KV) * D, False)):
         if g.stride(-1) != 1: g = g.contiguous()
-        if B * T: rope_bwd_kernel[(triton.cdiv(T, 32), B, g.size(2))](g, out, cos, sin, T, g.stride(0), g.stride(1), g.stride(2),
+        if B * T: rope_bwd_kernel[(B * triton.cdiv(T, 32), g.size(2))](g, out, cos, sin, T, g.stride(0), g.stride(1), g.stride(2),
                                                                       out.stride(1), col0, ROTATE=rotate, BT=32, D=D)
     return out
 
@@ -130,7 +131,10 @@ class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
-        return rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: rotate back by -angle in PyTorch, which can be differentiated again
+            d = torch.cat([apply_rope(dq, cos, -sin).flatten(2), apply_rope(dk, cos, -sin).flatten(2), dv.flatten(2)], dim=-1)
+        else: d = rope_qkv_backward(dq, dk, dv, cos, sin)
+        return d, None, None, None, None, None
 
 def rope_qkv(qkv:Tensor, # (B, T, (H + 2·KV)·D): [x wq.T | x wk.T | x wv.T]
              cos:Tensor, sin:Tensor, # (L, D/2) full RoPE tables, L >= T; positions 0..T-1 are used

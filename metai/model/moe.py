@@ -90,7 +90,12 @@ def swiglu_backward(h:Tensor, # (..., 2F) the input of `swiglu`
 def _(h, g): return torch.empty(h.shape, dtype=h.dtype, device=h.device)
 
 def _swiglu_setup(ctx, inputs, output): ctx.save_for_backward(inputs[0])
-def _swiglu_bwd(ctx, g): return swiglu_backward(ctx.saved_tensors[0], g)
+def _swiglu_bwd(ctx, g):
+    h = ctx.saved_tensors[0]
+    if torch.is_grad_enabled():  # create_graph=True: the same formula in PyTorch, which can be differentiated again
+        a, b = h.float().chunk(2, dim=-1); s = torch.sigmoid(a); gf = g.float()
+        return torch.cat([gf * b * s * (1 + a * (1 - s)), gf * a * s], dim=-1).to(h.dtype)
+    return swiglu_backward(h, g)
 swiglu.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
 
 

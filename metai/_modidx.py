@@ -472,6 +472,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'metai/model/attention.py'),
                                        'metai.model.attention.causal_mask': ('attention.html#causal_mask', 'metai/model/attention.py'),
                                        'metai.model.attention.fused_linear': ('attention.html#fused_linear', 'metai/model/attention.py'),
+                                       'metai.model.attention.joint_linear': ('attention.html#joint_linear', 'metai/model/attention.py'),
                                        'metai.model.attention.rope_qkv': ('attention.html#rope_qkv', 'metai/model/attention.py'),
                                        'metai.model.attention.rope_qkv_backward': ( 'attention.html#rope_qkv_backward',
                                                                                     'metai/model/attention.py'),
